@@ -1,0 +1,71 @@
+"""The `nwfilter` command line: global options, dispatch, error mapping.
+
+The CLI is thin: each group of subcommands lives in a module of
+`nwfilter.commands` exposing `register(subparsers)`; a handler receives the
+parsed arguments and a `Context` that builds the engine lazily.  Errors of
+the engine become one line on stderr and the exit status of their code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from nwfilter.commands import command_modules
+from nwfilter.commands.context import DEFAULT_ROOT, Context
+from nwfilter.errors import NwfilterError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nwfilter",
+        description="Network filters for VM ports, in libvirt's nwfilter language.",
+    )
+    parser.add_argument(
+        "--root",
+        default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT),
+        help=f"state root directory (default: $NWFILTER_ROOT or {DEFAULT_ROOT})",
+    )
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("NWFILTER_BACKEND", "nft"),
+        help="firewall backend: nft (default) or memory",
+    )
+    parser.add_argument(
+        "--netns",
+        default=os.environ.get("NWFILTER_NETNS") or None,
+        help="network namespace whose kernel rules the backend manages",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in command_modules():
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    ctx = Context(root=args.root, backend=args.backend, netns=args.netns)
+    try:
+        status: int = args.handler(args, ctx)
+    except NwfilterError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        ctx.close()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The error hierarchy of nwfilter and its stable codes.
+
+Every error raised on purpose by the engine is an `NwfilterError` carrying an
+`ErrorCode`.  The command line and the daemon map codes to exit statuses and
+wire replies in one table (`EXIT_STATUS`), never by parsing messages.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(Enum):
+    """Stable identifiers of error kinds; the value is the wire name."""
+
+    XML = "xml-error"  # not well-formed, hostile or over the size limits
+    INVALID = "invalid-argument"  # well-formed, but a value or structure is wrong
+    NOT_FOUND = "not-found"
+    CONFLICT = "conflict"  # name/uuid clash, already exists
+    IN_USE = "in-use"  # refused because something still uses it
+    LOOP = "loop"  # filter reference loop
+    UNRESOLVED = "unresolved"  # missing variable or missing referenced filter
+    UNSUPPORTED = "unsupported"  # valid, but the chosen backend cannot express it
+    BACKEND = "backend-error"  # the kernel or tool refused a transaction
+    UNAVAILABLE = "unavailable"  # a backend or dependency is missing
+    STORAGE = "storage-error"  # files could not be read or written
+    TIMEOUT = "timeout"  # a job or lock wait timed out
+    LOCK_ORDER = "lock-order"  # lock-order checker found an inversion
+    STATE = "invalid-state"  # operation not valid in the object's current state
+    INTERNAL = "internal-error"
+
+
+EXIT_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.XML: 2,
+    ErrorCode.INVALID: 2,
+    ErrorCode.NOT_FOUND: 3,
+    ErrorCode.CONFLICT: 4,
+    ErrorCode.IN_USE: 4,
+    ErrorCode.LOOP: 4,
+    ErrorCode.UNRESOLVED: 5,
+    ErrorCode.UNSUPPORTED: 5,
+    ErrorCode.BACKEND: 6,
+    ErrorCode.UNAVAILABLE: 6,
+    ErrorCode.STORAGE: 7,
+    ErrorCode.TIMEOUT: 8,
+    ErrorCode.LOCK_ORDER: 9,
+    ErrorCode.STATE: 4,
+    ErrorCode.INTERNAL: 1,
+}
+
+
+class NwfilterError(Exception):
+    """Base of all errors the engine raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.code]
+
+
+class XMLError(NwfilterError):
+    """The document is not well-formed, or hostile (entities, depth, size)."""
+
+    code = ErrorCode.XML
+
+
+class ValidationError(NwfilterError):
+    """A well-formed document or request holds a wrong value or structure."""
+
+    code = ErrorCode.INVALID
+
+
+class NotFoundError(NwfilterError):
+    code = ErrorCode.NOT_FOUND
+
+
+class ConflictError(NwfilterError):
+    code = ErrorCode.CONFLICT
+
+
+class InUseError(NwfilterError):
+    code = ErrorCode.IN_USE
+
+
+class LoopError(NwfilterError):
+    code = ErrorCode.LOOP
+
+
+class UnresolvedError(NwfilterError):
+    """A variable or a referenced filter is missing at instantiation time."""
+
+    code = ErrorCode.UNRESOLVED
+
+
+class UnsupportedError(NwfilterError):
+    """Valid input that the selected backend cannot express exactly."""
+
+    code = ErrorCode.UNSUPPORTED
+
+
+class BackendError(NwfilterError):
+    """The kernel (or a firewall tool) refused a transaction."""
+
+    code = ErrorCode.BACKEND
+
+
+class UnavailableError(NwfilterError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class StorageError(NwfilterError):
+    code = ErrorCode.STORAGE
+
+
+class JobTimeoutError(NwfilterError):
+    code = ErrorCode.TIMEOUT
+
+
+class LockOrderError(NwfilterError):
+    code = ErrorCode.LOCK_ORDER
+
+
+class StateError(NwfilterError):
+    code = ErrorCode.STATE
