@@ -21,7 +21,9 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         data = data.encode("utf-8")
     directory = path.parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{_temp_stem(path.name)}.", suffix=".tmp", dir=directory
+        )
     except OSError as exc:
         raise StorageError(f"cannot write in '{directory}': {exc.strerror}") from exc
     try:
@@ -36,6 +38,12 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise StorageError(f"cannot write '{path}': {exc.strerror}") from exc
+
+
+def _temp_stem(name: str) -> str:
+    # The temporary name adds 14 bytes to the stem: keep it under NAME_MAX
+    # even when the target's own name is close to it.
+    return name.encode("utf-8")[:200].decode("utf-8", errors="ignore")
 
 
 def atomic_remove(path: Path) -> None:

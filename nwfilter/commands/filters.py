@@ -1,0 +1,242 @@
+"""The filter subcommands, named and worded like virsh's.
+
+`nwfilter-define`, `nwfilter-undefine`, `nwfilter-list`, `nwfilter-dumpxml`
+and `nwfilter-edit`.  Changes go through the engine (`ctx.engine()`), which
+rebuilds the bindings a changed filter reaches; reads use its pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+from nwfilter.conf import format_filter
+from nwfilter.errors import NwfilterError, StorageError, ValidationError
+
+if TYPE_CHECKING:
+    from nwfilter.commands.context import Context
+    from nwfilter.pool import FilterPool
+
+# The choices virsh offers after a failed edit; we keep the two that matter.
+EDIT_PROMPT = "Failed. Try again? [y,n,i,f,?]: "
+EDIT_HELP = "y - yes, start editor again\nn - no, throw away my changes\n? - print this help\n"
+
+
+class _DefineResult(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def created(self) -> bool: ...
+
+    @property
+    def changed(self) -> bool: ...
+
+    def describe(self) -> str:
+        """The change and the ports it rebuilds, as lines of text."""
+        ...
+
+
+class _FilterService(Protocol):
+    """The part of the engine these commands use."""
+
+    @property
+    def pool(self) -> FilterPool: ...
+
+    def define_filter(
+        self, xml: str | bytes, *, source: str = "", dry_run: bool = False
+    ) -> _DefineResult: ...
+
+    def undefine_filter(self, name_or_uuid: str) -> object: ...
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "nwfilter-define", help="define or update a network filter from an XML file"
+    )
+    p.add_argument("file", metavar="FILE", help="file holding the filter's XML")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and report what would change, change nothing",
+    )
+    p.set_defaults(handler=cmd_define)
+
+    p = subparsers.add_parser("nwfilter-undefine", help="undefine a network filter")
+    p.add_argument("filter", metavar="NAME|UUID")
+    p.set_defaults(handler=cmd_undefine)
+
+    p = subparsers.add_parser("nwfilter-list", help="list the network filters")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_list)
+
+    p = subparsers.add_parser("nwfilter-dumpxml", help="print a network filter's XML")
+    p.add_argument("filter", metavar="NAME|UUID")
+    p.set_defaults(handler=cmd_dumpxml)
+
+    p = subparsers.add_parser(
+        "nwfilter-edit", help="edit a network filter's XML in $VISUAL/$EDITOR (default vi)"
+    )
+    p.add_argument("filter", metavar="NAME|UUID")
+    p.set_defaults(handler=cmd_edit)
+
+
+def _service(ctx: Context) -> _FilterService:
+    engine: _FilterService = ctx.engine()
+    return engine
+
+
+def _read_input(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"file '{path}' is not UTF-8 text: {exc.reason}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read file '{path}': {exc.strerror}") from exc
+
+
+def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
+    xml = _read_input(args.file)
+    service = _service(ctx)
+    result = service.define_filter(xml, source=args.file, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(_with_newline(result.describe()))
+    else:
+        print(f"Network filter {result.name} defined from {args.file}")
+    return 0
+
+
+def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
+    service = _service(ctx)
+    name = service.pool.lookup(args.filter).name
+    service.undefine_filter(args.filter)
+    print(f"Network filter {name} undefined")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
+    infos = _service(ctx).pool.list_info()
+    if args.json:
+        rows = [
+            {
+                "uuid": str(info.uuid),
+                "name": info.name,
+                "chain": info.chain,
+                "priority": info.priority,
+                "rules": info.rule_count,
+            }
+            for info in infos
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_list_table([(str(info.uuid), info.name) for info in infos]), end="")
+    return 0
+
+
+def format_list_table(rows: list[tuple[str, str]]) -> str:
+    """virsh's `nwfilter-list` table: header, dashes, rows, a blank line."""
+    uuid_width = 36
+    name_width = max([len("Name"), *(len(name) for _, name in rows)])
+    lines = [f" {'UUID':<{uuid_width}}   Name", "-" * (1 + uuid_width + 3 + name_width + 2)]
+    lines.extend(f" {uuid:<{uuid_width}}   {name}" for uuid, name in rows)
+    return "\n".join(lines) + "\n\n"
+
+
+def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
+    fdef = _service(ctx).pool.lookup(args.filter)
+    sys.stdout.write(_with_newline(format_filter(fdef)))
+    return 0
+
+
+def _with_newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def cmd_edit(args: argparse.Namespace, ctx: Context) -> int:
+    return edit_filter(
+        _service(ctx), args.filter, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr
+    )
+
+
+def editor_command() -> list[str]:
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    argv = shlex.split(editor)
+    if not argv:
+        raise ValidationError(f"cannot run the editor {editor!r}")
+    return argv
+
+
+def edit_filter(
+    service: _FilterService,
+    name_or_uuid: str,
+    *,
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    """virsh's edit loop: edit a copy, define it if valid, offer a retry if not."""
+    fdef = service.pool.lookup(name_or_uuid)
+    original = _with_newline(format_filter(fdef))
+    fd, tmp_name = tempfile.mkstemp(prefix="nwfilter-edit-", suffix=".xml")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(original)
+        while True:
+            _run_editor(tmp)
+            try:
+                edited = tmp.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise StorageError(f"cannot read the edited file '{tmp}': {exc}") from exc
+            if edited == original:
+                stdout.write(f"Network filter {fdef.name} XML configuration not changed.\n")
+                return 0
+            try:
+                result = service.define_filter(edited, source=f"edited filter '{fdef.name}'")
+            except NwfilterError as exc:
+                stderr.write(f"error: {exc.message}\n")
+                if _ask_retry(stdin, stdout):
+                    continue
+                return exc.exit_status
+            if not result.changed:
+                stdout.write(f"Network filter {result.name} XML configuration not changed.\n")
+            else:
+                stdout.write(f"Network filter {result.name} XML configuration edited.\n")
+            return 0
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_editor(path: Path) -> None:
+    argv = [*editor_command(), str(path)]
+    try:
+        status = subprocess.call(argv)
+    except OSError as exc:
+        raise StorageError(f"cannot run the editor '{argv[0]}': {exc.strerror}") from exc
+    if status != 0:
+        raise ValidationError(f"the editor '{argv[0]}' exited with status {status}")
+
+
+def _ask_retry(stdin: TextIO, stdout: TextIO) -> bool:
+    while True:
+        stdout.write(EDIT_PROMPT)
+        stdout.flush()
+        answer = stdin.readline()
+        if not answer:
+            stdout.write("\n")
+            return False
+        choice = answer.strip().lower()
+        if choice == "y":
+            return True
+        if choice == "n":
+            return False
+        stdout.write(EDIT_HELP)
