@@ -1,0 +1,147 @@
+"""The table of active port bindings and its runtime files.
+
+`BindingTable` owns the bindings currently in force (portdev → `BindingDef`)
+and their persistence: one `<portdev>.xml` per binding (`format_binding`
+output) in `ROOT/run/bindings/`, written atomically, so that a restart can
+re-apply every binding and never leave a port unfiltered.  A file that
+cannot be read is reported and skipped, never deleted.
+
+Locking: `lock` is the table's lock at `Level.BINDING`.  The mutating
+methods take it themselves and only ever hold it for the in-memory update
+and one file operation; readers get consistent copies without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from nwfilter.conf.binding_xml import format_binding, parse_binding
+from nwfilter.conf.model import BindingDef
+from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.locks import Level, LevelledLock
+
+log = logging.getLogger(__name__)
+
+MAX_PORTDEV = 15  # IFNAMSIZ - 1
+
+
+def validate_portdev(portdev: str) -> str:
+    """Return `portdev` if it is a valid interface name (and so a safe file name)."""
+    if not portdev or len(portdev) > MAX_PORTDEV:
+        raise ValidationError(f"port device name {portdev!r} must be 1 to {MAX_PORTDEV} characters")
+    if portdev in (".", "..") or any(c in portdev for c in "/:% \t\n") or not portdev.isprintable():
+        raise ValidationError(f"port device name {portdev!r} is not a valid interface name")
+    return portdev
+
+
+class BindingTable:
+    """Active bindings by portdev, mirrored in a runtime directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.lock = LevelledLock("binding-table", Level.BINDING)
+        self._bindings: dict[str, BindingDef] = {}
+
+    def load(self) -> list[str]:
+        """Read every binding file; return warnings for the ones skipped."""
+        ensure_dir(self.run_dir)
+        warnings: list[str] = []
+        loaded: dict[str, BindingDef] = {}
+        for path in sorted(self.run_dir.glob("*.xml")):
+            if path.name.startswith("."):
+                continue
+            try:
+                binding = parse_binding(path.read_bytes(), source=str(path))
+                validate_portdev(binding.portdev)
+            except OSError as exc:
+                warnings.append(f"skipping binding file '{path}': {exc.strerror}")
+                continue
+            except NwfilterError as exc:
+                warnings.append(f"skipping binding file '{path}': {exc.message}")
+                continue
+            if path.name != f"{binding.portdev}.xml":
+                warnings.append(
+                    f"skipping binding file '{path}': it holds port '{binding.portdev}'"
+                )
+                continue
+            loaded[binding.portdev] = binding
+        for text in warnings:
+            log.warning("%s", text)
+        with self.lock:
+            self._bindings = loaded
+        return warnings
+
+    # ------------------------------------------------------------- queries
+
+    def get(self, portdev: str) -> BindingDef | None:
+        return self._bindings.get(portdev)
+
+    def __contains__(self, portdev: object) -> bool:
+        return portdev in self._bindings
+
+    def __len__(self) -> int:
+        return len(self._bindings)
+
+    def all(self) -> list[BindingDef]:
+        """Every binding, sorted by portdev."""
+        current = self._bindings
+        return [current[k] for k in sorted(current)]
+
+    def using(self, filter_names: Iterable[str]) -> list[BindingDef]:
+        """Bindings whose root filter is one of `filter_names`, sorted by portdev."""
+        names = frozenset(filter_names)
+        return [b for b in self.all() if b.filterref.filter in names]
+
+    # ------------------------------------------------------------- changes
+
+    def put_many(self, bindings: Iterable[BindingDef]) -> None:
+        """Record bindings and write their files; a failed write undoes them all."""
+        with self.lock:
+            self.put_many_locked(bindings)
+
+    def put_many_locked(self, bindings: Iterable[BindingDef]) -> None:
+        """`put_many` for a caller holding `lock`."""
+        items = list(bindings)
+        ensure_dir(self.run_dir)
+        written: list[BindingDef] = []
+        try:
+            for binding in items:
+                atomic_write(self._path(binding.portdev), format_binding(binding))
+                written.append(binding)
+        except NwfilterError:
+            for binding in written:
+                old = self._bindings.get(binding.portdev)
+                try:
+                    if old is None:
+                        atomic_remove(self._path(binding.portdev))
+                    else:
+                        atomic_write(self._path(binding.portdev), format_binding(old))
+                except NwfilterError as exc:
+                    log.error("cannot restore binding file of '%s': %s", binding.portdev, exc)
+            raise
+        new = dict(self._bindings)
+        for binding in items:
+            new[binding.portdev] = binding
+        self._bindings = new
+
+    def remove(self, portdev: str) -> BindingDef | None:
+        """Forget a binding and remove its file; return it (None if absent)."""
+        with self.lock:
+            return self.remove_locked(portdev)
+
+    def remove_locked(self, portdev: str) -> BindingDef | None:
+        """`remove` for a caller holding `lock`."""
+        old = self._bindings.get(portdev)
+        if old is None:
+            return None
+        atomic_remove(self._path(portdev))
+        new = dict(self._bindings)
+        del new[portdev]
+        self._bindings = new
+        return old
+
+    def _path(self, portdev: str) -> Path:
+        return self.run_dir / f"{validate_portdev(portdev)}.xml"

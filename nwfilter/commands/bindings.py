@@ -1,0 +1,94 @@
+"""The binding subcommands: nwfilter-binding-create/-delete/-list/-dumpxml."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from nwfilter.commands.context import Context
+from nwfilter.conf.binding_xml import format_binding, parse_binding
+from nwfilter.conf.model import BindingDef
+from nwfilter.errors import StorageError
+from nwfilter.render_text import render_text
+
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def register(subparsers: Any) -> None:
+    """Add the binding subcommands to the top-level parser."""
+    p = subparsers.add_parser(
+        "nwfilter-binding-create",
+        help="bind ports to filters from <filterbinding> XML files (one transaction)",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="binding XML file ('-': stdin)")
+    p.set_defaults(handler=create_handler)
+
+    p = subparsers.add_parser("nwfilter-binding-delete", help="remove a port's binding and rules")
+    p.add_argument("portdev", metavar="PORTDEV")
+    p.set_defaults(handler=delete_handler)
+
+    p = subparsers.add_parser("nwfilter-binding-list", help="list the active bindings")
+    p.set_defaults(handler=list_handler)
+
+    p = subparsers.add_parser(
+        "nwfilter-binding-dumpxml", help="print a binding's XML (and its compiled rules)"
+    )
+    p.add_argument("portdev", metavar="PORTDEV")
+    p.add_argument("--rules", action="store_true", help="also print the rules in force")
+    p.set_defaults(handler=dumpxml_handler)
+
+
+def _read(name: str) -> bytes:
+    if name == "-":
+        data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+    else:
+        try:
+            with Path(name).open("rb") as handle:
+                data = handle.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise StorageError(f"cannot read '{name}': {exc.strerror}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise StorageError(f"'{name}' is larger than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+def create_handler(args: argparse.Namespace, ctx: Context) -> int:
+    defs: list[BindingDef] = [
+        parse_binding(_read(name), source="<stdin>" if name == "-" else name)
+        for name in args.files
+    ]
+    ctx.engine().create_bindings(defs)
+    for binding in defs:
+        print(f"Network filter binding on {binding.portdev} created")
+    return 0
+
+
+def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
+    ctx.engine().delete_binding(args.portdev)
+    print(f"Network filter binding on {args.portdev} deleted")
+    return 0
+
+
+def list_handler(args: argparse.Namespace, ctx: Context) -> int:
+    bindings = ctx.engine().list_bindings()
+    rows = [(b.portdev, b.filterref.filter) for b in bindings]
+    width = max([len("Port Dev"), *(len(r[0]) for r in rows)]) + 2
+    header = f" {'Port Dev':<{width}}Filter"
+    print(header)
+    print("-" * max(len(header) + 10, 40))
+    for portdev, name in rows:
+        print(f" {portdev:<{width}}{name}")
+    print()
+    return 0
+
+
+def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
+    engine = ctx.engine()
+    binding = engine.binding(args.portdev)
+    text = format_binding(binding)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if args.rules:
+        sys.stdout.write(render_text(engine.ruleset(args.portdev)))
+    return 0

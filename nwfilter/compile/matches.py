@@ -1,0 +1,518 @@
+"""Translation of one protocol element's typed attributes into IR matches.
+
+This module owns the per-attribute mapping of libvirt's ebiptables driver,
+expressed in packet terms:
+
+* layer 2 (ebtables: mac, vlan, stp, arp, rarp, ip, ipv6 and rules without
+  a protocol): `reverse` swaps every src/dst pair, as libvirt does for the
+  from-guest half of an `inout` rule;
+* layer 3 (iptables/ip6tables: tcp, udp, ..., all and the -ipv6 variants):
+  `swapped` is libvirt's `directionIn` argument: src/dst addresses, ranges,
+  ports and ipset flags are exchanged, `srcmacaddr` is left out (iptables
+  can only match the source MAC), and an instance that loses every match
+  that way, or that carries `connlimit-above`, is not created at all.
+
+`match='no'` negates each attribute on its own, as libvirt does.  Every
+attribute of the element must be understood here; anything else is refused
+with `UnsupportedError` rather than dropped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nwfilter.errors import UnsupportedError, ValidationError
+from nwfilter.ir import (
+    AddrRange,
+    CtState,
+    Family,
+    Field,
+    IntRange,
+    IPSetMatch,
+    MacMatch,
+    Match,
+    TcpFlag,
+    TcpFlags,
+)
+
+Attrs = Mapping[str, object]
+
+STP_BGA = "01:80:c2:00:00:00"  # bridge group address, where BPDUs go
+
+ETHERTYPES: dict[str, int] = {
+    "ipv4": 0x0800,
+    "arp": 0x0806,
+    "rarp": 0x8035,
+    "ipv6": 0x86DD,
+    "vlan": 0x8100,
+}
+L2_PROTOCOLS = frozenset({"mac", "vlan", "stp", "arp", "rarp", "ip", "ipv6"})
+IPV4_PROTOCOLS: dict[str, int | None] = {
+    "tcp": 6,
+    "udp": 17,
+    "udplite": 136,
+    "esp": 50,
+    "ah": 51,
+    "sctp": 132,
+    "icmp": 1,
+    "igmp": 2,
+    "all": None,
+}
+IPV6_PROTOCOLS: dict[str, int | None] = {
+    "tcp-ipv6": 6,
+    "udp-ipv6": 17,
+    "udplite-ipv6": 136,
+    "esp-ipv6": 50,
+    "ah-ipv6": 51,
+    "sctp-ipv6": 132,
+    "icmpv6": 58,
+    "all-ipv6": None,
+}
+IP_PROTOCOL_NAMES: dict[str, int] = {
+    "tcp": 6,
+    "udp": 17,
+    "udplite": 136,
+    "esp": 50,
+    "ah": 51,
+    "icmp": 1,
+    "igmp": 2,
+    "sctp": 132,
+    "icmpv6": 58,
+}
+ARP_OPCODES: dict[str, int] = {
+    "request": 1,
+    "reply": 2,
+    "request_reverse": 3,
+    "reply_reverse": 4,
+    "drarp_request": 5,
+    "drarp_reply": 6,
+    "drarp_error": 7,
+    "inarp_request": 8,
+    "arp_nak": 9,
+}
+_TCP_FLAGS = {flag.name: flag for flag in TcpFlag}
+_CT_STATES = {
+    "NEW": CtState.NEW,
+    "ESTABLISHED": CtState.ESTABLISHED,
+    "RELATED": CtState.RELATED,
+    "INVALID": CtState.INVALID,
+    "NONE": CtState.UNTRACKED,
+}
+
+
+def family_of(protocol: str | None) -> Family:
+    """The layer a protocol element lives in (None: a rule without one)."""
+    if protocol is None or protocol in L2_PROTOCOLS:
+        return Family.ETHER
+    if protocol in IPV4_PROTOCOLS:
+        return Family.IPV4
+    if protocol in IPV6_PROTOCOLS:
+        return Family.IPV6
+    raise UnsupportedError(f"unknown protocol element <{protocol}>")
+
+
+def ip_proto_number(protocol: str) -> int | None:
+    if protocol in IPV4_PROTOCOLS:
+        return IPV4_PROTOCOLS[protocol]
+    return IPV6_PROTOCOLS.get(protocol)
+
+
+def ct_states(value: object) -> frozenset[CtState]:
+    names = value if isinstance(value, frozenset | set | tuple | list) else str(value).split(",")
+    states: set[CtState] = set()
+    for name in names:
+        state = _CT_STATES.get(str(name).strip().upper())
+        if state is None:
+            raise ValidationError(f"unknown connection state '{name}'")
+        states.add(state)
+    if not states:
+        raise ValidationError("empty connection state set")
+    return frozenset(states)
+
+
+# ------------------------------------------------------------------ values
+
+
+def _int(value: object, attr: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"attribute '{attr}' needs a number, got {value!r}")
+    return value
+
+
+def _mac(value: object, attr: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"attribute '{attr}' needs a MAC address, got {value!r}")
+    return value.lower()
+
+
+def _addr(value: object, attr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    raise ValidationError(f"attribute '{attr}' needs an IP address, got {value!r}")
+
+
+def _prefix(value: object, attr: str) -> int:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        net = ipaddress.ip_network(f"0.0.0.0/{value}" if value.version == 4 else f"::/{value}")
+        return net.prefixlen
+    return _int(value, attr)
+
+
+def _network(
+    attrs: Attrs, addr_attr: str, mask_attr: str
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    addr = _addr(attrs[addr_attr], addr_attr)
+    mask = attrs.get(mask_attr)
+    if mask is None:
+        # A host network straight from the integer skips re-parsing the text.
+        if addr.version == 4:
+            return ipaddress.IPv4Network(int(addr))
+        return ipaddress.IPv6Network(int(addr))
+    prefix = _prefix(mask, mask_attr)
+    try:
+        return ipaddress.ip_network((addr, prefix), strict=False)
+    except ValueError as exc:
+        raise ValidationError(f"attribute '{mask_attr}': {exc}") from exc
+
+
+def _range(attrs: Attrs, start: str, end: str) -> IntRange | None:
+    if start not in attrs:
+        if end in attrs:
+            raise UnsupportedError(f"'{end}' is given without '{start}'")
+        return None
+    lo = _int(attrs[start], start)
+    hi = _int(attrs[end], end) if end in attrs else lo
+    return IntRange(lo, hi)
+
+
+def _macmatch(attrs: Attrs, addr_attr: str, mask_attr: str) -> MacMatch:
+    mask = attrs.get(mask_attr)
+    return MacMatch(
+        _mac(attrs[addr_attr], addr_attr), None if mask is None else _mac(mask, mask_attr)
+    )
+
+
+def _named_int(value: object, attr: str, names: Mapping[str, int]) -> int:
+    if isinstance(value, str):
+        number = names.get(value.lower())
+        if number is None:
+            try:
+                return int(value, 0)
+            except ValueError:
+                raise ValidationError(f"unknown value '{value}' for '{attr}'") from None
+        return number
+    return _int(value, attr)
+
+
+def _tcp_flags(value: object) -> TcpFlags:
+    mask = getattr(value, "mask", None)
+    flags = getattr(value, "flags", None)
+    if mask is None or flags is None:
+        raise ValidationError(f"attribute 'flags' needs a TCP flag pair, got {value!r}")
+
+    def convert(names: object) -> frozenset[TcpFlag]:
+        out: set[TcpFlag] = set()
+        for name in names:  # type: ignore[attr-defined]
+            upper = str(name).upper()
+            if upper == "ALL":
+                out.update(TcpFlag)
+            elif upper == "NONE":
+                continue
+            elif upper in _TCP_FLAGS:
+                out.add(_TCP_FLAGS[upper])
+            else:
+                raise ValidationError(f"unknown TCP flag '{name}'")
+        return frozenset(out)
+
+    return TcpFlags(convert(mask), convert(flags))
+
+
+# ------------------------------------------------------------------ layer 2
+
+_L2_COMMON = frozenset({"srcmacaddr", "srcmacmask", "dstmacaddr", "dstmacmask", "comment"})
+_L2_ATTRS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"comment"}),
+    "mac": _L2_COMMON | {"protocolid"},
+    "vlan": _L2_COMMON | {"vlanid", "encap-protocol"},
+    "stp": frozenset({"srcmacaddr", "srcmacmask", "comment"})
+    | {
+        "type", "flags", "root-priority", "root-priority-hi", "root-address",
+        "root-address-mask", "root-cost", "root-cost-hi", "sender-priority",
+        "sender-priority-hi", "sender-address", "sender-address-mask", "port",
+        "port-hi", "age", "age-hi", "max-age", "max-age-hi", "hello-time",
+        "hello-time-hi", "forward-delay", "forward-delay-hi",
+    },
+    "arp": _L2_COMMON
+    | {
+        "hwtype", "protocoltype", "opcode", "arpsrcmacaddr", "arpdstmacaddr",
+        "arpsrcipaddr", "arpsrcipmask", "arpdstipaddr", "arpdstipmask", "gratuitous",
+    },
+    "ip": _L2_COMMON
+    | {
+        "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "protocol", "srcportstart",
+        "srcportend", "dstportstart", "dstportend", "dscp",
+    },
+    "ipv6": _L2_COMMON
+    | {
+        "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "protocol", "srcportstart",
+        "srcportend", "dstportstart", "dstportend", "type", "typeend", "code", "codeend",
+    },
+}
+_L2_ATTRS["rarp"] = _L2_ATTRS["arp"]
+
+_STP_RANGES = (
+    ("root-priority", "root-priority-hi", Field.STP_ROOT_PRIO),
+    ("root-cost", "root-cost-hi", Field.STP_ROOT_COST),
+    ("sender-priority", "sender-priority-hi", Field.STP_SENDER_PRIO),
+    ("port", "port-hi", Field.STP_PORT),
+    ("age", "age-hi", Field.STP_MSG_AGE),
+    ("max-age", "max-age-hi", Field.STP_MAX_AGE),
+    ("hello-time", "hello-time-hi", Field.STP_HELLO_TIME),
+    ("forward-delay", "forward-delay-hi", Field.STP_FORWARD_DELAY),
+)
+
+
+def check_attrs(protocol: str | None, names: frozenset[str]) -> None:
+    """Refuse attributes this compiler cannot honour exactly."""
+    allowed = _L2_ATTRS.get(protocol) if family_of(protocol) is Family.ETHER else _l3_attrs(
+        protocol or ""
+    )
+    unknown = sorted(names - (allowed or frozenset()))
+    if unknown:
+        raise UnsupportedError(
+            f"attribute{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"'{a}'" for a in unknown)
+            + f" of <{protocol}> cannot be expressed"
+        )
+
+
+def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) -> list[Match]:
+    """The matches of an ebtables rule instance."""
+    out: list[Match] = []
+    src, dst = (Field.ETH_DST, Field.ETH_SRC) if reverse else (Field.ETH_SRC, Field.ETH_DST)
+    if protocol is None:
+        return out
+    if protocol == "stp" and reverse and "srcmacaddr" in attrs:
+        raise UnsupportedError(
+            "STP filtering in the 'inout' direction with a source MAC address is not supported"
+        )
+    if "srcmacaddr" in attrs:
+        out.append(Match(src, _macmatch(attrs, "srcmacaddr", "srcmacmask"), negate))
+    if "dstmacaddr" in attrs:
+        out.append(Match(dst, _macmatch(attrs, "dstmacaddr", "dstmacmask"), negate))
+    if protocol == "mac":
+        if "protocolid" in attrs:
+            number = _named_int(attrs["protocolid"], "protocolid", ETHERTYPES)
+            out.append(Match(Field.ETH_TYPE, number, negate))
+        return out
+    if protocol == "stp":
+        out.append(Match(Field.ETH_DST, MacMatch(STP_BGA)))
+        if "type" in attrs:
+            out.append(Match(Field.STP_TYPE, _int(attrs["type"], "type"), negate))
+        if "flags" in attrs:
+            out.append(Match(Field.STP_FLAGS, _int(attrs["flags"], "flags"), negate))
+        for lo, hi, fld in _STP_RANGES[:2]:
+            rng = _range(attrs, lo, hi)
+            if rng is not None:
+                out.append(Match(fld, rng, negate))
+        if "root-address" in attrs:
+            value = _macmatch(attrs, "root-address", "root-address-mask")
+            out.append(Match(Field.STP_ROOT_ADDR, value, negate))
+        for lo, hi, fld in _STP_RANGES[2:3]:
+            rng = _range(attrs, lo, hi)
+            if rng is not None:
+                out.append(Match(fld, rng, negate))
+        if "sender-address" in attrs:
+            value = _macmatch(attrs, "sender-address", "sender-address-mask")
+            out.append(Match(Field.STP_SENDER_ADDR, value, negate))
+        for lo, hi, fld in _STP_RANGES[3:]:
+            rng = _range(attrs, lo, hi)
+            if rng is not None:
+                out.append(Match(fld, rng, negate))
+        return out
+    out.insert(0, Match(Field.ETH_TYPE, ETHERTYPES["ipv4" if protocol == "ip" else protocol]))
+    if protocol == "vlan":
+        if "vlanid" in attrs:
+            out.append(Match(Field.VLAN_ID, _int(attrs["vlanid"], "vlanid"), negate))
+        if "encap-protocol" in attrs:
+            number = _named_int(attrs["encap-protocol"], "encap-protocol", ETHERTYPES)
+            out.append(Match(Field.VLAN_ENCAP, number, negate))
+        return out
+    if protocol in ("arp", "rarp"):
+        _arp(attrs, negate, reverse, out)
+        return out
+    _l2_ip(protocol, attrs, negate, reverse, out)
+    return out
+
+
+def _arp(attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
+    if "hwtype" in attrs:
+        out.append(Match(Field.ARP_HTYPE, _int(attrs["hwtype"], "hwtype"), negate))
+    if "opcode" in attrs:
+        out.append(Match(Field.ARP_OP, _named_int(attrs["opcode"], "opcode", ARP_OPCODES), negate))
+    if "protocoltype" in attrs:
+        number = _named_int(attrs["protocoltype"], "protocoltype", ETHERTYPES)
+        out.append(Match(Field.ARP_PTYPE, number, negate))
+    spa, tpa = (Field.ARP_TPA, Field.ARP_SPA) if reverse else (Field.ARP_SPA, Field.ARP_TPA)
+    sha, tha = (Field.ARP_THA, Field.ARP_SHA) if reverse else (Field.ARP_SHA, Field.ARP_THA)
+    if "arpsrcipaddr" in attrs:
+        out.append(Match(spa, _network(attrs, "arpsrcipaddr", "arpsrcipmask"), negate))
+    if "arpdstipaddr" in attrs:
+        out.append(Match(tpa, _network(attrs, "arpdstipaddr", "arpdstipmask"), negate))
+    if "arpsrcmacaddr" in attrs:
+        out.append(Match(sha, MacMatch(_mac(attrs["arpsrcmacaddr"], "arpsrcmacaddr")), negate))
+    if "arpdstmacaddr" in attrs:
+        out.append(Match(tha, MacMatch(_mac(attrs["arpdstmacaddr"], "arpdstmacaddr")), negate))
+    # libvirt emits --arp-gratuitous only for a true value; false matches anything.
+    if attrs.get("gratuitous") is True:
+        out.append(Match(Field.ARP_GRATUITOUS, True, negate))
+
+
+def _l2_ip(protocol: str, attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
+    src, dst = (Field.IP_DST, Field.IP_SRC) if reverse else (Field.IP_SRC, Field.IP_DST)
+    sport, dport = (Field.L4_DPORT, Field.L4_SPORT) if reverse else (Field.L4_SPORT, Field.L4_DPORT)
+    if "srcipaddr" in attrs:
+        out.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), negate))
+    if "dstipaddr" in attrs:
+        out.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), negate))
+    if "protocol" in attrs:
+        number = _named_int(attrs["protocol"], "protocol", IP_PROTOCOL_NAMES)
+        out.append(Match(Field.IP_PROTO, number, negate))
+    rng = _range(attrs, "srcportstart", "srcportend")
+    if rng is not None:
+        out.append(Match(sport, rng, negate))
+    rng = _range(attrs, "dstportstart", "dstportend")
+    if rng is not None:
+        out.append(Match(dport, rng, negate))
+    if "dscp" in attrs:
+        out.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), negate))
+    if protocol == "ipv6":
+        rng = _range(attrs, "type", "typeend")
+        if rng is not None:
+            out.append(Match(Field.ICMP_TYPE, rng, negate))
+        rng = _range(attrs, "code", "codeend")
+        if rng is not None:
+            out.append(Match(Field.ICMP_CODE, rng, negate))
+
+
+# ------------------------------------------------------------------ layer 3
+
+_L3_COMMON = frozenset(
+    {
+        "srcmacaddr", "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "srcipfrom",
+        "srcipto", "dstipfrom", "dstipto", "dscp", "comment", "state", "ipset",
+        "ipsetflags", "connlimit-above",
+    }
+)
+_PORTS = frozenset({"srcportstart", "srcportend", "dstportstart", "dstportend"})
+
+
+def _l3_attrs(protocol: str) -> frozenset[str]:
+    base = protocol.removesuffix("-ipv6")
+    if base == "tcp":
+        return _L3_COMMON | _PORTS | {"flags"}
+    if base in ("udp", "sctp"):
+        return _L3_COMMON | _PORTS
+    if base in ("icmp", "icmpv6"):
+        return _L3_COMMON | {"type", "code"}
+    return _L3_COMMON
+
+
+@dataclass(frozen=True)
+class L3Parts:
+    """The matches of one iptables rule instance, in libvirt's order.
+
+    `core` holds the header matches; `counted` is False when the instance
+    lost its only header match (libvirt then does not create it).
+    """
+
+    core: tuple[Match, ...]
+    counted: bool
+    connlimit: Match | None
+    ipset: Match | None
+
+
+def l3_parts(protocol: str, attrs: Attrs, negate: bool, swapped: bool) -> L3Parts:
+    core: list[Match] = []
+    src, dst = (Field.IP_DST, Field.IP_SRC) if swapped else (Field.IP_SRC, Field.IP_DST)
+    srange, drange = (
+        (Field.IP_DST_RANGE, Field.IP_SRC_RANGE)
+        if swapped
+        else (Field.IP_SRC_RANGE, Field.IP_DST_RANGE)
+    )
+    sport, dport = (Field.L4_DPORT, Field.L4_SPORT) if swapped else (Field.L4_SPORT, Field.L4_DPORT)
+    srcmac_skipped = False
+    if "srcmacaddr" in attrs:
+        if swapped:
+            srcmac_skipped = True
+        else:
+            mac = MacMatch(_mac(attrs["srcmacaddr"], "srcmacaddr"))
+            core.append(Match(Field.ETH_SRC, mac, negate))
+    header = len(core)
+    if "srcipaddr" in attrs:
+        core.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), negate))
+    elif "srcipfrom" in attrs:
+        core.append(Match(srange, _addr_range(attrs, "srcipfrom", "srcipto"), negate))
+    elif "srcipto" in attrs:
+        raise UnsupportedError("'srcipto' is given without 'srcipfrom'")
+    if "dstipaddr" in attrs:
+        core.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), negate))
+    elif "dstipfrom" in attrs:
+        core.append(Match(drange, _addr_range(attrs, "dstipfrom", "dstipto"), negate))
+    elif "dstipto" in attrs:
+        raise UnsupportedError("'dstipto' is given without 'dstipfrom'")
+    if "dscp" in attrs:
+        core.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), negate))
+    if "flags" in attrs:
+        core.append(Match(Field.TCP_FLAGS, _tcp_flags(attrs["flags"]), negate))
+    rng = _range(attrs, "srcportstart", "srcportend")
+    if rng is not None:
+        core.append(Match(sport, rng, negate))
+    rng = _range(attrs, "dstportstart", "dstportend")
+    if rng is not None:
+        core.append(Match(dport, rng, negate))
+    if "type" in attrs:
+        icmp_type = _int(attrs["type"], "type")
+        core.append(Match(Field.ICMP_TYPE, IntRange.single(icmp_type), negate))
+        if "code" in attrs:
+            code = _int(attrs["code"], "code")
+            core.append(Match(Field.ICMP_CODE, IntRange.single(code), negate))
+    elif "code" in attrs:
+        raise UnsupportedError("'code' is given without 'type'")
+    counted = not srcmac_skipped or len(core) > header
+    connlimit = None
+    if "connlimit-above" in attrs:
+        limit = _int(attrs["connlimit-above"], "connlimit-above")
+        connlimit = Match(Field.CONNLIMIT_ABOVE, limit, negate)
+    ipset = None
+    if "ipset" in attrs or "ipsetflags" in attrs:
+        if "ipset" not in attrs or "ipsetflags" not in attrs:
+            raise UnsupportedError("'ipset' and 'ipsetflags' must be given together")
+        flags = _ipset_flags(attrs["ipsetflags"], swapped)
+        ipset = Match(Field.IPSET, IPSetMatch(str(attrs["ipset"]), flags), negate)
+    return L3Parts(tuple(core), counted, connlimit, ipset)
+
+
+def _addr_range(attrs: Attrs, start: str, end: str) -> AddrRange:
+    lo = _addr(attrs[start], start)
+    hi = _addr(attrs[end], end) if end in attrs else lo
+    if lo.version != hi.version:
+        raise ValidationError(f"'{start}' and '{end}' are of different address families")
+    return AddrRange(lo, hi)
+
+
+def _ipset_flags(value: object, swapped: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items: tuple[str, ...] = tuple(v.strip() for v in value.split(","))
+    elif isinstance(value, tuple | list):
+        items = tuple(str(v) for v in value)
+    else:
+        raise ValidationError(f"attribute 'ipsetflags' needs src/dst flags, got {value!r}")
+    for item in items:
+        if item not in ("src", "dst"):
+            raise ValidationError(f"unknown ipset flag '{item}'")
+    if swapped:
+        items = tuple("dst" if item == "src" else "src" for item in items)
+    return items

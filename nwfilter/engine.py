@@ -1,0 +1,363 @@
+"""The engine: the filter pool, the active bindings and a backend, wired together.
+
+`Engine` owns the operations that change what the kernel enforces:
+defining and undefining filters (rebuilding every affected binding in one
+transaction), creating and deleting bindings, re-applying everything at
+start, and re-applying a port after IP learning.
+
+Failure rules: every change compiles in memory first, then makes one
+kernel transaction, then writes files.  If the kernel refuses, nothing
+changes; if a file write fails after the kernel said yes, the previous
+rules are applied again.
+
+Lock order (never upwards): all VM drivers (`RebuildCoordinator`) → filter
+pool → binding table → backend transaction.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nwfilter.backends.base import Backend
+from nwfilter.bindings import BindingTable, validate_portdev
+from nwfilter.compile import Compiler, gc_paused
+from nwfilter.conf import parse_filter
+from nwfilter.conf.model import BindingDef, FilterDef
+from nwfilter.errors import (
+    BackendError,
+    ConflictError,
+    NotFoundError,
+    NwfilterError,
+)
+from nwfilter.ir import Changes, Ruleset
+from nwfilter.locks import Level, LevelledLock
+from nwfilter.pool import FilterPool, UndefineResult
+from nwfilter.rebuild import RebuildCoordinator
+from nwfilter.render_text import render_lines
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PortDiff:
+    """How one port's rules change, as `render_text` lines."""
+
+    portdev: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DefineOutcome:
+    """What `define_filter` did, or with `dry_run` would do."""
+
+    name: str
+    uuid: str
+    created: bool
+    changed: bool
+    dry_run: bool
+    rebuilt: tuple[str, ...] = ()  # portdevs whose rules were (or would be) rebuilt
+    diffs: tuple[PortDiff, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        """A human-readable summary (the plan, for a dry run)."""
+        verb = "would be" if self.dry_run else "was"
+        if not self.changed:
+            head = f"Network filter {self.name} is unchanged; no port needs rebuilding"
+            return head + "\n"
+        kind = "defined" if self.created else "redefined"
+        lines = [f"Network filter {self.name} {verb} {kind}"]
+        if not self.rebuilt:
+            lines.append("No bound port uses it.")
+        else:
+            lines.append(
+                f"{len(self.rebuilt)} port{'s' if len(self.rebuilt) != 1 else ''} "
+                f"{'would be' if self.dry_run else 'were'} rebuilt: {', '.join(self.rebuilt)}"
+            )
+        for diff in self.diffs:
+            if not diff.added and not diff.removed:
+                lines.append(f"  {diff.portdev}: rules unchanged")
+                continue
+            lines.append(f"  {diff.portdev}:")
+            lines.extend(f"    - {line}" for line in diff.removed)
+            lines.extend(f"    + {line}" for line in diff.added)
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines) + "\n"
+
+
+def diff_rulesets(portdev: str, old: Ruleset | None, new: Ruleset | None) -> PortDiff:
+    """The rule lines removed and added going from `old` to `new`."""
+    before = render_lines(old) if old is not None else []
+    after = render_lines(new) if new is not None else []
+    added: list[str] = []
+    removed: list[str] = []
+    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag in ("replace", "delete"):
+            removed.extend(before[i1:i2])
+        if tag in ("replace", "insert"):
+            added.extend(after[j1:j2])
+    return PortDiff(portdev, tuple(added), tuple(removed))
+
+
+class Engine:
+    """The filter pool, the binding table and a backend for one state root."""
+
+    def __init__(self, root: Path, backend: Backend, *, stock_dir: Path | None = None) -> None:
+        self.root = Path(root)
+        self.backend = backend
+        self.pool = FilterPool(self.root / "nwfilter", stock_dir=stock_dir)
+        self.bindings = BindingTable(self.root / "run" / "bindings")
+        self.coordinator = RebuildCoordinator()
+        self._backend_lock = LevelledLock("backend-transaction", Level.BACKEND)
+        # Guarded by bindings.lock: what we applied, and what was learnt.
+        self._applied: dict[str, Ruleset] = {}
+        self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._state = threading.Lock()  # leaf lock for start/close bookkeeping
+        self._started = False
+        self.pool.set_usage_provider(self._usage)
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> list[str]:
+        """Load the pool and the bindings and re-apply every binding.
+
+        A binding that cannot be compiled keeps whatever the kernel holds for
+        it and is reported; the rest are applied in one transaction (port by
+        port if that transaction is refused).  Returns the warnings.
+        """
+        warnings = self.pool.load()
+        warnings.extend(self.bindings.load())
+        self.backend.probe()
+        with self.pool.lock.read(), self.bindings.lock:
+            compiler = Compiler(self.pool.snapshot())
+            with gc_paused():
+                rulesets, failed = self._compile_start(compiler)
+            warnings.extend(failed)
+            if rulesets:
+                warnings.extend(self._apply_start(rulesets))
+        for text in warnings:
+            log.warning("%s", text)
+        with self._state:
+            self._started = True
+        return warnings
+
+    def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
+        rulesets: list[Ruleset] = []
+        warnings: list[str] = []
+        for binding in self.bindings.all():
+            try:
+                rs = compiler.compile(binding, self._learnt.get(binding.portdev))
+                self.backend.check(rs)
+            except NwfilterError as exc:
+                warnings.append(
+                    f"cannot re-apply the binding of port '{binding.portdev}': {exc.message}"
+                )
+                continue
+            rulesets.append(rs)
+        return rulesets, warnings
+
+    def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
+        warnings: list[str] = []
+        try:
+            with self._backend_lock:
+                self.backend.apply(Changes(set=tuple(rulesets)))
+            for rs in rulesets:
+                self._applied[rs.port.portdev] = rs
+            return warnings
+        except BackendError as exc:
+            warnings.append(f"re-applying all bindings at once failed: {exc.message}")
+        for rs in rulesets:
+            try:
+                with self._backend_lock:
+                    self.backend.apply(Changes(set=(rs,)))
+                self._applied[rs.port.portdev] = rs
+            except BackendError as exc:
+                warnings.append(
+                    f"cannot re-apply the binding of port '{rs.port.portdev}': {exc.message}"
+                )
+        return warnings
+
+    def close(self) -> None:
+        """Stop using the engine; the kernel keeps the rules of every binding."""
+        with self._state:
+            self._started = False
+
+    # --------------------------------------------------------------- filters
+
+    def define_filter(
+        self, xml: str | bytes, *, source: str = "", dry_run: bool = False
+    ) -> DefineOutcome:
+        """Define (or redefine) a filter and rebuild every binding it reaches."""
+        fdef = parse_filter(xml, source=source)
+        with self.coordinator.filter_change():
+            outcome = self._define_locked(fdef, dry_run)
+        return outcome
+
+    def _define_locked(self, fdef: FilterDef, dry_run: bool) -> DefineOutcome:
+        with self.pool.lock.write():
+            result = self.pool.check_define(fdef)
+
+            def outcome(
+                changed: bool, rebuilt: tuple[str, ...] = (), diffs: tuple[PortDiff, ...] = ()
+            ) -> DefineOutcome:
+                return DefineOutcome(
+                    result.name, str(result.uuid), result.created, changed, dry_run,
+                    rebuilt, diffs,
+                )
+
+            if not result.changed:
+                return outcome(False)
+            snapshot = dict(self.pool.snapshot())
+            snapshot[fdef.name] = fdef
+            with self.bindings.lock:
+                affected = self.bindings.using(result.affected)
+                compiler = Compiler(snapshot)
+                with gc_paused():
+                    new = [self._compile(compiler, b) for b in affected]
+                old = {b.portdev: self._applied.get(b.portdev) for b in affected}
+                rebuilt = tuple(b.portdev for b in affected)
+                diffs = tuple(
+                    diff_rulesets(rs.port.portdev, old[rs.port.portdev], rs) for rs in new
+                )
+                if dry_run:
+                    return outcome(True, rebuilt, diffs)
+                if new:
+                    with self._backend_lock:
+                        self.backend.apply(Changes(set=tuple(new)))
+                try:
+                    self.pool.define_locked(fdef)
+                except NwfilterError:
+                    if new:
+                        self._restore(old)
+                    raise
+                for rs in new:
+                    self._applied[rs.port.portdev] = rs
+        log.info("defined filter '%s'; rebuilt %d port(s)", fdef.name, len(rebuilt))
+        return outcome(True, rebuilt, diffs)
+
+    def _restore(self, old: Mapping[str, Ruleset | None]) -> None:
+        """Put back the rules that were in force before a failed change."""
+        keep = tuple(rs for rs in old.values() if rs is not None)
+        drop = tuple(p for p, rs in old.items() if rs is None)
+        try:
+            with self._backend_lock:
+                self.backend.apply(Changes(set=keep, remove=drop))
+        except NwfilterError as exc:
+            log.error("cannot restore the previous rules of %s: %s", ", ".join(old), exc)
+
+    def undefine_filter(self, name_or_uuid: str) -> UndefineResult:
+        """Undefine a filter that no filter and no binding uses."""
+        with self.coordinator.filter_change(), self.pool.lock.write():
+            return self.pool.undefine_locked(name_or_uuid)
+
+    def _usage(self, names: frozenset[str]) -> list[str]:
+        return [
+            f"binding {b.portdev}" + (f" ({b.owner_name})" if b.owner_name else "")
+            for b in self.bindings.using(names)
+        ]
+
+    # -------------------------------------------------------------- bindings
+
+    def _compile(self, compiler: Compiler, binding: BindingDef) -> Ruleset:
+        try:
+            rs = compiler.compile(binding, self._learnt.get(binding.portdev))
+            self.backend.check(rs)
+        except NwfilterError as exc:
+            raise type(exc)(f"port '{binding.portdev}': {exc.message}", exc.code) from exc
+        return rs
+
+    def create_bindings(self, defs: Sequence[BindingDef]) -> None:
+        """Bind ports to filters, all or nothing, in one kernel transaction."""
+        seen: set[str] = set()
+        for binding in defs:
+            validate_portdev(binding.portdev)
+            if binding.portdev in seen:
+                raise ConflictError(f"port '{binding.portdev}' is given more than once")
+            seen.add(binding.portdev)
+        if not defs:
+            return
+        with self.pool.lock.read(), self.bindings.lock:
+            for binding in defs:
+                existing = self.bindings.get(binding.portdev)
+                if existing is not None:
+                    raise ConflictError(
+                        f"port '{binding.portdev}' is already bound to filter"
+                        f" '{existing.filterref.filter}'"
+                    )
+            compiler = Compiler(self.pool.snapshot())
+            new = [self._compile(compiler, b) for b in defs]
+            with self._backend_lock:
+                self.backend.apply(Changes(set=tuple(new)))
+            try:
+                self.bindings.put_many_locked(defs)
+            except NwfilterError:
+                self._restore({b.portdev: None for b in defs})
+                raise
+            for rs in new:
+                self._applied[rs.port.portdev] = rs
+        log.info("bound %d port(s)", len(defs))
+
+    def delete_binding(self, portdev: str) -> None:
+        """Remove a port's rules and forget its binding."""
+        with self.bindings.lock:
+            if self.bindings.get(portdev) is None:
+                raise NotFoundError(f"no binding for port '{portdev}'")
+            with self._backend_lock:
+                self.backend.clear(portdev)
+            self.bindings.remove_locked(portdev)
+            self._applied.pop(portdev, None)
+            self._learnt.pop(portdev, None)
+
+    def binding(self, portdev: str) -> BindingDef:
+        binding = self.bindings.get(portdev)
+        if binding is None:
+            raise NotFoundError(f"no binding for port '{portdev}'")
+        return binding
+
+    def list_bindings(self) -> list[BindingDef]:
+        return self.bindings.all()
+
+    def ruleset(self, portdev: str) -> Ruleset:
+        """The rules in force for a bound port (compiled now if none were applied)."""
+        binding = self.binding(portdev)
+        applied = self._applied.get(portdev)
+        if applied is not None:
+            return applied
+        with self.pool.lock.read():
+            return self._compile(Compiler(self.pool.snapshot()), binding)
+
+    def set_learnt(self, portdev: str, var: str, values: Sequence[str]) -> None:
+        """Record learnt values of a variable (e.g. IP) and re-apply the port."""
+        with self.pool.lock.read(), self.bindings.lock:
+            learnt = dict(self._learnt.get(portdev, {}))
+            if values:
+                learnt[var] = tuple(values)
+            else:
+                learnt.pop(var, None)
+            binding = self.bindings.get(portdev)
+            if binding is not None:
+                old = self._learnt.get(portdev)
+                self._learnt[portdev] = learnt
+                try:
+                    rs = self._compile(Compiler(self.pool.snapshot()), binding)
+                except NwfilterError:
+                    if old is None:
+                        self._learnt.pop(portdev, None)
+                    else:
+                        self._learnt[portdev] = old
+                    raise
+                with self._backend_lock:
+                    self.backend.apply(Changes(set=(rs,)))
+                self._applied[portdev] = rs
+            else:
+                self._learnt[portdev] = learnt
+
+    def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
+        return dict(self._learnt.get(portdev, {}))

@@ -1,0 +1,55 @@
+"""The binding table and its runtime files."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nwfilter.bindings import BindingTable, validate_portdev
+from nwfilter.conf.model import BindingDef, FilterRef, Parameter
+from nwfilter.errors import ValidationError
+
+
+def make(portdev: str, filter_name: str = "clean-traffic") -> BindingDef:
+    return BindingDef(
+        "vm1", uuid.UUID(int=7), portdev, "52:54:00:00:00:01",
+        FilterRef(filter_name, (Parameter("IP", "10.0.0.5"),)),
+    )
+
+
+def test_put_load_remove_round_trip(tmp_path: Path) -> None:
+    table = BindingTable(tmp_path / "run")
+    table.load()
+    table.put_many([make("vnet0"), make("vnet1", "other")])
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.xml")) == ["vnet0.xml", "vnet1.xml"]
+    again = BindingTable(tmp_path / "run")
+    assert again.load() == []
+    assert again.get("vnet0") == make("vnet0")
+    assert [b.portdev for b in again.using({"other"})] == ["vnet1"]
+    assert again.remove("vnet0") == make("vnet0")
+    assert not (tmp_path / "run" / "vnet0.xml").exists()
+    assert again.remove("vnet0") is None
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    table = BindingTable(run)
+    table.load()
+    table.put_many([make("vnet0")])
+    (run / "broken.xml").write_text("<filterbinding>")
+    (run / "vnet9.xml").write_bytes((run / "vnet0.xml").read_bytes())
+    again = BindingTable(run)
+    warnings = again.load()
+    assert len(warnings) == 2
+    assert any("broken.xml" in w for w in warnings)
+    assert any("vnet9.xml" in w and "vnet0" in w for w in warnings)
+    assert [b.portdev for b in again.all()] == ["vnet0"]
+    assert (run / "broken.xml").exists()
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", "x" * 16, ".", "a b"])
+def test_unsafe_portdev_refused(name: str) -> None:
+    with pytest.raises(ValidationError):
+        validate_portdev(name)
