@@ -162,6 +162,7 @@ class InterfaceDef:
     mac: str | None = None  # None: generated when the domain is defined
     target_dev: str | None = None
     source_bridge: str | None = None
+    source_network: str | None = None  # `<source network=...>` of type 'network'
     filterref: FilterRef | None = None
     ips: tuple[IPSpec, ...] = ()
     model: str | None = None

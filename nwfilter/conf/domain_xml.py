@@ -1,0 +1,362 @@
+"""Parse, validate and format the subset of libvirt domain XML we manage.
+
+Accepted::
+
+    <domain type="test|ns|qemu">
+      <name>vm1</name>
+      <uuid>...</uuid>                      (generated when absent)
+      <title>...</title> <description>...</description>   (kept as text)
+      <memory unit="MiB">256</memory>       (kept, in KiB)
+      <vcpu>2</vcpu>                        (kept)
+      <devices>
+        <interface type="bridge|network|ethernet">
+          <mac address="52:54:00:..."/>
+          <source bridge="br0"/>  or  <source network="default"/>
+          <ip address="10.0.0.2" prefix="24" family="ipv4"/>   (any number)
+          <target dev="vnet0"/>
+          <model type="virtio"/>
+          <filterref filter="clean-traffic"><parameter .../></filterref>
+        </interface>
+      </devices>
+    </domain>
+
+Anything else is refused with an error naming it rather than dropped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid as uuidlib
+
+from lxml import etree
+
+from nwfilter.conf.binding_xml import parse_mac_address
+from nwfilter.conf.filter_xml import filterref_element, parse_filterref_element
+from nwfilter.conf.model import DomainDef, FilterRef, InterfaceDef, IPSpec
+from nwfilter.conf.safexml import local_name, parse_xml, serialize
+from nwfilter.conf.values import (
+    check_ifname,
+    check_object_name,
+    format_ipv6,
+    parse_ipv4,
+    parse_ipv6,
+    parse_uuid_text,
+)
+from nwfilter.errors import NwfilterError, ValidationError
+
+DOMAIN_TYPES = ("test", "ns", "qemu")
+INTERFACE_TYPES = ("bridge", "network", "ethernet")
+_MODEL_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_EXTRA_TEXT = ("title", "description")
+# libvirt's virScaleInteger units; bare number means KiB
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+
+
+def _fail(where: str, message: str) -> ValidationError:
+    return ValidationError(f"{where}: {message}" if where else message)
+
+
+def _attrs(elem: etree._Element, allowed: tuple[str, ...], where: str) -> None:
+    for name in elem.attrib:
+        if name not in allowed:
+            raise _fail(where, f"<{local_name(elem)}> has unknown attribute {name!r}")
+
+
+def _empty(elem: etree._Element, where: str) -> None:
+    if len(elem) or (elem.text is not None and elem.text.strip()):
+        raise _fail(where, f"<{local_name(elem)}> must be empty")
+
+
+def _need(elem: etree._Element, name: str, where: str) -> str:
+    value = elem.get(name)
+    if value is None:
+        raise _fail(where, f"<{local_name(elem)}> needs a {name} attribute")
+    return value
+
+
+def _text(elem: etree._Element, where: str) -> str:
+    if len(elem):
+        raise _fail(where, f"<{local_name(elem)}> must hold only text")
+    return (elem.text or "").strip()
+
+
+def _uint(text: str, what: str, where: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise _fail(where, f"{what} {text!r} must be a decimal number")
+    return int(text)
+
+
+def _parse_ip(elem: etree._Element, where: str) -> IPSpec:
+    _attrs(elem, ("address", "prefix", "family"), where)
+    _empty(elem, where)
+    text = _need(elem, "address", where)
+    family = elem.get("family")
+    if family is not None and family not in ("ipv4", "ipv6"):
+        raise _fail(where, f"<ip family={family!r}> must be ipv4 or ipv6")
+    try:
+        if ":" in text:
+            address = format_ipv6(parse_ipv6(text))
+            actual = "ipv6"
+        else:
+            address = str(parse_ipv4(text))
+            actual = "ipv4"
+    except ValidationError as exc:
+        raise _fail(where, f"<ip address={text!r}>: {exc.message}") from None
+    if family is not None and family != actual:
+        raise _fail(where, f"<ip address={text!r}> is not an {family} address")
+    prefix: int | None = None
+    prefix_text = elem.get("prefix")
+    if prefix_text is not None:
+        prefix = _uint(prefix_text, "ip prefix", where)
+        width = 32 if actual == "ipv4" else 128
+        if prefix > width:
+            raise _fail(where, f"<ip prefix={prefix_text!r}> must be 0-{width}")
+    return IPSpec(address=address, prefix=prefix, family=actual)
+
+
+def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
+    _attrs(elem, ("type",), where)
+    itype = _need(elem, "type", where)
+    if itype not in INTERFACE_TYPES:
+        raise _fail(where, f"interface type {itype!r} is not one of {', '.join(INTERFACE_TYPES)}")
+    if elem.text is not None and elem.text.strip():
+        raise _fail(where, "<interface> must not contain text")
+    mac: str | None = None
+    target: str | None = None
+    bridge: str | None = None
+    network: str | None = None
+    model: str | None = None
+    filterref: FilterRef | None = None
+    ips: list[IPSpec] = []
+    seen: set[str] = set()
+    for child in elem:
+        tag = local_name(child)
+        if tag != "ip" and tag in seen:
+            raise _fail(where, f"<interface> has more than one <{tag}>")
+        seen.add(tag)
+        if tag == "mac":
+            _attrs(child, ("address",), where)
+            _empty(child, where)
+            mac = parse_mac_address(_need(child, "address", where), where)
+        elif tag == "target":
+            _attrs(child, ("dev",), where)
+            _empty(child, where)
+            target = _need(child, "dev", where)
+            try:
+                check_ifname(target, f"target dev {target!r}")
+            except ValidationError as exc:
+                raise _fail(where, exc.message) from None
+        elif tag == "source":
+            _empty(child, where)
+            if itype == "bridge":
+                _attrs(child, ("bridge",), where)
+                bridge = _need(child, "bridge", where)
+                try:
+                    check_ifname(bridge, f"source bridge {bridge!r}")
+                except ValidationError as exc:
+                    raise _fail(where, exc.message) from None
+            elif itype == "network":
+                _attrs(child, ("network",), where)
+                network = _need(child, "network", where)
+                try:
+                    check_object_name(network, "source network")
+                except ValidationError as exc:
+                    raise _fail(where, exc.message) from None
+            else:
+                raise _fail(where, "an ethernet interface takes no <source>")
+        elif tag == "model":
+            _attrs(child, ("type",), where)
+            _empty(child, where)
+            model = _need(child, "type", where)
+            if not _MODEL_RE.match(model):
+                raise _fail(where, f"model type {model!r} must be letters, digits, '_' and '-'")
+        elif tag == "filterref":
+            filterref = parse_filterref_element(child, where)
+        elif tag == "ip":
+            ips.append(_parse_ip(child, where))
+        else:
+            raise _fail(where, f"<interface> element <{tag}> is not supported")
+        if child.tail is not None and child.tail.strip():
+            raise _fail(where, "<interface> must not contain text")
+    if itype == "bridge" and bridge is None:
+        raise _fail(where, "a bridge interface needs <source bridge=...>")
+    if itype == "network" and network is None:
+        raise _fail(where, "a network interface needs <source network=...>")
+    return InterfaceDef(
+        type=itype,
+        mac=mac,
+        target_dev=target,
+        source_bridge=bridge,
+        source_network=network,
+        filterref=filterref,
+        ips=tuple(ips),
+        model=model,
+    )
+
+
+def _parse_memory(elem: etree._Element, where: str) -> int:
+    _attrs(elem, ("unit",), where)
+    unit = (elem.get("unit") or "KiB").lower()
+    if unit not in _UNITS:
+        raise _fail(where, f"<memory unit={elem.get('unit')!r}> is not a known unit")
+    amount = _uint(_text(elem, where), "memory", where) * _UNITS[unit]
+    kib = -(-amount // 1024)
+    if kib <= 0 or kib > 2**53:
+        raise _fail(where, "memory must be positive and sane")
+    return kib
+
+
+def parse_domain(data: str | bytes, *, source: str = "") -> DomainDef:
+    """Parse and validate a domain document (the subset we manage)."""
+    root = parse_xml(data, source=source)
+    where = source
+    if local_name(root) != "domain":
+        raise _fail(where, f"root element must be <domain>, not <{local_name(root)}>")
+    _attrs(root, ("type",), where)
+    dtype = _need(root, "type", where)
+    if dtype not in DOMAIN_TYPES:
+        raise _fail(where, f"domain type {dtype!r} is not one of {', '.join(DOMAIN_TYPES)}")
+    if root.text is not None and root.text.strip():
+        raise _fail(where, "<domain> must not contain text")
+    name: str | None = None
+    uuid: uuidlib.UUID | None = None
+    memory: int | None = None
+    vcpus: int | None = None
+    extra: dict[str, str] = {}
+    interfaces: list[InterfaceDef] = []
+    seen: set[str] = set()
+    for child in root:
+        tag = local_name(child)
+        if tag in seen:
+            raise _fail(where, f"<domain> has more than one <{tag}>")
+        seen.add(tag)
+        if child.tail is not None and child.tail.strip():
+            raise _fail(where, "<domain> must not contain text")
+        if tag == "name":
+            _attrs(child, (), where)
+            name = _text(child, where)
+            try:
+                check_object_name(name, "domain name")
+            except ValidationError as exc:
+                raise _fail(where, exc.message) from None
+        elif tag == "uuid":
+            _attrs(child, (), where)
+            try:
+                uuid = parse_uuid_text(_text(child, where))
+            except ValidationError as exc:
+                raise _fail(where, exc.message) from None
+        elif tag in _EXTRA_TEXT:
+            _attrs(child, (), where)
+            extra[tag] = _text(child, where)
+        elif tag == "memory":
+            memory = _parse_memory(child, where)
+        elif tag == "vcpu":
+            _attrs(child, (), where)
+            vcpus = _uint(_text(child, where), "vcpu", where)
+            if not 1 <= vcpus <= 4096:
+                raise _fail(where, "vcpu must be 1-4096")
+        elif tag == "devices":
+            _attrs(child, (), where)
+            if child.text is not None and child.text.strip():
+                raise _fail(where, "<devices> must not contain text")
+            for number, dev in enumerate(child, start=1):
+                dtag = local_name(dev)
+                if dtag != "interface":
+                    raise _fail(where, f"device <{dtag}> is not supported")
+                interfaces.append(_parse_interface(dev, _join(where, f"interface {number}")))
+                if dev.tail is not None and dev.tail.strip():
+                    raise _fail(where, "<devices> must not contain text")
+        else:
+            raise _fail(where, f"<domain> element <{tag}> is not supported")
+    if name is None:
+        raise _fail(where, "<domain> needs a <name>")
+    return DomainDef(
+        type=dtype,
+        name=name,
+        uuid=uuid if uuid is not None else uuidlib.uuid4(),
+        interfaces=tuple(interfaces),
+        memory_kib=memory,
+        vcpus=vcpus,
+        extra=extra,
+    )
+
+
+def _join(where: str, what: str) -> str:
+    return f"{where}: {what}" if where else what
+
+
+def _interface_element(iface: InterfaceDef) -> etree._Element:
+    elem = etree.Element("interface")
+    elem.set("type", iface.type)
+    if iface.mac is not None:
+        etree.SubElement(elem, "mac").set("address", iface.mac)
+    if iface.source_bridge is not None:
+        etree.SubElement(elem, "source").set("bridge", iface.source_bridge)
+    elif iface.source_network is not None:
+        etree.SubElement(elem, "source").set("network", iface.source_network)
+    for ip in iface.ips:
+        sub = etree.SubElement(elem, "ip")
+        sub.set("address", ip.address)
+        sub.set("family", ip.family)
+        if ip.prefix is not None:
+            sub.set("prefix", str(ip.prefix))
+    if iface.target_dev is not None:
+        etree.SubElement(elem, "target").set("dev", iface.target_dev)
+    if iface.model is not None:
+        etree.SubElement(elem, "model").set("type", iface.model)
+    if iface.filterref is not None:
+        elem.append(filterref_element(iface.filterref))
+    return elem
+
+
+def domain_element(domain: DomainDef) -> etree._Element:
+    root = etree.Element("domain")
+    root.set("type", domain.type)
+    etree.SubElement(root, "name").text = domain.name
+    etree.SubElement(root, "uuid").text = str(domain.uuid)
+    for tag in _EXTRA_TEXT:
+        if tag in domain.extra:
+            etree.SubElement(root, tag).text = domain.extra[tag]
+    if domain.memory_kib is not None:
+        mem = etree.SubElement(root, "memory")
+        mem.set("unit", "KiB")
+        mem.text = str(domain.memory_kib)
+    if domain.vcpus is not None:
+        etree.SubElement(root, "vcpu").text = str(domain.vcpus)
+    if domain.interfaces:
+        devices = etree.SubElement(root, "devices")
+        for iface in domain.interfaces:
+            devices.append(_interface_element(iface))
+    return root
+
+
+def format_domain(domain: DomainDef) -> str:
+    """The canonical domain document; checked to parse again."""
+    text = serialize(domain_element(domain))
+    try:
+        parse_domain(text)
+    except NwfilterError as exc:
+        raise ValidationError(f"domain {domain.name!r} cannot be printed: {exc.message}") from None
+    return text
+
+
+def ip_network_of(ip: IPSpec) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network an interface address sits in (its own address if no prefix)."""
+    prefix = ip.prefix if ip.prefix is not None else (32 if ip.family == "ipv4" else 128)
+    return ipaddress.ip_network(f"{ip.address}/{prefix}", strict=False)

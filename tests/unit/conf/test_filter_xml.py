@@ -1,0 +1,278 @@
+"""Structure of filter documents: defaults, order, errors, fixed point."""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+
+import pytest
+
+from nwfilter.conf import (
+    Action,
+    AttrValue,
+    Direction,
+    FilterDef,
+    FilterRef,
+    Parameter,
+    ProtocolMatch,
+    Rule,
+    VarRef,
+    format_filter,
+    parse_filter,
+    schema,
+)
+from nwfilter.errors import ErrorCode, NwfilterError, ValidationError, XMLError
+
+
+def rule(body: str, attrs: str = "action='accept' direction='in'") -> str:
+    return f"<filter name='f'><rule {attrs}>{body}</rule></filter>"
+
+
+def test_minimal_filter_defaults() -> None:
+    fdef = parse_filter("<filter name='f'/>")
+    assert fdef.chain == "root"
+    assert fdef.priority == 0
+    assert isinstance(fdef.uuid, uuid.UUID)
+    assert fdef.entries == ()
+    text = format_filter(fdef)
+    assert text == f'<filter name="f" chain="root">\n  <uuid>{fdef.uuid}</uuid>\n</filter>\n'
+
+
+def test_generated_uuid_differs() -> None:
+    assert parse_filter("<filter name='f'/>").uuid != parse_filter("<filter name='f'/>").uuid
+
+
+def test_uuid_kept_lowercase() -> None:
+    fdef = parse_filter(
+        "<filter name='f'><uuid> 0A1B2C3D-0000-4000-8000-000000000001 </uuid></filter>"
+    )
+    assert str(fdef.uuid) == "0a1b2c3d-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize(
+    ("chain", "priority"),
+    [
+        ("root", 0),
+        ("mac", -800),
+        ("mac-x", -800),
+        ("vlan", -750),
+        ("stp", 0),
+        ("stp-x", 0),
+        ("arp", -500),
+        ("rarp", -400),
+        ("rarp-y", -400),
+        ("ipv4", -700),
+        ("ipv6", -600),
+        ("ipv6.a:b_c", -600),
+    ],
+)
+def test_chain_default_priority(chain: str, priority: int) -> None:
+    fdef = parse_filter(f"<filter name='f' chain='{chain}'/>")
+    assert fdef.chain == chain
+    assert fdef.priority == priority
+    assert schema.chain_priority(fdef) == priority
+    out = format_filter(fdef)
+    assert (f'priority="{priority}"' in out) == (priority != 0)
+
+
+def test_explicit_priority_without_chain_is_kept() -> None:
+    fdef = parse_filter("<filter name='f' priority='-100'/>")
+    assert fdef.priority == -100
+    assert 'chain="root" priority="-100"' in format_filter(fdef)
+
+
+def test_explicit_zero_priority_on_custom_chain() -> None:
+    fdef = parse_filter("<filter name='f' chain='arp-x' priority='0'/>")
+    assert fdef.priority == 0
+    assert parse_filter(format_filter(fdef)).priority == 0
+
+
+def test_chain_helpers() -> None:
+    assert schema.chain_kind("arp-xyz") == "arp"
+    assert schema.chain_kind("rarp") == "rarp"
+    assert schema.chain_kind("root") == "root"
+    for bad in ("rootx", "tcp", "", "mac-abcdefghi", "mac x"):
+        with pytest.raises(ValidationError):
+            schema.chain_kind(bad)
+    hand = FilterDef("f", uuid.uuid4(), chain=None, priority=None)
+    assert schema.chain_priority(hand) == 0
+
+
+def test_entries_keep_document_order() -> None:
+    fdef = parse_filter(
+        "<filter name='f'>"
+        "<filterref filter='a'/>"
+        "<rule action='drop' direction='out' priority='-5'/>"
+        "<filterref filter='b'><parameter name='X' value='2'/>"
+        "<parameter name='A' value='1'/><parameter name='X' value='1'/></filterref>"
+        "</filter>"
+    )
+    assert [type(e).__name__ for e in fdef.entries] == ["FilterRef", "Rule", "FilterRef"]
+    ref = fdef.entries[2]
+    assert isinstance(ref, FilterRef)
+    assert ref.params == (Parameter("A", "1"), Parameter("X", "2"), Parameter("X", "1"))
+    assert ref.param_dict() == {"A": ["1"], "X": ["2", "1"]}
+    assert fdef.referenced_names() == frozenset({"a", "b"})
+
+
+def test_rule_fields() -> None:
+    fdef = parse_filter(
+        rule(
+            "<tcp match='no' dstportstart='22' srcipaddr='$IP[@1]'/>",
+            "action='reject' direction='inout' priority='-1000' statematch='FALSE'",
+        )
+    )
+    (r,) = fdef.rules
+    assert r.action is Action.REJECT
+    assert r.direction is Direction.INOUT
+    assert r.priority == -1000
+    assert r.statematch is False
+    assert r.match is not None
+    assert r.match.protocol == "tcp"
+    assert r.match.negate is True
+    assert [a.name for a in r.match.attrs] == ["srcipaddr", "dstportstart"]
+    src = r.match.get("srcipaddr")
+    assert src is not None and src.is_variable and src.value == VarRef("IP", iterator=1)
+    port = r.match.get("dstportstart")
+    assert port is not None and port.value == 22 and port.text == "22"
+
+
+def test_match_no_without_attributes_is_dropped() -> None:
+    fdef = parse_filter(rule("<tcp match='no'/>"))
+    assert fdef.rules[0].match == ProtocolMatch("tcp", (), False)
+
+
+def test_lone_ipset_gets_src_flag_except_on_all() -> None:
+    tcp = parse_filter(rule("<tcp ipset='s'/>")).rules[0].match
+    assert tcp is not None and tcp.get("ipsetflags") == AttrValue("ipsetflags", ("src",), "src")
+    all_ = parse_filter(rule("<all ipset='s'/>")).rules[0].match
+    assert all_ is not None and all_.get("ipsetflags") is None
+
+
+def test_continue_allowed_on_layer2_and_bare_rules() -> None:
+    parse_filter(rule("<mac srcmacaddr='$MAC'/>", "action='continue' direction='in'"))
+    parse_filter(rule("", "action='continue' direction='in'"))
+    with pytest.raises(ValidationError, match="continue"):
+        parse_filter(rule("<all/>", "action='continue' direction='in'"))
+    with pytest.raises(ValidationError, match="continue"):
+        parse_filter(rule("<icmpv6/>", "action='continue' direction='in'"))
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp", "sctp", "33", "0x6", "0x84"])
+def test_ip_ports_need_port_protocol(proto: str) -> None:
+    parse_filter(rule(f"<ip protocol='{proto}' dstportstart='1'/>"))
+    parse_filter(rule(f"<ipv6 protocol='{proto}' srcportstart='1'/>"))
+
+
+def test_variables_in_ranges_are_not_ordered() -> None:
+    parse_filter(rule("<tcp dstportstart='$P' dstportend='1'/>"))
+
+
+def test_error_names_rule_position_and_source() -> None:
+    doc = (
+        "<filter name='f'><rule action='accept' direction='in'/>"
+        "<filterref filter='x'/><rule action='accept' direction='in'/>"
+        "<rule action='accept' direction='in'><tcp dstportstart='70000'/></rule></filter>"
+    )
+    with pytest.raises(ValidationError) as info:
+        parse_filter(doc, source="my.xml")
+    assert str(info.value) == "my.xml: rule 3 <tcp dstportstart='70000'>: port must be 0-65535"
+    assert info.value.code is ErrorCode.INVALID
+
+
+def test_format_refuses_broken_model() -> None:
+    bad = FilterDef(
+        "f",
+        uuid.uuid4(),
+        entries=(
+            Rule(
+                Action.ACCEPT,
+                Direction.IN,
+                match=ProtocolMatch("tcp", (AttrValue("dstportstart", 70000, "70000"),)),
+            ),
+        ),
+    )
+    with pytest.raises(ValidationError, match="cannot be printed"):
+        format_filter(bad)
+
+
+def test_hand_built_model_formats_canonically() -> None:
+    fdef = FilterDef(
+        "hand",
+        uuid.UUID("0a1b2c3d-0000-4000-8000-000000000001"),
+        chain="ipv4",
+        priority=None,
+        entries=(
+            Rule(
+                Action.ACCEPT,
+                Direction.OUT,
+                match=ProtocolMatch(
+                    "ip",
+                    (
+                        AttrValue("protocol", 17, "udp"),
+                        AttrValue("srcipaddr", ipaddress.IPv4Address("10.0.0.1"), "10.0.0.1"),
+                    ),
+                ),
+            ),
+        ),
+    )
+    text = format_filter(fdef)
+    assert 'priority="-700"' in text
+    assert '<ip srcipaddr="10.0.0.1" protocol="udp"/>' in text
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "",
+        "<filter",
+        "<filter name='f'>text</filter>",
+        "<filter name='f'><rule action='accept' direction='in'>x</rule></filter>",
+        "<filter name='f'><rule action='accept' direction='in'><tcp>x</tcp></rule></filter>",
+        "<filter name='f'><rule action='accept' direction='in'><tcp><udp/></tcp></rule></filter>",
+        "<filter name='f' xmlns:x='urn:x' x:a='1'/>",
+        "<f:filter xmlns:f='urn:x' name='f'/>",
+        "<filter name='f' foo='bar'/>",
+        b"\xff\xfe<\x00f\x00",
+        "<?xml version='1.0' encoding='ISO-8859-1'?><filter name='f'/>",
+    ],
+)
+def test_malformed_documents(doc: str | bytes) -> None:
+    with pytest.raises(NwfilterError) as info:
+        parse_filter(doc)
+    assert isinstance(info.value, XMLError | ValidationError)
+
+
+def test_bytes_and_declaration_accepted() -> None:
+    doc = "<?xml version='1.0' encoding='UTF-8'?>\n<filter name='é'/>".encode()
+    assert parse_filter(doc).name == "é"
+    assert parse_filter("\ufeff<filter name='f'/>".encode()).name == "f"
+
+
+def test_comments_and_pis_are_ignored() -> None:
+    fdef = parse_filter(
+        "<!-- c --><filter name='f'><!-- x --><?pi y?>"
+        "<rule action='accept' direction='in'><!-- z --></rule></filter>"
+    )
+    assert len(fdef.rules) == 1
+
+
+def test_protocol_sets_are_consistent() -> None:
+    for proto in schema.PROTOCOLS:
+        kinds = [
+            schema.is_ethernet_protocol(proto),
+            schema.is_ipv4_protocol(proto),
+            schema.is_ipv6_protocol(proto),
+        ]
+        assert kinds.count(True) == 1, proto
+        names = [s.name for s in schema.PROTOCOLS[proto]]
+        assert len(names) == len(set(names))
+        assert names[-1] == "comment"
+        for spec in schema.PROTOCOLS[proto]:
+            assert spec.requires is None or spec.requires in names
+            assert schema.attr_spec(proto, spec.name) is spec
+    with pytest.raises(ValidationError):
+        schema.attr_spec("tcp", "nope")
+    with pytest.raises(ValidationError):
+        schema.attr_spec("nope", "srcipaddr")
+    assert "IP" in schema.RESERVED_VARIABLES and "MAC" in schema.RESERVED_VARIABLES
