@@ -256,12 +256,26 @@ class Ruleset:
         return self.l3.get(hook, ())
 
 
+def drop_all(port: Port) -> Ruleset:
+    """A ruleset that drops everything: what a port gets when its filters
+    cannot be compiled at start, so that it fails closed."""
+    rule = Rule(Family.ETHER, (), Verdict.DROP, priority=0, comment="nwfilter: fail closed")
+    chain = (Chain("root", 0, (rule,)),)
+    return Ruleset(port=port, l2={Hook.FROM_VM: chain, Hook.TO_VM: chain})
+
+
 @dataclass(frozen=True)
 class Changes:
-    """One transaction for a backend: rulesets to install or replace, ports to clear."""
+    """One transaction for a backend: rulesets to install or replace, ports to clear.
+
+    With `replace_all`, `set` is the complete state: the backend drops every
+    other object it owns in the same transaction.  A freshly started engine
+    uses it, since its backend cannot know what an earlier process left.
+    """
 
     set: tuple[Ruleset, ...] = ()
     remove: tuple[str, ...] = ()  # portdev names
+    replace_all: bool = False
 
     def is_empty(self) -> bool:
-        return not self.set and not self.remove
+        return not self.set and not self.remove and not self.replace_all

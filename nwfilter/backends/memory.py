@@ -45,7 +45,7 @@ class MemoryBackend:
                     )
             if changes.is_empty():
                 return
-            new = dict(self.rulesets)
+            new = {} if changes.replace_all else dict(self.rulesets)
             for portdev in changes.remove:
                 new.pop(portdev, None)
             for rs in changes.set:

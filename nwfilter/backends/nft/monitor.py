@@ -1,0 +1,211 @@
+"""Self-healing for the nft backend: notice foreign edits of our tables and undo them.
+
+`NftMonitor` listens on an nfnetlink socket opened in the backend's
+namespace and subscribed to the nf_tables multicast group (what `nft
+monitor` uses; libnftables offers it only in the CLI).  The kernel reports
+every committed transaction as a series of object messages (each carries
+its table name in attribute 1) closed by a NEWGEN message that names the
+committing task.  A transaction that touched a `nwfilter` table and was
+committed by a task outside this process is foreign: the monitor then asks
+the backend to rebuild both tables from its recorded state in one
+transaction, and logs what it repaired.  Our own transactions are
+recognised by the committing thread id (a thread of this process), so they
+never trigger a repair.
+
+Cost when nothing happens: one blocked thread; nothing is polled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nwfilter.netlab import in_netns
+
+if TYPE_CHECKING:
+    from nwfilter.backends.nft.backend import NftBackend
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_PID = 2
+NFTA_GEN_PROC_NAME = 3
+NFPROTO_INET = 1
+NFPROTO_BRIDGE = 7
+MSG_NAMES = {
+    0: "new table", 2: "delete table", 3: "new chain", 5: "delete chain",
+    6: "new rule", 8: "delete rule", 9: "new set", 11: "delete set",
+    12: "new element", 14: "delete element",
+}
+_NLMSG = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 4 <= len(data):
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[pos + 4: pos + length]
+        pos += (length + 3) & ~3
+    return out
+
+
+@dataclass
+class Transaction:
+    """What one committed transaction did to our tables."""
+
+    touched: list[str] = field(default_factory=list)
+
+
+def parse_events(
+    buf: bytes, table: str, pending: Transaction, is_own: Callable[[int], bool]
+) -> list[tuple[Transaction, int, str]]:
+    """Feed one datagram; return foreign transactions that touched `table`
+    as (transaction, committing tid, committing command name)."""
+    done: list[tuple[Transaction, int, str]] = []
+    pos = 0
+    while pos + _NLMSG.size <= len(buf):
+        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(buf, pos)
+        if length < _NLMSG.size:
+            break
+        body = buf[pos + _NLMSG.size: pos + length]
+        pos += (length + 3) & ~3
+        if mtype >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
+            continue
+        kind = mtype & 0xFF
+        family = body[0]
+        attrs = _attrs(body[4:])
+        if kind == NFT_MSG_NEWGEN:
+            tid = struct.unpack(">I", attrs.get(NFTA_GEN_PROC_PID, b"\0\0\0\0"))[0]
+            comm = attrs.get(NFTA_GEN_PROC_NAME, b"").rstrip(b"\0").decode(errors="replace")
+            if pending.touched and not is_own(tid):
+                done.append((Transaction(list(pending.touched)), tid, comm))
+            pending.touched.clear()
+            continue
+        name = attrs.get(1, b"").rstrip(b"\0").decode(errors="replace")
+        if name == table and family in (NFPROTO_INET, NFPROTO_BRIDGE):
+            pending.touched.append(MSG_NAMES.get(kind, f"message {kind}"))
+    return done
+
+
+def _thread_of_this_process(tid: int) -> bool:
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
+class NftMonitor:
+    """Watches the backend's namespace and re-applies its state after foreign edits.
+
+    `repair` is called (from the monitor thread) to restore the recorded
+    state; by default the backend's `reinstall`.
+    """
+
+    def __init__(
+        self,
+        netns: str | None,
+        repair: Callable[[], None],
+        *,
+        table: str = "nwfilter",
+        settle: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+        is_own: Callable[[int], bool] = _thread_of_this_process,
+    ) -> None:
+        self.netns = netns
+        self._repair = repair
+        self._table = table
+        self._settle = settle
+        self._clock = clock
+        self._is_own = is_own
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self.repairs = 0
+        self.last_error: Exception | None = None
+
+    @classmethod
+    def for_backend(cls, backend: NftBackend, *, settle: float = 0.05) -> NftMonitor:
+        """A monitor repairing `backend` in its namespace."""
+        return cls(backend.netns, backend.reinstall, settle=settle)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        with in_netns(self.netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.settimeout(0.2)
+        self._sock = sock
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"nft-monitor {self.netns}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> NftMonitor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        pending = Transaction()
+        due: float | None = None
+        reasons: list[str] = []
+        while not self._stop.is_set():
+            try:
+                buf = sock.recv(1 << 20)
+                for txn, tid, comm in parse_events(buf, self._table, pending, self._is_own):
+                    what = ", ".join(sorted(set(txn.touched)))
+                    reasons.append(f"{comm or '?'} (tid {tid}): {what}")
+                    due = due or self._clock() + self._settle
+            except TimeoutError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    self.last_error = exc
+                    log.error("nft monitor in %s stopped: %s", self.netns or "host", exc)
+                    return
+                # Events were lost; we cannot tell whose they were, so repair.
+                reasons.append("event overflow")
+                pending = Transaction()
+                due = due or self._clock() + self._settle
+            if due is not None and self._clock() >= due:
+                # A short settle time folds a burst of foreign edits into one repair.
+                try:
+                    self._repair()
+                    self.repairs += 1
+                    log.warning("nft state in %s repaired after foreign change: %s",
+                                self.netns or "host", "; ".join(reasons))
+                except Exception as exc:  # keep watching; the next edit retries
+                    self.last_error = exc
+                    log.error("nft repair in %s failed: %s", self.netns or "host", exc)
+                due = None
+                reasons = []

@@ -1,0 +1,769 @@
+"""Pure rendering of IR rulesets into libnftables JSON commands.
+
+This module owns the nft layout of nwfilter and the mapping of every IR
+field and verdict onto nft expressions.  It never touches the kernel: it
+turns a `Ruleset` (plus the numeric id the backend gave the port) into a
+list of JSON commands and a `PortRecord` describing what those commands
+create, so the applier can later replace or delete exactly that.
+
+Layout (see docs/backends.md):
+
+* ``table bridge nwfilter`` holds layer 2.  Base chains dispatch through
+  verdict maps keyed by interface name, so the per-packet cost does not grow
+  with the number of ports:
+
+  - ``pre``  hook prerouting, priority -300 (ebtables' nat PREROUTING, where
+    libvirt hooks direction 'out'): ``iifname vmap @from_vm``;
+  - ``fwd``  hook forward, priority -200, and ``out`` hook output, priority
+    -200: ``oifname vmap @to_vm``.  Between them they see every frame
+    leaving through a port (bridged or sent by the host), as libvirt's
+    POSTROUTING chain does, but *before* br_netfilter (priority 0) runs the
+    IPv4/IPv6 hooks, so layer 2 is decided first, as in the IR.
+
+  Each port owns a chain tree per hook, ``<port>/from/<chain>`` and
+  ``<port>/to/<chain>``, mirroring the IR chains.
+
+* ``table inet nwfilter`` holds layer 3.  The bridge family of this kernel
+  has no connection tracking (``ct`` in a bridge table fails with EPROTO and
+  nf_conntrack_bridge is not built), so layer-3 rules run in the inet family,
+  reached through br_netfilter (net.bridge.bridge-nf-call-ip{,6}tables=1 in
+  the namespace).  There the input device is the bridge, not the port, so
+  the port's root chain stamps the packet mark: the low 16 bits carry the id
+  of the port the frame came from, the high 16 bits the id of the port it
+  leaves by.  ``pre`` (prerouting, priority 0: after conntrack at -200)
+  dispatches ``meta mark & 0xffff vmap @l3_from``; ``fwd`` (forward,
+  priority 0) dispatches ``meta mark & 0xffff0000 vmap @l3_to``.  Each port
+  owns one flat chain per hook, ``<port>/from`` and ``<port>/to``.
+
+Names: a port's tag is its interface name when that is a plain identifier,
+otherwise ``_`` followed by the hex of its bytes; interface names cannot hold
+``/``, so ``<tag>/<hook>/<chain>`` is injective.  Names are capped at
+`MAX_NAME` characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nwfilter.errors import UnsupportedError
+from nwfilter.ir import (
+    AddrRange,
+    Chain,
+    CtState,
+    Family,
+    Field,
+    Hook,
+    IntRange,
+    IPSetMatch,
+    MacMatch,
+    Match,
+    Rule,
+    Ruleset,
+    TcpFlag,
+    TcpFlags,
+    Verdict,
+)
+
+Json = dict[str, Any]
+
+TABLE = "nwfilter"
+BRIDGE = "bridge"
+INET = "inet"
+MAX_NAME = 128
+MAX_PORT_ID = 0xFFFF
+FROM_MASK = 0x0000FFFF
+TO_MASK = 0xFFFF0000
+MAX_COMMENT_BYTES = 120
+
+# Base chains: name, hook, priority, dispatch key, verdict map.
+BRIDGE_BASE = (
+    ("pre", "prerouting", -300, "iifname", "from_vm"),
+    ("fwd", "forward", -200, "oifname", "to_vm"),
+    ("out", "output", -200, "oifname", "to_vm"),
+)
+INET_BASE = (
+    ("pre", "prerouting", 0, FROM_MASK, "l3_from"),
+    ("fwd", "forward", 0, TO_MASK, "l3_to"),
+)
+L2_MAP = {Hook.FROM_VM: "from_vm", Hook.TO_VM: "to_vm"}
+L3_MAP = {Hook.FROM_VM: "l3_from", Hook.TO_VM: "l3_to"}
+HOOK_WORD = {Hook.FROM_VM: "from", Hook.TO_VM: "to"}
+
+_PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_RARP = 0x8035
+ETH_P_IPV6 = 0x86DD
+ETH_P_8021Q = 0x8100
+STP_DST = "01:80:c2:00:00:00"
+PORT_PROTOS = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite
+TCP_BITS = {
+    TcpFlag.FIN: 0x01,
+    TcpFlag.SYN: 0x02,
+    TcpFlag.RST: 0x04,
+    TcpFlag.PSH: 0x08,
+    TcpFlag.ACK: 0x10,
+    TcpFlag.URG: 0x20,
+}
+
+# ARP header fields as (bit offset, bit length) from the network header; raw
+# payloads because nft's typed 'arp' payloads pull in an 'ether type arp'
+# dependency that would contradict RARP (0x8035) rules.
+ARP_RAW = {
+    Field.ARP_HTYPE: (0, 16),
+    Field.ARP_PTYPE: (16, 16),
+    Field.ARP_OP: (48, 16),
+    Field.ARP_SHA: (64, 48),
+    Field.ARP_SPA: (112, 32),
+    Field.ARP_THA: (144, 48),
+    Field.ARP_TPA: (192, 32),
+}
+# ebtables' arp match only compares MACs when hlen is 6 and htype Ethernet,
+# and IP addresses when ptype is IPv4 and plen 4; these guards reproduce it.
+ARP_MAC_GUARD = ((0, 16, 1), (32, 8, 6))
+ARP_IP_GUARD = ((16, 16, ETH_P_IP), (40, 8, 4))
+
+# STP: LLC header (DSAP 0x42, SSAP 0x42, UI) then the BPDU, offsets in bits
+# from the network header as in the kernel's ebt_stp.
+STP_LLC = (0, 24, 0x424203)
+STP_RAW = {
+    Field.STP_TYPE: (48, 8),
+    Field.STP_FLAGS: (56, 8),
+    Field.STP_ROOT_PRIO: (64, 16),
+    Field.STP_ROOT_ADDR: (80, 48),
+    Field.STP_ROOT_COST: (128, 32),
+    Field.STP_SENDER_PRIO: (160, 16),
+    Field.STP_SENDER_ADDR: (176, 48),
+    Field.STP_PORT: (224, 16),
+    Field.STP_MSG_AGE: (240, 16),
+    Field.STP_MAX_AGE: (256, 16),
+    Field.STP_HELLO_TIME: (272, 16),
+    Field.STP_FORWARD_DELAY: (288, 16),
+}
+STP_CONFIG_FIELDS = frozenset(STP_RAW) - {Field.STP_TYPE}
+
+L2_ONLY = frozenset(
+    {Field.ETH_SRC, Field.ETH_DST, Field.ETH_TYPE, Field.VLAN_ID, Field.VLAN_ENCAP}
+    | set(STP_RAW)
+    | set(ARP_RAW)
+    | {Field.ARP_GRATUITOUS}
+)
+L3_ONLY = frozenset({Field.CT_STATE, Field.CONNLIMIT_ABOVE, Field.IPSET})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the kernel in the target namespace can do (found by `probe`)."""
+
+    bridge_reject: bool = False
+
+
+@dataclass(frozen=True)
+class PortRecord:
+    """What the kernel holds for one port: enough to replace or delete it."""
+
+    portdev: str
+    port_id: int
+    bridge_chains: frozenset[str] = frozenset()
+    inet_chains: frozenset[str] = frozenset()
+    l2_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the bridge table
+    l3_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the inet table
+    sets: frozenset[str] = frozenset()  # inet sets the port owns (connlimit counters)
+
+
+@dataclass
+class Batch:
+    """JSON commands plus, per command, the rule origin it renders (for errors)."""
+
+    commands: list[Json] = field(default_factory=list)
+    origins: list[tuple[str, str] | None] = field(default_factory=list)  # (portdev, origin)
+
+    def add(self, command: Json, origin: tuple[str, str] | None = None) -> None:
+        self.commands.append(command)
+        self.origins.append(origin)
+
+    def extend(self, other: Batch) -> None:
+        self.commands.extend(other.commands)
+        self.origins.extend(other.origins)
+
+    def document(self) -> Json:
+        return {"nftables": list(self.commands)}
+
+
+# -- names -----------------------------------------------------------------
+
+
+def _tag(text: str) -> str:
+    if _PLAIN.match(text):
+        return text
+    return "_" + text.encode().hex()
+
+
+def check_portdev(portdev: str) -> None:
+    if not portdev or len(portdev.encode()) > 15 or portdev in (".", "..") or _IFNAME_BAD.search(
+        portdev
+    ):
+        raise UnsupportedError(f"'{portdev}' is not a valid interface name for a port")
+
+
+def l2_chain_name(portdev: str, hook: Hook, chain: str) -> str:
+    name = f"{_tag(portdev)}/{HOOK_WORD[hook]}/{_tag(chain)}"
+    if len(name) > MAX_NAME:
+        raise UnsupportedError(f"port '{portdev}': chain name '{chain}' is too long")
+    return name
+
+
+def l3_chain_name(portdev: str, hook: Hook) -> str:
+    return f"{_tag(portdev)}/{HOOK_WORD[hook]}"
+
+
+def ipset_name(name: str, family: Family) -> str:
+    """The nft set standing for libvirt ipset `name`, per address family."""
+    return f"ipset{'4' if family is Family.IPV4 else '6'}_{_tag(name)}"
+
+
+# -- base objects ----------------------------------------------------------
+
+
+def render_base() -> Batch:
+    """Tables, base chains and verdict maps; 'add' is idempotent in nft."""
+    batch = Batch()
+    batch.add({"add": {"table": {"family": BRIDGE, "name": TABLE}}})
+    batch.add({"add": {"table": {"family": INET, "name": TABLE}}})
+    for vmap in ("from_vm", "to_vm"):
+        batch.add({"add": {"map": {"family": BRIDGE, "table": TABLE, "name": vmap,
+                                   "type": "ifname", "map": "verdict"}}})
+    for vmap in ("l3_from", "l3_to"):
+        batch.add({"add": {"map": {"family": INET, "table": TABLE, "name": vmap,
+                                   "type": "mark", "map": "verdict"}}})
+    for name, hook, prio, key, vmap in BRIDGE_BASE:
+        keep = TO_MASK if key == "iifname" else FROM_MASK
+        batch.add({"add": {"chain": {"family": BRIDGE, "table": TABLE, "name": name,
+                                     "type": "filter", "hook": hook, "prio": prio,
+                                     "policy": "accept"}}})
+        batch.add({"flush": {"chain": {"family": BRIDGE, "table": TABLE, "name": name}}})
+        # Clear our half of the mark first so a stale value can never select
+        # another port's layer-3 chain.
+        batch.add(_rule(BRIDGE, name, [_mark_set(keep, 0)]))
+        batch.add(_rule(BRIDGE, name, [
+            {"vmap": {"key": {"meta": {"key": key}}, "data": f"@{vmap}"}}]))
+    for name, hook, prio, mask, vmap in INET_BASE:
+        batch.add({"add": {"chain": {"family": INET, "table": TABLE, "name": name,
+                                     "type": "filter", "hook": hook, "prio": prio,
+                                     "policy": "accept"}}})
+        batch.add({"flush": {"chain": {"family": INET, "table": TABLE, "name": name}}})
+        batch.add(_rule(INET, name, [
+            {"vmap": {"key": {"&": [{"meta": {"key": "mark"}}, mask]}, "data": f"@{vmap}"}}]))
+    return batch
+
+
+def render_delete_tables(present: Iterable[str]) -> Batch:
+    batch = Batch()
+    for family in present:
+        batch.add({"delete": {"table": {"family": family, "name": TABLE}}})
+    return batch
+
+
+# -- one port --------------------------------------------------------------
+
+
+def render_port(
+    ruleset: Ruleset,
+    port_id: int,
+    previous: PortRecord | None,
+    caps: Capabilities,
+) -> tuple[Batch, PortRecord]:
+    """Commands that make the kernel hold `ruleset` for its port, replacing
+    `previous` in place (flush and refill, vmap elements swapped in the same
+    transaction), and the record of what exists afterwards."""
+    check_ruleset(ruleset, caps)
+    if not 1 <= port_id <= MAX_PORT_ID:
+        raise UnsupportedError(f"port id {port_id} out of range")
+    portdev = ruleset.port.portdev
+    batch = Batch()
+    old_bridge = previous.bridge_chains if previous else frozenset()
+    old_inet = previous.inet_chains if previous else frozenset()
+    old_l2 = previous.l2_hooks if previous else frozenset()
+    old_l3 = previous.l3_hooks if previous else frozenset()
+
+    bridge_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
+    inet_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
+    l2_hooks: set[Hook] = set()
+    l3_hooks: set[Hook] = set()
+    sets: dict[tuple[str, str], Json] = {}
+    old_sets = previous.sets if previous else frozenset()
+
+    for hook in (Hook.FROM_VM, Hook.TO_VM):
+        chains = ruleset.chains(hook)
+        l3 = ruleset.l3_rules(hook)
+        if not chains and not l3:
+            continue
+        l2_hooks.add(hook)
+        by_name = {c.name: c for c in chains}
+        root = by_name.get("root", Chain("root", 0, ()))
+        order = [root, *(c for c in chains if c.name != "root")]
+        for chain in order:
+            rules: list[tuple[list[Json], str | None]] = []
+            if chain is root and l3:
+                shift = 0 if hook is Hook.FROM_VM else 16
+                keep = TO_MASK if hook is Hook.FROM_VM else FROM_MASK
+                rules.append(([_mark_set(keep, port_id << shift)], None))
+            for rule in chain.rules:
+                for exprs in _l2_rule(rule, portdev, hook, caps):
+                    rules.append((exprs, _origin(rule)))
+            bridge_chains[l2_chain_name(portdev, hook, chain.name)] = rules
+        if l3:
+            l3_hooks.add(hook)
+            rules = []
+            for rule in l3:
+                for exprs in _l3_rule(rule, portdev, hook, sets):
+                    rules.append((exprs, _origin(rule)))
+            inet_chains[l3_chain_name(portdev, hook)] = rules
+
+    for (family, name), spec in sorted(sets.items()):
+        batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name, **spec}}})
+
+    # 1. chains: create new ones, flush kept ones (drops their jumps too).
+    for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
+        for name in sorted(new):
+            verb = "flush" if name in old else "add"
+            batch.add({verb: {"chain": {"family": fam, "table": TABLE, "name": name}}})
+        for name in sorted(old - set(new)):
+            batch.add({"flush": {"chain": {"family": fam, "table": TABLE, "name": name}}})
+    # 2. vmap elements that go away, before their chains are deleted.
+    for hook in sorted(old_l2 - l2_hooks, key=lambda h: h.value):
+        batch.add(_element("delete", BRIDGE, L2_MAP[hook], portdev, None))
+    for hook in sorted(old_l3 - l3_hooks, key=lambda h: h.value):
+        batch.add(_element("delete", INET, L3_MAP[hook], port_id << _shift(hook), None))
+    # 3. rules.
+    for fam, table_chains in ((BRIDGE, bridge_chains), (INET, inet_chains)):
+        for name, chain_rules in table_chains.items():
+            for exprs, origin in chain_rules:
+                batch.add(_rule(fam, name, exprs, origin),
+                          (portdev, origin) if origin is not None else None)
+    # 4. chains no longer used.
+    for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
+        for name in sorted(old - set(new)):
+            batch.add({"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}})
+    own_sets = frozenset(name for (_, name) in sets if name.startswith("cl"))
+    for name in sorted(old_sets - own_sets):
+        batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+    # 5. new dispatch elements last: the port's chains are complete by then.
+    for hook in sorted(l2_hooks - old_l2, key=lambda h: h.value):
+        batch.add(_element("add", BRIDGE, L2_MAP[hook], portdev,
+                           l2_chain_name(portdev, hook, "root")))
+    for hook in sorted(l3_hooks - old_l3, key=lambda h: h.value):
+        batch.add(_element("add", INET, L3_MAP[hook], port_id << _shift(hook),
+                           l3_chain_name(portdev, hook)))
+
+    record = PortRecord(
+        portdev=portdev,
+        port_id=port_id,
+        bridge_chains=frozenset(bridge_chains),
+        inet_chains=frozenset(inet_chains),
+        l2_hooks=frozenset(l2_hooks),
+        l3_hooks=frozenset(l3_hooks),
+        sets=own_sets,
+    )
+    return batch, record
+
+
+def render_remove(record: PortRecord) -> Batch:
+    """Commands deleting everything `record` says the port owns."""
+    batch = Batch()
+    for hook in sorted(record.l2_hooks, key=lambda h: h.value):
+        batch.add(_element("delete", BRIDGE, L2_MAP[hook], record.portdev, None))
+    for hook in sorted(record.l3_hooks, key=lambda h: h.value):
+        batch.add(_element("delete", INET, L3_MAP[hook], record.port_id << _shift(hook), None))
+    for fam, names in ((BRIDGE, record.bridge_chains), (INET, record.inet_chains)):
+        for name in sorted(names):
+            batch.add({"flush": {"chain": {"family": fam, "table": TABLE, "name": name}}})
+        for name in sorted(names):
+            batch.add({"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}})
+    for name in sorted(record.sets):
+        batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+    return batch
+
+
+def _shift(hook: Hook) -> int:
+    return 0 if hook is Hook.FROM_VM else 16
+
+
+def _element(verb: str, family: str, vmap: str, key: str | int, target: str | None) -> Json:
+    elem: Any = key if target is None else [key, {"jump": {"target": target}}]
+    return {verb: {"element": {"family": family, "table": TABLE, "name": vmap,
+                               "elem": [elem]}}}
+
+
+def _rule(family: str, chain: str, exprs: list[Json], comment: str | None = None) -> Json:
+    body: Json = {"family": family, "table": TABLE, "chain": chain, "expr": exprs}
+    if comment:
+        body["comment"] = _trim(comment)
+    return {"add": {"rule": body}}
+
+
+def _trim(text: str) -> str:
+    # nft stores comments as user data of limited size; cut at a character
+    # boundary so the kernel never holds (and we never print) half a character.
+    out = text.replace("\n", " ")
+    while len(out.encode()) > MAX_COMMENT_BYTES:
+        out = out[:-1]
+    return out
+
+
+def _origin(rule: Rule) -> str:
+    if rule.origin is not None:
+        return str(rule.origin)
+    return rule.comment or f"{rule.family.value} rule"
+
+
+def _mark_set(keep: int, value: int) -> Json:
+    current: Json = {"&": [{"meta": {"key": "mark"}}, keep]}
+    return {"mangle": {"key": {"meta": {"key": "mark"}},
+                       "value": {"|": [current, value]} if value else current}}
+
+
+# -- checking --------------------------------------------------------------
+
+
+def check_ruleset(ruleset: Ruleset, caps: Capabilities) -> None:
+    """Raise `UnsupportedError` if anything in `ruleset` has no exact nft form."""
+    portdev = ruleset.port.portdev
+    check_portdev(portdev)
+    for hook in (Hook.FROM_VM, Hook.TO_VM):
+        chains = ruleset.chains(hook)
+        names = [c.name for c in chains]
+        if len(set(names)) != len(names):
+            raise UnsupportedError(f"port '{portdev}': duplicate chain names in {hook.value}")
+        if chains and "root" not in names:
+            raise UnsupportedError(f"port '{portdev}': {hook.value} has no 'root' chain")
+        for chain in chains:
+            l2_chain_name(portdev, hook, chain.name)
+            for rule in chain.rules:
+                if rule.verdict is Verdict.JUMP and rule.target not in names:
+                    raise _unsupported(portdev, rule, f"jump to unknown chain '{rule.target}'")
+                if rule.verdict is Verdict.JUMP and rule.target == "root":
+                    raise _unsupported(portdev, rule, "jump to 'root' would loop")
+                _l2_rule(rule, portdev, hook, caps)
+        for rule in ruleset.l3_rules(hook):
+            _l3_rule(rule, portdev, hook, {})
+
+
+def _unsupported(portdev: str, rule: Rule, why: str) -> UnsupportedError:
+    return UnsupportedError(f"port '{portdev}', {_origin(rule)}: {why}")
+
+
+# -- rules -----------------------------------------------------------------
+
+
+def _verdict(rule: Rule, portdev: str, hook: Hook, layer2: bool, caps: Capabilities) -> Json:
+    v = rule.verdict
+    if v is Verdict.ACCEPT:
+        return {"accept": None}
+    if v is Verdict.DROP:
+        return {"drop": None}
+    if v is Verdict.RETURN:
+        return {"return": None}
+    if v is Verdict.CONTINUE:
+        return {"continue": None}
+    if v is Verdict.JUMP:
+        if not layer2 or rule.target is None:
+            raise _unsupported(portdev, rule, "jump is only valid in a layer-2 chain")
+        return {"jump": {"target": l2_chain_name(portdev, hook, rule.target)}}
+    # REJECT: the kernel's bridge-family reject works only in prerouting and
+    # input, and this kernel may lack it altogether (no NFT_REJECT_BRIDGE).
+    if layer2 and (hook is not Hook.FROM_VM or not caps.bridge_reject):
+        raise _unsupported(portdev, rule, "reject in layer 2 needs bridge-family reject "
+                           "(kernel NFT_REJECT_BRIDGE, direction 'out' only)")
+    # iptables' REJECT default, which libvirt relies on: port unreachable
+    # for every protocol (icmpx picks ICMP or ICMPv6 by family).
+    return {"reject": {"type": "icmpx", "expr": "port-unreachable"}}
+
+
+def _l2_rule(rule: Rule, portdev: str, hook: Hook, caps: Capabilities) -> list[list[Json]]:
+    if rule.family is not Family.ETHER:
+        raise _unsupported(portdev, rule, f"{rule.family.value} rule in a layer-2 chain")
+    verdict = _verdict(rule, portdev, hook, True, caps)
+    fields = {m.field for m in rule.matches}
+    for m in rule.matches:
+        if m.field in L3_ONLY:
+            raise _unsupported(portdev, rule, f"{m.field.value} is not available in layer 2 "
+                               "(no bridge-family conntrack)")
+        if m.field is Field.ARP_GRATUITOUS:
+            # Needs a comparison of two packet fields; nft's cmp compares a
+            # register with a constant only (nft 1.0.6 / this kernel).
+            raise _unsupported(portdev, rule, "arp gratuitous (sender IP == target IP) has "
+                               "no nft expression")
+    ethertype = _positive_int(rule, Field.ETH_TYPE)
+    ip_version = _ip_version(rule, ethertype, portdev)
+    exprs: list[Json] = []
+    # Ethernet header first: nft then sees the protocol context and adds no
+    # conflicting implicit dependencies.
+    order = sorted(rule.matches, key=lambda m: _FIELD_ORDER.get(m.field, 50))
+    if fields & set(STP_RAW):
+        if not any(m.field is Field.ETH_DST and not m.negate for m in rule.matches):
+            exprs.append(_cmp(_payload("ether", "daddr"), STP_DST, False))
+        exprs.append(_cmp(_raw(STP_LLC[0], STP_LLC[1]), STP_LLC[2], False))
+    guards_added: set[str] = set()
+    config: list[Json] = []
+    for m in order:
+        if m.field in STP_CONFIG_FIELDS:
+            config.append(_match_expr(m, rule, portdev, ip_version))
+            continue
+        if m.field in ARP_RAW:
+            if ethertype not in (ETH_P_ARP, ETH_P_RARP):
+                raise _unsupported(portdev, rule, f"{m.field.value} without ethertype ARP/RARP")
+            kind = "ip" if m.field in (Field.ARP_SPA, Field.ARP_TPA) else (
+                "mac" if m.field in (Field.ARP_SHA, Field.ARP_THA) else "")
+            if kind and kind not in guards_added:
+                guards_added.add(kind)
+                for off, ln, val in ARP_IP_GUARD if kind == "ip" else ARP_MAC_GUARD:
+                    exprs.append(_cmp(_raw(off, ln), val, False))
+        exprs.append(_match_expr(m, rule, portdev, ip_version))
+    stp_type = _positive_int(rule, Field.STP_TYPE)
+    if not config or (stp_type is not None and stp_type != 0):
+        return [[*exprs, verdict]]
+    if stp_type == 0:
+        return [[*exprs, *config, verdict]]
+    # ebt_stp compares the configuration-BPDU fields only on configuration
+    # BPDUs (type 0) and lets every other BPDU match; two rules say the same.
+    type_raw = _raw(*STP_RAW[Field.STP_TYPE])
+    return [
+        [*exprs, _cmp(type_raw, 0, True), verdict],
+        [*exprs, _cmp(type_raw, 0, False), *config, verdict],
+    ]
+
+
+def _l3_rule(
+    rule: Rule, portdev: str, hook: Hook, sets: dict[tuple[str, str], Json]
+) -> list[list[Json]]:
+    if rule.family is Family.ETHER:
+        raise _unsupported(portdev, rule, "layer-2 rule in the layer-3 list")
+    verdict = _verdict(rule, portdev, hook, False, Capabilities())
+    version = 4 if rule.family is Family.IPV4 else 6
+    exprs: list[Json] = [_cmp({"meta": {"key": "nfproto"}}, "ipv4" if version == 4 else "ipv6",
+                              False)]
+    for m in sorted(rule.matches, key=lambda m: _FIELD_ORDER.get(m.field, 50)):
+        if m.field in L2_ONLY:
+            raise _unsupported(portdev, rule, f"{m.field.value} in a layer-3 rule")
+        if m.field is Field.CONNLIMIT_ABOVE:
+            exprs.append(_connlimit(m, rule, portdev, version, sets))
+            continue
+        if m.field is Field.IPSET:
+            exprs.extend(_ipset(m, rule, portdev, version, sets))
+            continue
+        exprs.append(_match_expr(m, rule, portdev, version))
+    return [[*exprs, verdict]]
+
+
+_FIELD_ORDER = {
+    Field.ETH_TYPE: 0,
+    Field.ETH_SRC: 1,
+    Field.ETH_DST: 2,
+    Field.VLAN_ID: 3,
+    Field.VLAN_ENCAP: 4,
+    Field.CT_STATE: 5,
+    Field.IP_PROTO: 10,
+    Field.CONNLIMIT_ABOVE: 90,
+}
+
+
+def _positive_int(rule: Rule, fld: Field) -> int | None:
+    for m in rule.matches:
+        if m.field is fld and not m.negate and isinstance(m.value, int):
+            return int(m.value)
+    return None
+
+
+def _ip_version(rule: Rule, ethertype: int | None, portdev: str) -> int | None:
+    if ethertype == ETH_P_IP:
+        return 4
+    if ethertype == ETH_P_IPV6:
+        return 6
+    ip_fields = {Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE,
+                 Field.IP_PROTO, Field.IP_DSCP, Field.L4_SPORT, Field.L4_DPORT,
+                 Field.ICMP_TYPE, Field.ICMP_CODE, Field.TCP_FLAGS}
+    if any(m.field in ip_fields for m in rule.matches):
+        raise _unsupported(portdev, rule, "IP header fields need ethertype 0x0800 or 0x86dd")
+    return None
+
+
+# -- matches ---------------------------------------------------------------
+
+
+def _payload(proto: str, fld: str) -> Json:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def _raw(offset: int, length: int) -> Json:
+    return {"payload": {"base": "nh", "offset": offset, "len": length}}
+
+
+def _cmp(left: Json, right: Any, negate: bool) -> Json:
+    return {"match": {"op": "!=" if negate else "==", "left": left, "right": right}}
+
+
+def _range(value: IntRange) -> Any:
+    if value.lo > value.hi:
+        raise UnsupportedError(f"empty range {value.lo}-{value.hi}")
+    return value.lo if value.lo == value.hi else {"range": [value.lo, value.hi]}
+
+
+def _mac_int(text: str) -> int:
+    return int(text.replace(":", "").replace("-", ""), 16)
+
+
+def _mac_text(value: int) -> str:
+    raw = f"{value:012x}"
+    return ":".join(raw[i:i + 2] for i in range(0, 12, 2))
+
+
+def _mac_match(left: Json, value: MacMatch, negate: bool, raw: bool) -> Json:
+    addr = _mac_int(value.addr)
+    if value.mask is None:
+        return _cmp(left, addr if raw else _mac_text(addr), negate)
+    mask = _mac_int(value.mask)
+    if raw:
+        return _cmp({"&": [left, mask]}, addr & mask, negate)
+    return _cmp({"&": [left, _mac_text(mask)]}, _mac_text(addr & mask), negate)
+
+
+def _net(value: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    if value.prefixlen == value.max_prefixlen:
+        return str(value.network_address)
+    return {"prefix": {"addr": str(value.network_address), "len": value.prefixlen}}
+
+
+def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json:
+    f, v, neg = m.field, m.value, m.negate
+    bad = _unsupported(portdev, rule, f"value {v!r} does not fit {f.value}")
+    if f in (Field.ETH_SRC, Field.ETH_DST):
+        if not isinstance(v, MacMatch):
+            raise bad
+        return _mac_match(_payload("ether", "saddr" if f is Field.ETH_SRC else "daddr"), v, neg,
+                          False)
+    if f is Field.ETH_TYPE:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
+            raise bad
+        return _cmp(_payload("ether", "type"), v, neg)
+    if f in (Field.VLAN_ID, Field.VLAN_ENCAP):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise bad
+        return _cmp(_payload("vlan", "id" if f is Field.VLAN_ID else "type"), v, neg)
+    if f in STP_RAW or f in ARP_RAW:
+        off, ln = STP_RAW[f] if f in STP_RAW else ARP_RAW[f]
+        left = _raw(off, ln)
+        if isinstance(v, MacMatch):
+            return _mac_match(left, v, neg, True)
+        if isinstance(v, IntRange):
+            return _cmp(left, _range(v), neg)
+        if isinstance(v, ipaddress.IPv4Network):
+            base = int(v.network_address)
+            if v.prefixlen == 32:
+                return _cmp(left, base, neg)
+            return _cmp({"&": [left, int(v.netmask)]}, base, neg)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return _cmp(left, v, neg)
+        raise bad
+    if f in (Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE):
+        side = "saddr" if f in (Field.IP_SRC, Field.IP_SRC_RANGE) else "daddr"
+        if isinstance(v, AddrRange):
+            if v.start.version != v.end.version or v.start > v.end:  # type: ignore[operator]
+                raise bad
+            addr_version, right = v.start.version, {"range": [str(v.start), str(v.end)]}
+        elif isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            addr_version, right = v.version, _net(v)
+        else:
+            raise bad
+        if version is not None and addr_version != version:
+            raise _unsupported(portdev, rule, f"IPv{addr_version} address in an "
+                               f"IPv{version} rule")
+        return _cmp(_payload("ip" if addr_version == 4 else "ip6", side), right, neg)
+    if f is Field.IP_PROTO:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
+            raise bad
+        # meta l4proto, not 'ip protocol'/'ip6 nexthdr': like ip6tables -p it
+        # skips IPv6 extension headers, and it sets the context for 'th'.
+        return _cmp({"meta": {"key": "l4proto"}}, v, neg)
+    if f is Field.IP_DSCP:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 63:
+            raise bad
+        return _cmp(_payload("ip" if version == 4 else "ip6", "dscp"), v, neg)
+    if f in (Field.L4_SPORT, Field.L4_DPORT):
+        proto = _positive_int(rule, Field.IP_PROTO)
+        if proto not in PORT_PROTOS:
+            raise _unsupported(portdev, rule, "port match without tcp/udp/sctp/dccp/udplite")
+        if not isinstance(v, IntRange):
+            raise bad
+        return _cmp(_payload("th", "sport" if f is Field.L4_SPORT else "dport"), _range(v), neg)
+    if f in (Field.ICMP_TYPE, Field.ICMP_CODE):
+        if not isinstance(v, IntRange):
+            raise bad
+        icmp = "icmp" if version == 4 else "icmpv6"
+        return _cmp(_payload(icmp, "type" if f is Field.ICMP_TYPE else "code"), _range(v), neg)
+    if f is Field.TCP_FLAGS:
+        if not isinstance(v, TcpFlags) or not v.set <= v.mask:
+            raise bad
+        if _positive_int(rule, Field.IP_PROTO) != 6:
+            raise _unsupported(portdev, rule, "tcp flags without protocol tcp")
+        mask = sum(TCP_BITS[x] for x in v.mask)
+        want = sum(TCP_BITS[x] for x in v.set)
+        return _cmp({"&": [_payload("tcp", "flags"), mask]}, want, neg)
+    if f is Field.CT_STATE:
+        if not isinstance(v, frozenset) or not v or not all(isinstance(x, CtState) for x in v):
+            raise bad
+        states = sorted(x.value for x in v)
+        wanted: Any = states[0] if len(states) == 1 else states
+        # 'in' tests "any of these bits", which is conntrack's state match.
+        return {"match": {"op": "!=" if neg else "in", "left": {"ct": {"key": "state"}},
+                          "right": wanted}}
+    raise _unsupported(portdev, rule, f"field {f.value} is not supported here")
+
+
+def _connlimit(
+    m: Match, rule: Rule, portdev: str, version: int, sets: dict[tuple[str, str], Json]
+) -> Json:
+    v = m.value
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise _unsupported(portdev, rule, f"connlimit-above {v!r}")
+    if m.negate:
+        raise _unsupported(portdev, rule, "negated connlimit-above")
+    # iptables' connlimit counts connections per source address (/32, /128)
+    # among those the rule has seen; a dynamic set keyed by saddr with a
+    # 'ct count' per element is the same thing.
+    name = f"cl{version}_{_tag(portdev)}_{rule_key(rule)}"
+    sets[(INET, name)] = {"type": "ipv4_addr" if version == 4 else "ipv6_addr",
+                          "size": 65535}
+    return {"set": {"op": "add", "set": f"@{name}",
+                    "elem": _payload("ip" if version == 4 else "ip6", "saddr"),
+                    "stmt": [{"ct count": {"val": v, "inv": True}}]}}
+
+
+def rule_key(rule: Rule) -> str:
+    """A short stable key for a rule's own objects (connlimit sets)."""
+    text = repr((rule.family, rule.matches, rule.verdict, rule.target, rule.origin))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _ipset(
+    m: Match, rule: Rule, portdev: str, version: int, sets: dict[tuple[str, str], Json]
+) -> list[Json]:
+    v = m.value
+    if not isinstance(v, IPSetMatch):
+        raise _unsupported(portdev, rule, f"ipset value {v!r}")
+    if len(v.flags) != 1 or v.flags[0] not in ("src", "dst"):
+        raise _unsupported(portdev, rule, f"ipset '{v.name}' with flags {','.join(v.flags)}: "
+                           "only one-dimensional address sets (src or dst) map to nft sets")
+    family = Family.IPV4 if version == 4 else Family.IPV6
+    name = ipset_name(v.name, family)
+    sets[(INET, name)] = {"type": "ipv4_addr" if version == 4 else "ipv6_addr",
+                          "flags": ["interval"]}
+    side = "saddr" if v.flags[0] == "src" else "daddr"
+    return [_cmp(_payload("ip" if version == 4 else "ip6", side), f"@{name}", m.negate)]
