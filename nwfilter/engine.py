@@ -34,7 +34,7 @@ from nwfilter.errors import (
     NotFoundError,
     NwfilterError,
 )
-from nwfilter.ir import Changes, Ruleset
+from nwfilter.ir import Changes, Port, Ruleset, drop_all
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.rebuild import RebuildCoordinator
@@ -128,9 +128,10 @@ class Engine:
     def start(self) -> list[str]:
         """Load the pool and the bindings and re-apply every binding.
 
-        A binding that cannot be compiled keeps whatever the kernel holds for
-        it and is reported; the rest are applied in one transaction (port by
-        port if that transaction is refused).  Returns the warnings.
+        The backend's state is replaced wholesale in one transaction, so
+        whatever an earlier process left is brought in line.  A binding that
+        cannot be compiled fails closed: its port drops everything until its
+        filters are fixed, and a warning says why.  Returns the warnings.
         """
         warnings = self.pool.load()
         warnings.extend(self.bindings.load())
@@ -140,8 +141,7 @@ class Engine:
             with gc_paused():
                 rulesets, failed = self._compile_start(compiler)
             warnings.extend(failed)
-            if rulesets:
-                warnings.extend(self._apply_start(rulesets))
+            warnings.extend(self._apply_start(rulesets))
         for text in warnings:
             log.warning("%s", text)
         with self._state:
@@ -157,22 +157,28 @@ class Engine:
                 self.backend.check(rs)
             except NwfilterError as exc:
                 warnings.append(
-                    f"cannot re-apply the binding of port '{binding.portdev}': {exc.message}"
+                    f"port '{binding.portdev}' drops all traffic: its binding cannot be "
+                    f"compiled: {exc.message}"
                 )
-                continue
+                rs = drop_all(_port_of(binding))
             rulesets.append(rs)
         return rulesets, warnings
 
     def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
-        warnings: list[str] = []
         try:
             with self._backend_lock:
-                self.backend.apply(Changes(set=tuple(rulesets)))
+                self.backend.apply(Changes(set=tuple(rulesets), replace_all=True))
             for rs in rulesets:
                 self._applied[rs.port.portdev] = rs
-            return warnings
+            return []
         except BackendError as exc:
-            warnings.append(f"re-applying all bindings at once failed: {exc.message}")
+            warnings = [f"re-applying all bindings at once failed: {exc.message}"]
+        # Fail closed first (every port drops), then bring ports up one by one.
+        closed = tuple(drop_all(rs.port) for rs in rulesets)
+        with self._backend_lock:
+            self.backend.apply(Changes(set=closed, replace_all=True))
+        for rs in closed:
+            self._applied[rs.port.portdev] = rs
         for rs in rulesets:
             try:
                 with self._backend_lock:
@@ -180,7 +186,8 @@ class Engine:
                 self._applied[rs.port.portdev] = rs
             except BackendError as exc:
                 warnings.append(
-                    f"cannot re-apply the binding of port '{rs.port.portdev}': {exc.message}"
+                    f"port '{rs.port.portdev}' drops all traffic: its rules were refused: "
+                    f"{exc.message}"
                 )
         return warnings
 
@@ -361,3 +368,13 @@ class Engine:
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))
+
+
+def _port_of(binding: BindingDef) -> Port:
+    return Port(
+        portdev=binding.portdev,
+        mac=binding.mac,
+        linkdev=binding.linkdev,
+        owner_name=binding.owner_name,
+        owner_uuid=str(binding.owner_uuid),
+    )

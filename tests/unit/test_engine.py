@@ -57,9 +57,10 @@ def backend(engine: Engine) -> MemoryBackend:
 
 
 def test_create_bindings_one_transaction_and_persisted(engine: Engine, tmp_path: Path) -> None:
-    engine.create_bindings([make("vnet0"), make("vnet1", "10.0.0.6")])
     be = backend(engine)
-    assert be.transactions == 1
+    before = be.transactions
+    engine.create_bindings([make("vnet0"), make("vnet1", "10.0.0.6")])
+    assert be.transactions == before + 1
     assert be.ports() == ("vnet0", "vnet1")
     assert (tmp_path / "run" / "bindings" / "vnet1.xml").exists()
     assert [b.portdev for b in engine.list_bindings()] == ["vnet0", "vnet1"]
@@ -242,3 +243,23 @@ def test_concurrent_defines_and_creates(engine: Engine) -> None:
     assert len(engine.list_bindings()) == 10
     for rs in backend(engine).rulesets.values():
         assert "ip-src == 0.0.0.0" not in render_text(rs)
+
+
+def test_start_replaces_backend_state_and_fails_closed(tmp_path: Path) -> None:
+    first = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK)
+    first.start()
+    first.create_bindings([make("vnet0"), make("vnet1", "10.0.0.6")])
+    # A binding whose filter cannot be compiled any more (its file is removed
+    # behind the engine's back) must drop everything after a restart.
+    (tmp_path / "run" / "bindings" / "vnet1.xml").write_text(
+        (tmp_path / "run" / "bindings" / "vnet1.xml")
+        .read_text()
+        .replace("clean-traffic", "no-such-filter")
+    )
+    be = MemoryBackend()
+    be.rulesets = {"stale0": first.ruleset("vnet0")}  # left by an earlier process
+    fresh = Engine(tmp_path, be, stock_dir=STOCK)
+    warnings = fresh.start()
+    assert be.ports() == ("vnet0", "vnet1")
+    assert any("vnet1" in w and "drops all traffic" in w for w in warnings)
+    assert "fail closed" in render_text(be.rulesets["vnet1"])
