@@ -1,0 +1,66 @@
+"""The daemon answers over its socket with the engine's results and errors."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nwfilter.client import Client
+from nwfilter.daemon import Server, serve
+from nwfilter.errors import ErrorCode, NwfilterError
+
+FILTER = (
+    "<filter name='web' chain='ipv4'>"
+    "<rule action='accept' direction='in'><tcp dstportstart='81'/></rule></filter>"
+)
+BINDING = """<filterbinding>
+  <owner><name>vm1</name><uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a11</uuid></owner>
+  <portdev name='vnet0'/>
+  <mac address='52:54:00:00:00:01'/>
+  <filterref filter='clean-traffic'><parameter name='IP' value='10.0.0.2'/></filterref>
+</filterbinding>"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = serve(tmp_path / "root", "memory", None, tmp_path / "d.sock")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def test_define_list_dump_undefine(server: Server) -> None:
+    with Client(server.path) as client:
+        client.call("filter.define", {"xml": FILTER})
+        names = [f["name"] for f in client.call("filter.list")]
+        assert "web" in names and "clean-traffic" in names
+        assert "81" in client.call("filter.dumpxml", {"name": "web"})
+        client.call("filter.undefine", {"name": "web"})
+        with pytest.raises(NwfilterError) as err:
+            client.call("filter.dumpxml", {"name": "web"})
+        assert err.value.code is ErrorCode.NOT_FOUND
+
+
+def test_bindings_and_errors(server: Server) -> None:
+    with Client(server.path) as client:
+        client.call("binding.create", {"xml": [BINDING]})
+        assert client.call("binding.list") == [{"portdev": "vnet0", "filter": "clean-traffic"}]
+        dumped = client.call("binding.dumpxml", {"portdev": "vnet0", "rules": True})
+        assert "52:54:00:00:00:01" in dumped["rules"]
+        with pytest.raises(NwfilterError) as err:
+            client.call("binding.create", {"xml": [BINDING]})
+        assert err.value.code is ErrorCode.CONFLICT
+        with pytest.raises(NwfilterError) as err:
+            client.call("no.such.method")
+        assert err.value.code is ErrorCode.INVALID
+        with pytest.raises(NwfilterError) as err:
+            client.call("filter.define", {"xml": "<filter name='x'><rule/></filter>"})
+        assert err.value.code in (ErrorCode.INVALID, ErrorCode.XML)
+        client.call("binding.delete", {"portdev": "vnet0"})
+        assert client.call("binding.list") == []
