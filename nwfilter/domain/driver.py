@@ -1,0 +1,979 @@
+"""The generic domain driver: lifecycle, persistence and filters of domains.
+
+`DomainManager` is the entry point for one state root.  It keeps one
+`DomainDriver` per hypervisor type (the domain XML `type` attribute picks
+it, see `nwfilter.domain.hypervisor`), the names shared by all of them
+(domain names and UUIDs, host port names), and the files:
+
+* `ROOT/domains/<name>.xml` — persistent definitions (atomic writes);
+* `ROOT/domains/autostart/<name>` — autostart marks;
+* `ROOT/run/domains/<name>.json` — runtime status of active domains: id,
+  state, the live definition and the ports it runs with, so a restarted
+  engine finds its running domains again, checks they are alive and
+  re-applies their filters;
+* `ROOT/run/hypervisor/<type>/` — private runtime state of each hypervisor.
+
+Filters follow the domains.  A start turns every interface that has a
+`<filterref>` into a filter binding (owner = the domain, portdev = the
+target dev or a generated `vnetN` unique across all drivers, the
+interface's MAC, filterref and parameters) and creates all of them through
+the engine in one all-or-nothing call before the domain counts as running;
+if any cannot be applied the start fails and leaves nothing behind.  A stop
+deletes them after the guest is gone.
+
+Locking (docs/locking.md has the proof).  Each driver registers its lock
+with the rebuild coordinator, so a filter change holds every driver lock
+while it rebuilds.  The driver lock is held only to look an object up, to
+change the list, and around the engine calls that create or delete a
+domain's bindings; it is never held while waiting for a job or during a
+hypervisor call.  The domain lock is never held while the driver lock, the
+pool or anything of the engine is taken: a start unlocks the domain (its
+job keeps other writers out) before it touches the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from uuid import UUID
+
+from nwfilter.conf.model import BindingDef, DomainDef, InterfaceDef
+from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan, load_hypervisor
+from nwfilter.domain.jobs import JOB_WAIT_TIME, JobKind
+from nwfilter.domain.objects import DomainObj, DomainObjList, DomainState
+from nwfilter.errors import (
+    ConflictError,
+    NotFoundError,
+    NwfilterError,
+    StateError,
+    ValidationError,
+)
+from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.locks import Level, LevelledLock
+
+if TYPE_CHECKING:
+    from nwfilter.engine import Engine
+
+log = logging.getLogger(__name__)
+
+_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}$")
+_PORTDEV_PREFIX = "vnet"
+
+
+class FilterEngine(Protocol):
+    """What the driver needs of the filter engine."""
+
+    def create_bindings(self, defs: Sequence[BindingDef]) -> object: ...
+
+    def delete_binding(self, portdev: str) -> object: ...
+
+
+class Coordinator(Protocol):
+    def register_driver(
+        self,
+        name: str,
+        lock: Callable[[], None],
+        unlock: Callable[[], None],
+        rebuild_domains: Callable[[frozenset[str]], None] | None = None,
+    ) -> int: ...
+
+
+BindingLookup = Callable[[str], BindingDef | None]
+
+
+def validate_domain_name(name: str) -> str:
+    """Return `name` if it is safe as a domain name and as a file name."""
+    if not _DOMAIN_NAME_RE.match(name):
+        raise ValidationError(
+            f"invalid domain name {name!r}: use 1-200 letters, digits and '_.+:-', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered range 52:54:00:xx:xx:xx."""
+    tail = secrets.token_bytes(3)
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in tail)
+
+
+# -- names shared by all drivers ---------------------------------------------
+
+
+class SharedNames:
+    """Domain names/UUIDs and host port names in use across every driver.
+
+    Its lock is a leaf: nothing is taken while it is held."""
+
+    def __init__(self) -> None:
+        self._lock = LevelledLock("names", Level.LEAF)
+        self._domains: dict[str, tuple[str, UUID]] = {}  # name -> (type, uuid)
+        self._ports: dict[str, str] = {}  # portdev -> domain name
+        self._last_id = 0
+
+    def new_id(self) -> int:
+        """A fresh domain id, unique across drivers and never reused."""
+        with self._lock:
+            self._last_id += 1
+            return self._last_id
+
+    def seen_id(self, domid: int) -> None:
+        """Hand out only ids above `domid` from now on (after a restart)."""
+        with self._lock:
+            self._last_id = max(self._last_id, domid)
+
+    def claim_domain(self, name: str, uuid: UUID, dtype: str) -> None:
+        with self._lock:
+            have = self._domains.get(name)
+            if have is not None and have != (dtype, uuid):
+                raise ConflictError(
+                    f"domain '{name}' already exists (type '{have[0]}', uuid {have[1]})"
+                )
+            for other, (otype, ouuid) in self._domains.items():
+                if ouuid == uuid and other != name:
+                    raise ConflictError(
+                        f"domain uuid {uuid} is already used by domain '{other}' ({otype})"
+                    )
+            self._domains[name] = (dtype, uuid)
+
+    def release_domain(self, name: str) -> None:
+        with self._lock:
+            self._domains.pop(name, None)
+
+    def domain_type(self, name: str) -> str | None:
+        with self._lock:
+            have = self._domains.get(name)
+            return None if have is None else have[0]
+
+    def domain_names(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted((n, t) for n, (t, _) in self._domains.items())
+
+    def reserve_ports(self, owner: str, wanted: Sequence[str | None]) -> list[str]:
+        """Reserve host port names for `owner`: the given ones, or the lowest
+        free `vnetN` for `None`.  All or nothing."""
+        with self._lock:
+            taken = dict(self._ports)
+            out: list[str] = []
+            for name in wanted:
+                if name is not None:
+                    holder = taken.get(name)
+                    if holder is not None and holder != owner:
+                        raise ConflictError(
+                            f"interface '{name}' is already used by domain '{holder}'"
+                        )
+                    taken[name] = owner
+                    out.append(name)
+            result: list[str] = []
+            explicit = iter(out)
+            counter = 0
+            for name in wanted:
+                if name is not None:
+                    result.append(next(explicit))
+                    continue
+                while f"{_PORTDEV_PREFIX}{counter}" in taken:
+                    counter += 1
+                generated = f"{_PORTDEV_PREFIX}{counter}"
+                taken[generated] = owner
+                result.append(generated)
+            self._ports = taken
+            return result
+
+    def release_ports(self, owner: str, names: Iterable[str]) -> None:
+        with self._lock:
+            for name in names:
+                if self._ports.get(name) == owner:
+                    del self._ports[name]
+
+
+# -- answers of the query calls ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    id: int  # -1 when inactive
+    name: str
+    uuid: UUID
+    type: str
+    state: DomainState
+    reason: str
+    persistent: bool
+    autostart: bool
+
+
+@dataclass(frozen=True)
+class InterfaceRow:
+    """One line of `domiflist`."""
+
+    interface: str  # the host port, '-' when inactive and not given
+    type: str
+    source: str
+    model: str
+    mac: str
+    filter: str | None
+
+
+@dataclass(frozen=True)
+class DomainPaths:
+    root: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "domains"
+
+    @property
+    def autostart_dir(self) -> Path:
+        return self.root / "domains" / "autostart"
+
+    @property
+    def status_dir(self) -> Path:
+        return self.root / "run" / "domains"
+
+    def hypervisor_dir(self, dtype: str) -> Path:
+        return self.root / "run" / "hypervisor" / dtype
+
+    def config(self, name: str) -> Path:
+        return self.config_dir / f"{validate_domain_name(name)}.xml"
+
+    def autostart(self, name: str) -> Path:
+        return self.autostart_dir / validate_domain_name(name)
+
+    def status(self, name: str) -> Path:
+        return self.status_dir / f"{validate_domain_name(name)}.json"
+
+
+def _parse(xml: str) -> DomainDef:
+    from nwfilter.conf import parse_domain
+
+    result: DomainDef = parse_domain(xml)
+    return result
+
+
+def _format(definition: DomainDef) -> str:
+    from nwfilter.conf import format_domain
+
+    result: str = format_domain(definition)
+    return result
+
+
+def binding_for(dom: DomainDef, port: PortPlan) -> BindingDef:
+    iface = dom.interfaces[port.index]
+    if iface.filterref is None:
+        raise ValueError(f"interface {port.index} of '{dom.name}' has no filter")
+    return BindingDef(
+        owner_name=dom.name,
+        owner_uuid=dom.uuid,
+        portdev=port.portdev,
+        mac=port.mac,
+        filterref=iface.filterref,
+        linkdev=None,
+    )
+
+
+# -- one driver -----------------------------------------------------------------
+
+
+class DomainDriver:
+    """The domains of one hypervisor type."""
+
+    def __init__(
+        self,
+        dtype: str,
+        hypervisor: Hypervisor,
+        engine: FilterEngine,
+        paths: DomainPaths,
+        names: SharedNames,
+        *,
+        rank: int = 0,
+        job_timeout: float = JOB_WAIT_TIME,
+        mac_source: Callable[[], str] = random_mac,
+    ) -> None:
+        self.type = dtype
+        self.hypervisor = hypervisor
+        self.engine = engine
+        self.paths = paths
+        self.names = names
+        self.lock = LevelledLock(f"driver:{dtype}", Level.DRIVER, rank=rank)
+        self.domains = DomainObjList(self.lock)
+        self.job_timeout = job_timeout
+        self.mac_source = mac_source
+        self._binding_lookup: BindingLookup | None = None
+        # Test-only: start the way libvirt did before its fix (driver lock
+        # and domain lock held while the filters are instantiated), to show
+        # that this order deadlocks against a filter update.
+        self.legacy_lock_order = False
+
+    # -- files -----------------------------------------------------------------
+
+    def _save_config(self, definition: DomainDef) -> None:
+        atomic_write(self.paths.config(definition.name), _format(definition))
+
+    def _save_status(self, obj: DomainObj) -> None:
+        data = {
+            "name": obj.name,
+            "uuid": str(obj.uuid),
+            "type": self.type,
+            "id": obj.id,
+            "state": obj.state.name,
+            "reason": obj.reason,
+            "persistent": obj.persistent,
+            "ports": [
+                {
+                    "index": p.index,
+                    "portdev": p.portdev,
+                    "mac": p.mac,
+                    "bridge": p.bridge,
+                    "filtered": p.filtered,
+                }
+                for p in obj.ports
+            ],
+            "xml": _format(obj.definition),
+        }
+        atomic_write(self.paths.status(obj.name), json.dumps(data, indent=1, sort_keys=True))
+
+    # -- define / undefine ---------------------------------------------------------
+
+    def with_macs(self, definition: DomainDef) -> DomainDef:
+        """`definition` with a generated MAC on every interface that has none."""
+        if all(i.mac is not None for i in definition.interfaces):
+            return definition
+        ifaces = tuple(
+            i if i.mac is not None else replace(i, mac=self.mac_source())
+            for i in definition.interfaces
+        )
+        return replace(definition, interfaces=ifaces)
+
+    def define(self, definition: DomainDef) -> DomainDef:
+        validate_domain_name(definition.name)
+        definition = self.with_macs(definition)
+        self.names.claim_domain(definition.name, definition.uuid, self.type)
+        try:
+            obj, created = self.domains.add(definition, persistent=True)
+        except NwfilterError:
+            if self.domains.find_locked(definition.name) is None:
+                self.names.release_domain(definition.name)
+            raise
+        try:
+            if not created:
+                if obj.is_active():
+                    obj.new_def = definition
+                else:
+                    obj.definition = definition
+            obj.persistent = True
+            self._save_config(definition)
+        except NwfilterError:
+            if created:
+                self.domains.remove(obj)
+                self.names.release_domain(definition.name)
+            obj.end_api()
+            raise
+        obj.end_api()
+        return definition
+
+    def undefine(self, name: str) -> None:
+        obj = self.domains.lookup_by_name(name)
+        try:
+            obj.job.begin(JobKind.MODIFY, "undefine", timeout=self.job_timeout)
+            try:
+                if not obj.persistent:
+                    raise StateError(f"cannot undefine transient domain '{name}'")
+                atomic_remove(self.paths.config(name))
+                atomic_remove(self.paths.autostart(name))
+                obj.autostart = False
+                if obj.is_active():
+                    # stays until it stops, then goes (libvirt: becomes transient)
+                    obj.persistent = False
+                    obj.new_def = None
+                    self._save_status(obj)
+                else:
+                    self.domains.remove(obj)
+                    self.names.release_domain(name)
+            finally:
+                obj.job.end()
+        finally:
+            obj.end_api()
+
+    def set_autostart(self, name: str, enable: bool) -> None:
+        obj = self.domains.lookup_by_name(name)
+        try:
+            if not obj.persistent:
+                raise StateError(f"cannot set autostart for transient domain '{name}'")
+            path = self.paths.autostart(name)
+            if enable:
+                ensure_dir(path.parent)
+                atomic_write(path, name + "\n")
+            else:
+                atomic_remove(path)
+            obj.autostart = enable
+        finally:
+            obj.end_api()
+
+    # -- start -------------------------------------------------------------------------
+
+    def _plan(self, dom: DomainDef) -> list[PortPlan]:
+        wanted = [i.target_dev for i in dom.interfaces]
+        portdevs = self.names.reserve_ports(dom.name, wanted)
+        plans = []
+        for index, (iface, portdev) in enumerate(zip(dom.interfaces, portdevs, strict=True)):
+            if iface.mac is None:
+                raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
+            filtered = iface.filterref is not None
+            plans.append(PortPlan(index, portdev, iface.mac, iface.source_bridge, filtered))
+        return plans
+
+    def start(self, name: str) -> None:
+        if self.legacy_lock_order:
+            self._start_legacy(name)
+            return
+        obj = self.domains.lookup_by_name(name)
+        try:
+            obj.job.begin(JobKind.MODIFY, "start", timeout=self.job_timeout)
+            try:
+                if obj.is_active():
+                    raise StateError(f"domain '{name}' is already active")
+                self._start_locked(obj)
+            finally:
+                obj.job.end()
+        finally:
+            obj.end_api()
+
+    def _start_locked(self, obj: DomainObj) -> None:
+        """Start `obj` (locked, job held); on return it is locked again."""
+        dom = obj.persistent_def()
+        ports = self._plan(dom)
+        bound: list[str] = []
+        # The job keeps other writers out; the domain lock must not be held
+        # while the driver lock, the pool or the engine are taken below.
+        obj.job.enter_monitor()
+        try:
+            try:
+                self.hypervisor.prepare(dom, ports)
+                defs = [binding_for(dom, p) for p in ports if p.filtered]
+                with self.lock:
+                    if defs:
+                        self.engine.create_bindings(defs)
+                    bound = [d.portdev for d in defs]
+                    with obj.mutex:
+                        obj.ports = tuple(ports)
+                self.hypervisor.launch(dom)
+            except BaseException:
+                self._teardown(obj, dom, ports, bound)
+                raise
+        finally:
+            obj.job.exit_monitor(require_active=False)
+        if obj.removing:
+            # nothing can remove a domain while we hold its job; if it ever
+            # happens, do not leave a guest running for a gone object
+            obj.job.enter_monitor()
+            try:
+                self._teardown(obj, dom, ports, bound)
+            finally:
+                obj.job.exit_monitor(require_active=False)
+            raise StateError(f"domain '{obj.name}' was removed while starting")
+        obj.id = self.names.new_id()
+        obj.definition = dom
+        obj.new_def = None
+        obj.set_state(DomainState.RUNNING, "booted")
+        self._save_status(obj)
+
+    def _start_legacy(self, name: str) -> None:
+        """driver → domain → filter, all held at once (test-only, deadlocks)."""
+        with self.lock:
+            obj = self.domains.find_locked(name)
+            if obj is None:
+                raise NotFoundError(f"domain not found: no domain with matching name '{name}'")
+            obj.ref()
+            obj.lock()
+            try:
+                dom = obj.persistent_def()
+                ports = self._plan(dom)
+                self.hypervisor.prepare(dom, ports)
+                defs = [binding_for(dom, p) for p in ports if p.filtered]
+                self.engine.create_bindings(defs)
+                self.hypervisor.launch(dom)
+                obj.ports = tuple(ports)
+                obj.id = self.names.new_id()
+                obj.set_state(DomainState.RUNNING, "booted")
+            finally:
+                obj.end_api()
+
+    def _teardown(
+        self, obj: DomainObj, dom: DomainDef, ports: Sequence[PortPlan], bound: Sequence[str]
+    ) -> None:
+        """Stop the guest, then delete its bindings and free its names.
+        Runs with no lock held; best effort, errors are logged."""
+        try:
+            self.hypervisor.stop(dom)
+        except NwfilterError as exc:
+            log.error("stopping domain '%s' failed: %s", dom.name, exc)
+        with self.lock:
+            for portdev in bound:
+                try:
+                    self.engine.delete_binding(portdev)
+                except NotFoundError:
+                    pass
+                except NwfilterError as exc:
+                    log.error("removing the filter of '%s' (%s) failed: %s",
+                              dom.name, portdev, exc)
+            with obj.mutex:
+                obj.ports = ()
+        self.names.release_ports(dom.name, [p.portdev for p in ports])
+
+    # -- stop, suspend, resume -----------------------------------------------------------
+
+    def stop(self, name: str, *, reason: str) -> None:
+        """Shut the domain off (`reason`: 'destroyed' or 'shutdown')."""
+        obj = self.domains.lookup_by_name(name)
+        try:
+            kind = JobKind.DESTROY if reason == "destroyed" else JobKind.MODIFY
+            obj.job.begin(kind, reason, timeout=self.job_timeout)
+            try:
+                if not obj.is_active():
+                    raise StateError(f"domain '{name}' is not running")
+                self._stop_locked(obj, reason)
+            finally:
+                obj.job.end()
+            if not obj.persistent:
+                self.domains.remove(obj)
+                self.names.release_domain(name)
+        finally:
+            obj.end_api()
+
+    def _stop_locked(self, obj: DomainObj, reason: str) -> None:
+        dom = obj.definition
+        ports = obj.ports
+        bound = [p.portdev for p in ports if p.filtered]
+        obj.job.enter_monitor()
+        try:
+            self._teardown(obj, dom, ports, bound)
+        finally:
+            obj.job.exit_monitor(require_active=False)
+        self._mark_shutoff(obj, reason)
+
+    def _mark_shutoff(self, obj: DomainObj, reason: str) -> None:
+        obj.id = -1
+        obj.ports = ()
+        obj.set_state(DomainState.SHUTOFF, reason)
+        if obj.new_def is not None:
+            obj.definition = obj.new_def
+            obj.new_def = None
+        atomic_remove(self.paths.status(obj.name))
+
+    def suspend(self, name: str) -> None:
+        self._pause(name, suspend=True)
+
+    def resume(self, name: str) -> None:
+        self._pause(name, suspend=False)
+
+    def _pause(self, name: str, *, suspend: bool) -> None:
+        obj = self.domains.lookup_by_name(name)
+        try:
+            api = "suspend" if suspend else "resume"
+            obj.job.begin(JobKind.SUSPEND if suspend else JobKind.MODIFY, api,
+                          timeout=self.job_timeout)
+            try:
+                if not obj.is_active():
+                    raise StateError(f"domain '{name}' is not running")
+                want = DomainState.RUNNING if suspend else DomainState.PAUSED
+                if obj.state is not want:
+                    raise StateError(f"domain '{name}' is {obj.state.value}, not {want.value}")
+                dom = obj.definition
+                with obj.job.monitor():
+                    if suspend:
+                        self.hypervisor.suspend(dom)
+                    else:
+                        self.hypervisor.resume(dom)
+                if suspend:
+                    obj.set_state(DomainState.PAUSED, "user")
+                else:
+                    obj.set_state(DomainState.RUNNING, "unpaused")
+                self._save_status(obj)
+            finally:
+                obj.job.end()
+        finally:
+            obj.end_api()
+
+    # -- queries (no job: they never wait for one) ----------------------------------------
+
+    def summary(self, obj: DomainObj) -> DomainSummary:
+        return DomainSummary(obj.id, obj.name, obj.uuid, self.type, obj.state, obj.reason,
+                             obj.persistent, obj.autostart)
+
+    def summaries(self) -> list[DomainSummary]:
+        out = []
+        for obj in self.domains.snapshot():
+            with obj.mutex:
+                if not obj.removing:
+                    out.append(self.summary(obj))
+            obj.unref()
+        return out
+
+    def get(self, name: str) -> tuple[DomainSummary, DomainDef, tuple[PortPlan, ...]]:
+        """State, current (live if running, else persistent) definition and ports."""
+        obj = self.domains.lookup_by_name(name)
+        try:
+            return self.summary(obj), obj.definition, obj.ports
+        finally:
+            obj.end_api()
+
+    def persistent_xml(self, name: str) -> str:
+        obj = self.domains.lookup_by_name(name)
+        try:
+            return _format(obj.persistent_def())
+        finally:
+            obj.end_api()
+
+    def binding_defs(self, *, list_locked: bool) -> list[BindingDef]:
+        """The bindings every active domain of this driver should have.
+        With `list_locked` the caller holds the driver lock (the rebuild)."""
+        out: list[BindingDef] = []
+        for obj in self.domains.snapshot(list_locked=list_locked):
+            with obj.mutex:
+                if obj.is_active():
+                    out.extend(binding_for(obj.definition, p) for p in obj.ports if p.filtered)
+            obj.unref()
+        return sorted(out, key=lambda b: b.portdev)
+
+    def rebuild_domains(self, filter_names: frozenset[str]) -> None:
+        """The coordinator's rebuild callback: runs with every driver lock and
+        the pool write lock held.  The bindings of this driver's domains are
+        rebuilt by the engine from its binding table, in the same
+        transaction as every other driver's; here the driver only checks
+        that the domains it runs and the bindings agree, so a port without
+        a binding is reported instead of left unfiltered."""
+        del filter_names
+        for binding in self.binding_defs(list_locked=True):
+            if self._binding_lookup is not None and self._binding_lookup(binding.portdev) is None:
+                log.error("domain '%s' port '%s' has no filter binding",
+                          binding.owner_name, binding.portdev)
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def load(self, configs: Mapping[str, DomainDef], statuses: Mapping[str, dict[str, object]],
+             autostart: frozenset[str], bindings: BindingLookup) -> None:
+        """Take over the persistent definitions and runtime status of this
+        type, find running guests again and re-apply their filters."""
+        self._binding_lookup = bindings
+        for name, definition in sorted(configs.items()):
+            self.names.claim_domain(name, definition.uuid, self.type)
+            obj, _ = self.domains.add(definition, persistent=True)
+            obj.autostart = name in autostart
+            obj.end_api()
+        for name, status in sorted(statuses.items()):
+            try:
+                self._reconnect(name, status, bindings)
+            except NwfilterError as exc:
+                log.error("domain '%s': cannot take over its running state: %s", name, exc)
+
+    def _reconnect(self, name: str, status: Mapping[str, object],
+                   bindings: BindingLookup) -> None:
+        live = _parse(str(status["xml"]))
+        raw_ports = status.get("ports")
+        ports = tuple(
+            PortPlan(int(p["index"]), str(p["portdev"]), str(p["mac"]),
+                     None if p.get("bridge") is None else str(p["bridge"]), bool(p["filtered"]))
+            for p in (raw_ports if isinstance(raw_ports, list) else [])
+        )
+        persistent = bool(status.get("persistent", True)) and name in {
+            n for n, _ in self.names.domain_names()
+        }
+        self.names.claim_domain(name, live.uuid, self.type)
+        obj, _ = self.domains.add(live, persistent=persistent)
+        try:
+            if obj.persistent:
+                obj.new_def = obj.definition if obj.definition != live else None
+            obj.definition = live
+            bound = [p.portdev for p in ports if p.filtered]
+            if not self.hypervisor.is_alive(live):
+                log.warning("domain '%s' is gone; removing its filters", name)
+                obj.unlock()
+                try:
+                    with self.lock:
+                        for portdev in bound:
+                            if bindings(portdev) is not None:
+                                self.engine.delete_binding(portdev)
+                finally:
+                    obj.lock()
+                self._mark_shutoff(obj, "crashed")
+                if not obj.persistent:
+                    self.domains.remove(obj)
+                    self.names.release_domain(name)
+                return
+            self.names.reserve_ports(name, [p.portdev for p in ports])
+            domid = status.get("id")
+            obj.id = int(domid) if isinstance(domid, int) and domid > 0 else self.names.new_id()
+            self.names.seen_id(obj.id)
+            state = DomainState[str(status.get("state", "RUNNING"))]
+            obj.set_state(state, str(status.get("reason", "unknown")))
+            obj.ports = ports
+            obj.unlock()
+            try:
+                self._rebind(live, ports, bindings)
+            except NwfilterError:
+                # fail closed: a guest whose filters cannot be applied does not run
+                log.error("domain '%s': filters cannot be re-applied; stopping it", name)
+                obj.lock()
+                obj.job.begin(JobKind.DESTROY, "reconnect", timeout=self.job_timeout)
+                try:
+                    self._stop_locked(obj, "failed")
+                finally:
+                    obj.job.end()
+                raise
+            obj.lock()
+        finally:
+            obj.end_api()
+
+    def _rebind(self, live: DomainDef, ports: Sequence[PortPlan], bindings: BindingLookup) -> None:
+        """Create the bindings a running domain lacks or has out of date."""
+        want = [binding_for(live, p) for p in ports if p.filtered]
+        with self.lock:
+            stale = [b for b in want if bindings(b.portdev) not in (None, b)]
+            for b in stale:
+                self.engine.delete_binding(b.portdev)
+            missing = [b for b in want if bindings(b.portdev) is None]
+            if missing:
+                self.engine.create_bindings(missing)
+
+
+# -- all drivers of one state root ------------------------------------------------
+
+
+class DomainManager:
+    """Every domain driver of one state root; routes calls by domain type."""
+
+    def __init__(
+        self,
+        root: Path,
+        engine: FilterEngine,
+        coordinator: Coordinator | None = None,
+        *,
+        hypervisors: Mapping[str, Hypervisor] | None = None,
+        netns: str | None = None,
+        job_timeout: float = JOB_WAIT_TIME,
+        bindings: BindingLookup | None = None,
+        mac_source: Callable[[], str] = random_mac,
+    ) -> None:
+        self.paths = DomainPaths(root)
+        self.engine = engine
+        self.coordinator = coordinator
+        self.names = SharedNames()
+        self.netns = netns
+        self.job_timeout = job_timeout
+        self.mac_source = mac_source
+        self._given = dict(hypervisors or {})
+        self._bindings: BindingLookup = bindings or (lambda portdev: None)
+        self._drivers: dict[str, DomainDriver] = {}
+        self._drivers_lock = threading.Lock()  # leaf: guards the dict only
+
+    @classmethod
+    def for_engine(
+        cls,
+        engine: Engine,
+        *,
+        hypervisors: Mapping[str, Hypervisor] | None = None,
+        netns: str | None = None,
+        job_timeout: float = JOB_WAIT_TIME,
+        mac_source: Callable[[], str] = random_mac,
+    ) -> DomainManager:
+        """The domains of `engine`'s state root, wired to its coordinator
+        and binding table."""
+        return cls(
+            engine.root,
+            engine,
+            engine.coordinator,
+            hypervisors=hypervisors,
+            netns=netns,
+            job_timeout=job_timeout,
+            bindings=engine.bindings.get,
+            mac_source=mac_source,
+        )
+
+    # -- drivers ---------------------------------------------------------------
+
+    def drivers(self) -> list[DomainDriver]:
+        with self._drivers_lock:
+            return list(self._drivers.values())
+
+    def driver(self, dtype: str) -> DomainDriver:
+        """The driver of a domain type, created and registered on first use."""
+        with self._drivers_lock:
+            found = self._drivers.get(dtype)
+            if found is not None:
+                return found
+        hypervisor = self._given.get(dtype)
+        if hypervisor is None:
+            run_dir = ensure_dir(self.paths.hypervisor_dir(dtype))
+            hypervisor = load_hypervisor(dtype, HypervisorEnv(run_dir, self.netns))
+        with self._drivers_lock:
+            found = self._drivers.get(dtype)
+            if found is not None:
+                return found
+            driver = DomainDriver(
+                dtype, hypervisor, self.engine, self.paths, self.names,
+                rank=len(self._drivers), job_timeout=self.job_timeout,
+                mac_source=self.mac_source,
+            )
+            if self.coordinator is not None:
+                # registration order is the order the filter-change path
+                # takes the driver locks in; it becomes the lock's rank
+                driver.lock.rank = self.coordinator.register_driver(
+                    f"domain-{dtype}:{id(self):x}",
+                    driver.lock.acquire,
+                    driver.lock.release,
+                    driver.rebuild_domains,
+                )
+            self._drivers[dtype] = driver
+        return driver
+
+    def _driver_of(self, name: str) -> DomainDriver:
+        validate_domain_name(name)
+        dtype = self.names.domain_type(name)
+        if dtype is None:
+            raise NotFoundError(f"domain not found: no domain with matching name '{name}'")
+        return self.driver(dtype)
+
+    # -- start-up ----------------------------------------------------------------
+
+    def start(self, *, autostart: bool = False) -> None:
+        """Load definitions and runtime status, find running domains again,
+        re-apply their filters; with `autostart`, start the marked ones."""
+        for directory in (self.paths.config_dir, self.paths.status_dir):
+            ensure_dir(directory)
+        for dtype in sorted(self._given):
+            self.driver(dtype)
+        configs: dict[str, dict[str, DomainDef]] = {}
+        for path in sorted(self.paths.config_dir.glob("*.xml")):
+            try:
+                definition = _parse(path.read_text(encoding="utf-8"))
+                if definition.name != path.stem:
+                    raise ValidationError(f"holds domain '{definition.name}'")
+            except (NwfilterError, OSError) as exc:
+                log.error("skipping domain definition '%s': %s", path, exc)
+                continue
+            configs.setdefault(definition.type, {})[definition.name] = definition
+        statuses: dict[str, dict[str, dict[str, object]]] = {}
+        for path in sorted(self.paths.status_dir.glob("*.json")):
+            try:
+                status = json.loads(path.read_text(encoding="utf-8"))
+                statuses.setdefault(str(status["type"]), {})[str(status["name"])] = status
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("skipping domain status '%s': %s", path, exc)
+        marks = frozenset(p.name for p in self.paths.autostart_dir.glob("*")) if (
+            self.paths.autostart_dir.is_dir()) else frozenset()
+        for dtype in sorted(set(configs) | set(statuses)):
+            try:
+                driver = self.driver(dtype)
+            except NwfilterError as exc:
+                log.error("domains of type '%s' are unavailable: %s", dtype, exc)
+                continue
+            driver.load(configs.get(dtype, {}), statuses.get(dtype, {}), marks, self._bindings)
+        if autostart:
+            for name in sorted(marks):
+                try:
+                    summary = self.state(name)
+                    if summary.id < 0:
+                        self.start_domain(name)
+                except NwfilterError as exc:
+                    log.error("autostart of domain '%s' failed: %s", name, exc)
+
+    # -- the API -------------------------------------------------------------------
+
+    def define_xml(self, xml: str) -> DomainDef:
+        definition = _parse(xml)
+        return self.driver(definition.type).define(definition)
+
+    def define(self, definition: DomainDef) -> DomainDef:
+        return self.driver(definition.type).define(definition)
+
+    def undefine(self, name: str) -> None:
+        self._driver_of(name).undefine(name)
+
+    def start_domain(self, name: str) -> None:
+        self._driver_of(name).start(name)
+
+    def shutdown(self, name: str) -> None:
+        self._driver_of(name).stop(name, reason="shutdown")
+
+    def destroy(self, name: str) -> None:
+        self._driver_of(name).stop(name, reason="destroyed")
+
+    def suspend(self, name: str) -> None:
+        self._driver_of(name).suspend(name)
+
+    def resume(self, name: str) -> None:
+        self._driver_of(name).resume(name)
+
+    def set_autostart(self, name: str, enable: bool) -> None:
+        self._driver_of(name).set_autostart(name, enable)
+
+    def list_domains(self, *, all_domains: bool = False) -> list[DomainSummary]:
+        """Active domains by id, then (with `all_domains`) inactive ones by name."""
+        rows: list[DomainSummary] = []
+        for driver in self.drivers():
+            rows.extend(driver.summaries())
+        active = sorted((r for r in rows if r.id >= 0), key=lambda r: r.id)
+        inactive = sorted((r for r in rows if r.id < 0), key=lambda r: r.name)
+        return active + (inactive if all_domains else [])
+
+    def state(self, name: str) -> DomainSummary:
+        return self._driver_of(name).get(name)[0]
+
+    def dumpxml(self, name: str, *, inactive: bool = False) -> str:
+        driver = self._driver_of(name)
+        if inactive:
+            return driver.persistent_xml(name)
+        return _format(driver.get(name)[1])
+
+    def interfaces(self, name: str) -> list[InterfaceRow]:
+        summary, definition, ports = self._driver_of(name).get(name)
+        by_index = {p.index: p for p in ports} if summary.id >= 0 else {}
+        rows = []
+        for index, iface in enumerate(definition.interfaces):
+            port = by_index.get(index)
+            rows.append(_interface_row(iface, port))
+        return rows
+
+    def binding_defs(self) -> list[BindingDef]:
+        out: list[BindingDef] = []
+        for driver in self.drivers():
+            out.extend(driver.binding_defs(list_locked=False))
+        return sorted(out, key=lambda b: b.portdev)
+
+    def stop_all(self) -> None:
+        """Destroy every active domain (tests, tools)."""
+        for row in self.list_domains():
+            with contextlib.suppress(NotFoundError, StateError):
+                self.destroy(row.name)
+
+
+def _interface_row(iface: InterfaceDef, port: PortPlan | None) -> InterfaceRow:
+    name = port.portdev if port is not None else (iface.target_dev or "-")
+    return InterfaceRow(
+        interface=name,
+        type=iface.type,
+        source=iface.source_bridge or "-",
+        model=iface.model or "-",
+        mac=iface.mac or "-",
+        filter=iface.filterref.filter if iface.filterref is not None else None,
+    )
+
+
+__all__ = [
+    "DomainDriver",
+    "DomainManager",
+    "DomainPaths",
+    "DomainSummary",
+    "InterfaceRow",
+    "SharedNames",
+    "binding_for",
+    "random_mac",
+    "validate_domain_name",
+]

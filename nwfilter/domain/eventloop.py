@@ -1,0 +1,314 @@
+"""An event loop in its own thread: fd watches and timers.
+
+It follows libvirt's poll loop (src/util/vireventpoll.c) where that loop's
+rules keep objects alive and callbacks harmless:
+
+* A watch or timer may hold a reference to the object its callback serves
+  (`opaque` with `ref()`/`unref()`, such as a `DomainObj`): it is taken
+  when the watch is added and given back only when the watch is gone.
+* Removing a watch marks it deleted at once; a callback that would fire
+  later (already selected for dispatch, or racing with the removal from
+  another thread) sees the mark and does nothing.
+* The object is released (`unref()`, then the `free` callback) only after
+  the owner removed the watch *and* the loop let go of it: never while its
+  callback is running, and always from the loop thread, outside the loop's
+  own lock, so a release callback may take any lock.
+* Callbacks run with no loop lock held, so they may add, update or remove
+  watches, including their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from nwfilter.errors import StateError
+
+log = logging.getLogger(__name__)
+
+EVENT_READABLE = select.POLLIN
+EVENT_WRITABLE = select.POLLOUT
+EVENT_ERROR = select.POLLERR
+EVENT_HANGUP = select.POLLHUP
+
+
+class Referenced(Protocol):
+    def ref(self) -> object: ...
+
+    def unref(self) -> None: ...
+
+
+HandleCallback = Callable[[int, int, int, object], None]  # (watch, fd, events, opaque)
+TimerCallback = Callable[[int, object], None]  # (timer, opaque)
+FreeCallback = Callable[[object], None]
+
+
+@dataclass
+class _Watch:
+    ident: int
+    opaque: object
+    free: FreeCallback | None
+    deleted: bool = False
+    dispatching: int = 0
+
+
+@dataclass
+class _Handle(_Watch):
+    fd: int = -1
+    events: int = 0
+    callback: HandleCallback | None = None
+
+
+@dataclass
+class _Timer(_Watch):
+    interval: float = -1.0  # seconds; < 0 disabled, 0 every iteration
+    due: float = 0.0
+    callback: TimerCallback | None = None
+
+
+class EventLoop:
+    """fd watches and timers dispatched by one thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()  # leaf: never held while calling out
+        self._handles: dict[int, _Handle] = {}
+        self._timers: dict[int, _Timer] = {}
+        self._ids = itertools.count(1)
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.loop_thread_id: int | None = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise StateError("event loop already started")
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread = threading.Thread(target=self._run, name="nwfilter-eventloop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread, remove every watch and release what they hold."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+            for handle in self._handles.values():
+                handle.deleted = True
+            for timer in self._timers.values():
+                timer.deleted = True
+        self._wake()
+        thread.join()
+        self._thread = None
+        self._cleanup()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> EventLoop:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- watches -----------------------------------------------------------
+
+    def add_handle(
+        self,
+        fd: int,
+        events: int,
+        callback: HandleCallback,
+        opaque: object = None,
+        free: FreeCallback | None = None,
+    ) -> int:
+        _take_ref(opaque)
+        with self._lock:
+            ident = next(self._ids)
+            self._handles[ident] = _Handle(ident, opaque, free, fd=fd, events=events,
+                                           callback=callback)
+        self._wake()
+        return ident
+
+    def update_handle(self, watch: int, events: int) -> None:
+        with self._lock:
+            handle = self._handles.get(watch)
+            if handle is None or handle.deleted:
+                raise StateError(f"no fd watch {watch}")
+            handle.events = events
+        self._wake()
+
+    def remove_handle(self, watch: int) -> None:
+        with self._lock:
+            handle = self._handles.get(watch)
+            if handle is None or handle.deleted:
+                raise StateError(f"no fd watch {watch}")
+            handle.deleted = True
+        self._wake()
+
+    def add_timeout(
+        self,
+        interval: float,
+        callback: TimerCallback,
+        opaque: object = None,
+        free: FreeCallback | None = None,
+    ) -> int:
+        """A timer firing every `interval` seconds (0: every iteration, < 0: off)."""
+        _take_ref(opaque)
+        with self._lock:
+            ident = next(self._ids)
+            self._timers[ident] = _Timer(ident, opaque, free, interval=interval,
+                                         due=self._clock() + max(interval, 0.0),
+                                         callback=callback)
+        self._wake()
+        return ident
+
+    def update_timeout(self, timer: int, interval: float) -> None:
+        with self._lock:
+            entry = self._timers.get(timer)
+            if entry is None or entry.deleted:
+                raise StateError(f"no timer {timer}")
+            entry.interval = interval
+            entry.due = self._clock() + max(interval, 0.0)
+        self._wake()
+
+    def remove_timeout(self, timer: int) -> None:
+        with self._lock:
+            entry = self._timers.get(timer)
+            if entry is None or entry.deleted:
+                raise StateError(f"no timer {timer}")
+            entry.deleted = True
+        self._wake()
+
+    def pending(self) -> int:
+        """Watches and timers not yet released (deleted ones included)."""
+        with self._lock:
+            return len(self._handles) + len(self._timers)
+
+    # -- the loop ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        self.loop_thread_id = threading.get_ident()
+        while True:
+            with self._lock:
+                if self._stopping:
+                    break
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                fds: dict[int, list[_Handle]] = {}
+                for handle in self._handles.values():
+                    if not handle.deleted and handle.events:
+                        fds.setdefault(handle.fd, []).append(handle)
+                for fd, handles in fds.items():
+                    mask = 0
+                    for handle in handles:
+                        mask |= handle.events
+                    poller.register(fd, mask)
+                timeout = self._next_timeout()
+            try:
+                ready = poller.poll(None if timeout is None else int(timeout * 1000) + 1)
+            except InterruptedError:
+                ready = []
+            if any(fd == self._wake_r for fd, _ in ready):
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            self._dispatch_timers()
+            self._dispatch_handles([(fd, ev) for fd, ev in ready if fd != self._wake_r])
+            self._cleanup()
+
+    def _next_timeout(self) -> float | None:
+        now = self._clock()
+        soonest: float | None = None
+        for timer in self._timers.values():
+            if timer.deleted or timer.interval < 0:
+                continue
+            wait = max(0.0, timer.due - now)
+            soonest = wait if soonest is None else min(soonest, wait)
+        return soonest
+
+    def _dispatch_timers(self) -> None:
+        now = self._clock()
+        with self._lock:
+            due = [t for t in self._timers.values()
+                   if not t.deleted and t.interval >= 0 and t.due <= now]
+            for timer in due:
+                timer.dispatching += 1
+                timer.due = now + timer.interval
+        for timer in due:
+            try:
+                # the owner may have removed it since it was picked
+                with self._lock:
+                    live = not timer.deleted
+                if live and timer.callback is not None:
+                    timer.callback(timer.ident, timer.opaque)
+            except Exception:
+                log.exception("timer %d callback failed", timer.ident)
+            finally:
+                with self._lock:
+                    timer.dispatching -= 1
+
+    def _dispatch_handles(self, ready: list[tuple[int, int]]) -> None:
+        with self._lock:
+            picked: list[tuple[_Handle, int]] = []
+            for fd, revents in ready:
+                for handle in self._handles.values():
+                    if handle.fd == fd and not handle.deleted:
+                        got = revents & (handle.events | EVENT_ERROR | EVENT_HANGUP)
+                        if got:
+                            handle.dispatching += 1
+                            picked.append((handle, got))
+        for handle, got in picked:
+            try:
+                with self._lock:
+                    live = not handle.deleted
+                if live and handle.callback is not None:
+                    handle.callback(handle.ident, handle.fd, got, handle.opaque)
+            except Exception:
+                log.exception("fd watch %d callback failed", handle.ident)
+            finally:
+                with self._lock:
+                    handle.dispatching -= 1
+
+    def _cleanup(self) -> None:
+        gone: list[_Watch] = []
+        with self._lock:
+            for table in (self._handles, self._timers):
+                for ident in [i for i, w in table.items() if w.deleted and not w.dispatching]:
+                    gone.append(table.pop(ident))
+        for watch in gone:
+            _release(watch)
+
+
+def _take_ref(opaque: object) -> None:
+    ref = getattr(opaque, "ref", None)
+    if callable(ref) and callable(getattr(opaque, "unref", None)):
+        ref()
+
+
+def _release(watch: _Watch) -> None:
+    try:
+        unref = getattr(watch.opaque, "unref", None)
+        if callable(unref) and callable(getattr(watch.opaque, "ref", None)):
+            unref()
+        if watch.free is not None:
+            watch.free(watch.opaque)
+    except Exception:
+        log.exception("releasing watch %d failed", watch.ident)

@@ -1,0 +1,117 @@
+"""The small contract a hypervisor backend fulfils for the domain driver.
+
+The generic driver (`nwfilter.domain.driver`) owns everything that is the
+same for every kind of VM: definitions on disk, runtime status, locking,
+jobs and the filter bindings of the interfaces.  A hypervisor only makes a
+guest exist or stop existing.  The domain XML `type` attribute picks it:
+`KNOWN_HYPERVISORS` maps a type to the module providing it, and each such
+module exposes `make_hypervisor(env: HypervisorEnv) -> Hypervisor`.
+
+Start order, which gives fail-closed filtering (as libvirt does: tap device,
+then filters, then the guest runs):
+
+1. `prepare(dom, ports)` creates the host-side ports named in `ports`
+   (the guest must not pass traffic yet);
+2. the driver creates the filter bindings of every filtered port, all or
+   nothing;
+3. `launch(dom)` lets the guest run.
+
+If any step fails the driver calls `stop(dom)`, which must cope with a
+half-prepared domain and be idempotent.  Every call is a "monitor command":
+the driver runs it with the domain object unlocked (its job keeps other
+writers out), so a call may block for as long as it needs to.  Calls for
+different domains may run concurrently; calls for one domain never do.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Protocol
+
+from nwfilter.conf.model import DomainDef
+from nwfilter.errors import UnsupportedError
+
+KNOWN_HYPERVISORS: Mapping[str, str] = MappingProxyType(
+    {
+        "test": "nwfilter.domain.testvm",
+        "ns": "nwfilter.domain.nsvm",
+    }
+)
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """One interface of a domain as the driver resolved it for a start.
+
+    `index` is the interface's position in `DomainDef.interfaces`; `portdev`
+    is the host-side device name (the target dev, or a generated `vnetN`
+    unique across all drivers); `mac` is the guest's MAC, always set;
+    `filtered` says whether a filter binding guards the port.
+    """
+
+    index: int
+    portdev: str
+    mac: str
+    bridge: str | None
+    filtered: bool
+
+
+@dataclass(frozen=True)
+class HypervisorEnv:
+    """What a hypervisor gets when it is built.
+
+    `run_dir` is a private runtime directory it may keep state in (it exists);
+    `netns` is the network namespace host-side ports live in (the one whose
+    rules the firewall backend manages), `None` for the caller's own.
+    """
+
+    run_dir: Path
+    netns: str | None = None
+
+
+class Hypervisor(Protocol):
+    """Makes guests exist.  See the module docstring for the call order."""
+
+    name: str
+
+    def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
+        """Create the guest's host-side ports; the guest passes no traffic yet."""
+
+    def launch(self, dom: DomainDef) -> None:
+        """Let a prepared guest run."""
+
+    def stop(self, dom: DomainDef) -> None:
+        """Remove the guest and its ports; idempotent, copes with a partial prepare."""
+
+    def suspend(self, dom: DomainDef) -> None:
+        """Pause a running guest (its ports stay)."""
+
+    def resume(self, dom: DomainDef) -> None:
+        """Continue a paused guest."""
+
+    def is_alive(self, dom: DomainDef) -> bool:
+        """Whether the guest still exists (used to find guests again after a restart)."""
+
+
+class HypervisorFactory(Protocol):
+    def __call__(self, env: HypervisorEnv) -> Hypervisor: ...
+
+
+def load_hypervisor(name: str, env: HypervisorEnv) -> Hypervisor:
+    """Build the hypervisor for a domain type, importing its module on demand."""
+    module_name = KNOWN_HYPERVISORS.get(name)
+    if module_name is None:
+        known = ", ".join(sorted(KNOWN_HYPERVISORS))
+        raise UnsupportedError(f"unknown domain type '{name}' (known: {known})")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UnsupportedError(
+            f"domain type '{name}' is not available: module '{module_name}' is missing"
+        ) from exc
+    factory: HypervisorFactory = module.make_hypervisor
+    return factory(env)
