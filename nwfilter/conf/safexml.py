@@ -122,7 +122,45 @@ def local_name(elem: etree._Element) -> str:
     return tag if isinstance(tag, str) else ""
 
 
+_ESCAPES = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    "'": "&apos;",
+    '"': "&quot;",
+    "\t": "&#9;",
+    "\n": "&#10;",
+    "\r": "&#13;",
+}
+
+
+def _escape(text: str) -> str:
+    return "".join(_ESCAPES.get(ch, ch) for ch in text)
+
+
 def serialize(root: etree._Element) -> str:
-    """Pretty-printed text of an element tree, two-space indentation."""
-    etree.indent(root, space="  ")
-    return etree.tostring(root, encoding="unicode", pretty_print=True)
+    """Pretty-printed text of an element tree the way libvirt prints it:
+    two-space indentation and single-quoted attributes (lxml can only write
+    double quotes, and `virsh nwfilter-dumpxml` users diff against libvirt's
+    form).  Every character that could end a value is escaped, so the output
+    always parses back to the same tree."""
+    out: list[str] = []
+    _serialize(root, 0, out)
+    return "".join(out)
+
+
+def _serialize(elem: etree._Element, depth: int, out: list[str]) -> None:
+    pad = "  " * depth
+    tag = local_name(elem)
+    attrs = "".join(f" {name}='{_escape(value)}'" for name, value in elem.attrib.items())
+    children = [child for child in elem if isinstance(child.tag, str)]
+    text = elem.text if elem.text and elem.text.strip() else None
+    if children:
+        out.append(f"{pad}<{tag}{attrs}>\n")
+        for child in children:
+            _serialize(child, depth + 1, out)
+        out.append(f"{pad}</{tag}>\n")
+    elif text is not None:
+        out.append(f"{pad}<{tag}{attrs}>{_escape(text)}</{tag}>\n")
+    else:
+        out.append(f"{pad}<{tag}{attrs}/>\n")

@@ -26,12 +26,12 @@ CANONICAL = f"""<filterbinding>
     <name>vm1</name>
     <uuid>{UUID}</uuid>
   </owner>
-  <portdev name="vnet0"/>
-  <linkdev name="eth0"/>
-  <mac address="52:54:00:aa:bb:01"/>
-  <filterref filter="clean-traffic">
-    <parameter name="CTRL_IP_LEARNING" value="none"/>
-    <parameter name="IP" value="10.0.0.2"/>
+  <portdev name='vnet0'/>
+  <linkdev name='eth0'/>
+  <mac address='52:54:00:aa:bb:01'/>
+  <filterref filter='clean-traffic'>
+    <parameter name='CTRL_IP_LEARNING' value='none'/>
+    <parameter name='IP' value='10.0.0.2'/>
   </filterref>
 </filterbinding>
 """

@@ -35,7 +35,7 @@ def test_minimal_filter_defaults() -> None:
     assert isinstance(fdef.uuid, uuid.UUID)
     assert fdef.entries == ()
     text = format_filter(fdef)
-    assert text == f'<filter name="f" chain="root">\n  <uuid>{fdef.uuid}</uuid>\n</filter>\n'
+    assert text == f"<filter name='f' chain='root'>\n  <uuid>{fdef.uuid}</uuid>\n</filter>\n"
 
 
 def test_generated_uuid_differs() -> None:
@@ -72,13 +72,13 @@ def test_chain_default_priority(chain: str, priority: int) -> None:
     assert fdef.priority == priority
     assert schema.chain_priority(fdef) == priority
     out = format_filter(fdef)
-    assert (f'priority="{priority}"' in out) == (priority != 0)
+    assert (f"priority='{priority}'" in out) == (priority != 0)
 
 
 def test_explicit_priority_without_chain_is_kept() -> None:
     fdef = parse_filter("<filter name='f' priority='-100'/>")
     assert fdef.priority == -100
-    assert 'chain="root" priority="-100"' in format_filter(fdef)
+    assert "chain='root' priority='-100'" in format_filter(fdef)
 
 
 def test_explicit_zero_priority_on_custom_chain() -> None:
@@ -217,8 +217,8 @@ def test_hand_built_model_formats_canonically() -> None:
         ),
     )
     text = format_filter(fdef)
-    assert 'priority="-700"' in text
-    assert '<ip srcipaddr="10.0.0.1" protocol="udp"/>' in text
+    assert "priority='-700'" in text
+    assert "<ip srcipaddr='10.0.0.1' protocol='udp'/>" in text
 
 
 @pytest.mark.parametrize(
@@ -276,3 +276,13 @@ def test_protocol_sets_are_consistent() -> None:
     with pytest.raises(ValidationError):
         schema.attr_spec("nope", "srcipaddr")
     assert "IP" in schema.RESERVED_VARIABLES and "MAC" in schema.RESERVED_VARIABLES
+
+
+def test_output_uses_single_quotes_and_escapes_every_quote() -> None:
+    fdef = parse_filter(
+        "<filter name='q'><rule action='accept' direction='in'>"
+        "<tcp comment=\"it's &quot;quoted&quot; &amp; &lt;tagged&gt;\"/></rule></filter>"
+    )
+    text = format_filter(fdef)
+    assert "comment='it&apos;s &quot;quoted&quot; &amp; &lt;tagged&gt;'" in text
+    assert parse_filter(text) == fdef
