@@ -1,0 +1,456 @@
+"""The `ns` hypervisor: a guest is a network namespace joined by veth pairs.
+
+A domain `web` becomes the namespace `nwvm-web` (or `<netns>.vm.web` when the
+host side lives in namespace `<netns>`, so labs in different namespaces never
+clash).  Each interface `i` is a veth pair: the guest end `eth<i>` inside the
+guest namespace, carrying the interface's MAC and `<ip>` addresses (on-link
+only, no gateway), and the host end named by the driver (`<target dev>` or a
+generated `vnetN`) enslaved to `<source bridge>` in the host namespace.
+
+Fail closed: `prepare` leaves every host end *down*, so the guest has no
+carrier until the driver has installed the filters and calls `launch`.
+Suspending sets the guest ends down (no carrier, nothing sent or received)
+and resuming sets them up again; addresses and their on-link routes survive.
+
+A bridge that does not exist is created and marked with an interface alias
+(kept by the kernel, so it survives a restart of the engine); `stop` deletes
+a bridge it created once no port is left on it, never one it did not create.
+The host ports of each guest are recorded in the run directory because the
+driver may have generated their names and `stop` must find them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nwfilter.conf.model import DomainDef, InterfaceDef
+from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
+from nwfilter.errors import (
+    BackendError,
+    ConflictError,
+    StateError,
+    StorageError,
+    UnavailableError,
+    ValidationError,
+)
+from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+NETNS_DIR = Path("/run/netns")
+DEFAULT_PREFIX = "nwvm-"
+# The kernel keeps an interface alias across restarts of the engine, which
+# makes it the record of "this bridge is ours to delete".
+BRIDGE_ALIAS = "nwfilter-ns-bridge"
+
+# Dots are left out of domain names so that `<netns>.vm.<name>` is unambiguous.
+_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAX_NETNS_LEN = 63  # what `nwfilter.netlab.in_netns` accepts
+_TIMEOUT = 15.0
+_OPER_UP_WAIT = 3.0
+
+
+def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False
+        )
+    except FileNotFoundError as exc:
+        raise UnavailableError(f"'{argv[0]}' is not installed (Debian package iproute2)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BackendError(f"'{' '.join(argv)}' did not finish in {_TIMEOUT:.0f} s") from exc
+
+
+@dataclass(frozen=True)
+class GuestPort:
+    """One veth pair of a guest, as recorded in the run directory."""
+
+    portdev: str  # host end
+    guest_if: str  # guest end, eth<index>
+    bridge: str | None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"portdev": self.portdev, "guest_if": self.guest_if, "bridge": self.bridge}
+
+    @classmethod
+    def from_json(cls, data: object) -> GuestPort:
+        if not isinstance(data, dict):
+            raise StorageError("malformed ns guest record: port is not an object")
+        portdev, guest_if, bridge = data.get("portdev"), data.get("guest_if"), data.get("bridge")
+        if not isinstance(portdev, str) or not isinstance(guest_if, str):
+            raise StorageError("malformed ns guest record: port without names")
+        if bridge is not None and not isinstance(bridge, str):
+            raise StorageError("malformed ns guest record: bad bridge")
+        return cls(_check_ifname(portdev), _check_ifname(guest_if),
+                   None if bridge is None else _check_ifname(bridge))
+
+
+def _check_ifname(name: str) -> str:
+    if not _IFNAME_RE.match(name):
+        raise ValidationError(f"invalid interface name '{name}' (1-15 of A-Z a-z 0-9 _ . -)")
+    return name
+
+
+def host_mac(guest_mac: str) -> str:
+    """The host end's MAC: the guest's with the first octet set to 0xfe.
+
+    libvirt does the same for tap devices: a bridge takes the lowest port
+    MAC as its own, and 0xfe keeps the port out of that race while never
+    equalling the guest's address.
+    """
+    return "fe" + guest_mac[2:]
+
+
+class NsHypervisor:
+    """Guests as network namespaces; see the module docstring for the layout."""
+
+    name = "ns"
+
+    def __init__(
+        self,
+        run_dir: Path,
+        host_netns: str | None = None,
+        *,
+        runner: Runner | None = None,
+        netns_dir: Path = NETNS_DIR,
+    ) -> None:
+        if host_netns is not None and not _NETNS_RE.match(host_netns):
+            raise ValidationError(f"invalid network namespace name '{host_netns}'")
+        self.run_dir = run_dir
+        self.host_netns = host_netns
+        self.prefix = DEFAULT_PREFIX if host_netns is None else f"{host_netns}.vm."
+        self._run = runner if runner is not None else _default_runner
+        self._netns_dir = netns_dir
+
+    # -- names -----------------------------------------------------------
+    def netns_of(self, name: str) -> str:
+        """The guest namespace of domain `name`; raise if the name cannot be one."""
+        if not _DOMAIN_NAME_RE.match(name):
+            raise ValidationError(
+                f"domain name '{name}' cannot name an ns guest "
+                "(letters, digits, '_' and '-' only, starting with a letter or digit)"
+            )
+        full = self.prefix + name
+        if len(full) > _MAX_NETNS_LEN:
+            raise ValidationError(
+                f"domain name '{name}' is too long for an ns guest "
+                f"(at most {_MAX_NETNS_LEN - len(self.prefix)} characters here)"
+            )
+        return full
+
+    def find_running(self) -> tuple[str, ...]:
+        """Names of the guests whose namespaces exist, sorted (after a restart)."""
+        try:
+            entries = sorted(p.name for p in self._netns_dir.iterdir())
+        except FileNotFoundError:
+            return ()
+        found = []
+        for entry in entries:
+            if entry.startswith(self.prefix):
+                rest = entry[len(self.prefix):]
+                if _DOMAIN_NAME_RE.match(rest):
+                    found.append(rest)
+        return tuple(found)
+
+    # -- the Hypervisor protocol ------------------------------------------
+    def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
+        """Create the namespace and the veth pairs, host ends down.
+
+        Preparing a guest that is already prepared with the same ports is a
+        no-op; anything half-made is removed again if a step fails.
+        """
+        netns = self.netns_of(dom.name)
+        plan = self._plan(dom, ports)
+        if self._netns_exists(netns):
+            recorded = self._load_ports(dom.name)
+            if recorded is not None and [p.portdev for p in recorded] == [
+                p.portdev for p, _ in plan
+            ]:
+                return
+            raise ConflictError(f"network namespace '{netns}' already exists")
+        for guest, _ in plan:
+            if self._link_exists(self.host_netns, guest.portdev):
+                raise ConflictError(
+                    f"domain '{dom.name}': device '{guest.portdev}' already exists in "
+                    f"{self.host_netns or 'the host namespace'}"
+                )
+        ensure_dir(self.run_dir)
+        # Recorded before anything is made, so that stop() after a crash
+        # half-way still knows which host ports to remove.
+        self._save_ports(dom.name, [p for p, _ in plan])
+        try:
+            self._prepare(netns, plan)
+        except BaseException:
+            self._stop(dom.name)
+            raise
+
+    def launch(self, dom: DomainDef) -> None:
+        """Bring the host ends up: the filters are in place, traffic may flow.
+
+        Returns once both ends of every pair are operationally up, so the
+        guest's first frame is not lost.
+        """
+        netns = self._alive_or_fail(dom)
+        ports = self._ports_or_fail(dom)
+        for port in ports:
+            self._ip(self.host_netns, "link", "set", port.portdev, "up")
+        self._wait_running(netns, ports)
+
+    def stop(self, dom: DomainDef) -> None:
+        """Remove the guest, its ports and any bridge it left empty; idempotent."""
+        self._stop(dom.name)
+
+    def suspend(self, dom: DomainDef) -> None:
+        netns = self._alive_or_fail(dom)
+        for port in self._ports_or_fail(dom):
+            self._ip(netns, "link", "set", port.guest_if, "down")
+
+    def resume(self, dom: DomainDef) -> None:
+        netns = self._alive_or_fail(dom)
+        ports = self._ports_or_fail(dom)
+        for port in ports:
+            self._ip(netns, "link", "set", port.guest_if, "up")
+        self._wait_running(netns, ports)
+
+    def is_alive(self, dom: DomainDef) -> bool:
+        return self._netns_exists(self.netns_of(dom.name))
+
+    def is_suspended(self, dom: DomainDef) -> bool:
+        """Whether every guest end is administratively down."""
+        netns = self._alive_or_fail(dom)
+        ports = self._ports_or_fail(dom)
+        if not ports:
+            return False
+        return all(not self._link_is_up(netns, p.guest_if) for p in ports)
+
+    # -- internals -------------------------------------------------------
+    def _plan(
+        self, dom: DomainDef, ports: Sequence[PortPlan]
+    ) -> list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]]:
+        plan: list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]] = []
+        seen: set[str] = set()
+        for port in sorted(ports, key=lambda p: p.index):
+            if not 0 <= port.index < len(dom.interfaces):
+                raise ValidationError(
+                    f"domain '{dom.name}': port {port.portdev} names interface "
+                    f"{port.index}, which does not exist"
+                )
+            _check_ifname(port.portdev)
+            if port.portdev in seen:
+                raise ValidationError(f"domain '{dom.name}': port {port.portdev} given twice")
+            seen.add(port.portdev)
+            if port.bridge is not None:
+                _check_ifname(port.bridge)
+            if not _MAC_RE.match(port.mac.lower()):
+                raise ValidationError(f"domain '{dom.name}': invalid MAC '{port.mac}'")
+            iface = dom.interfaces[port.index]
+            guest = GuestPort(port.portdev, f"eth{port.index}", port.bridge)
+            plan.append((guest, (port, iface)))
+        return plan
+
+    def _prepare(
+        self, netns: str, plan: list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]]
+    ) -> None:
+        for bridge in sorted({g.bridge for g, _ in plan if g.bridge is not None}):
+            self._ensure_bridge(bridge)
+        self._ip(None, "netns", "add", netns)
+        self._ip(netns, "link", "set", "lo", "up")
+        for guest, (port, iface) in plan:
+            mac = port.mac.lower()
+            # A new link starts down; it stays down until launch().
+            self._ip(
+                self.host_netns, "link", "add", guest.portdev, "address", host_mac(mac),
+                "type", "veth", "peer", "name", guest.guest_if, "address", mac,
+                "netns", netns,
+            )
+            if guest.bridge is not None:
+                self._ip(self.host_netns, "link", "set", guest.portdev, "master", guest.bridge)
+            for ip in iface.ips:
+                six = ip.family == "ipv6" or ":" in ip.address
+                prefix = ip.prefix if ip.prefix is not None else (64 if six else 24)
+                argv = ["addr", "add", f"{ip.address}/{prefix}", "dev", guest.guest_if]
+                if six:
+                    # Duplicate address detection would hold the address
+                    # 'tentative' (unusable) for a second or more.
+                    argv.append("nodad")
+                self._ip(netns, *argv)
+            self._ip(netns, "link", "set", guest.guest_if, "up")
+
+    def _wait_running(self, netns: str, ports: Sequence[GuestPort]) -> None:
+        # The kernel activates a device's queue only when its link watcher
+        # has seen the carrier, which it may defer for up to a second; until
+        # then every frame is dropped.  Waiting here is only about that
+        # first second: a slow start is logged, never an error.
+        pending = [(self.host_netns, p.portdev) for p in ports]
+        pending += [(netns, p.guest_if) for p in ports]
+        deadline = time.monotonic() + _OPER_UP_WAIT
+        while pending:
+            pending = [(ns, dev) for ns, dev in pending if not self._oper_up(ns, dev)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                log.warning("links not up after %.0f s: %s", _OPER_UP_WAIT,
+                            ", ".join(dev for _, dev in pending))
+                return
+            time.sleep(0.02)
+
+    def _oper_up(self, netns: str | None, ifname: str) -> bool:
+        info = self._link_info(netns, ifname)
+        return info is not None and info.get("operstate") == "UP"
+
+    def _ensure_bridge(self, bridge: str) -> None:
+        if self._link_exists(self.host_netns, bridge):
+            return
+        # STP off and no forward delay: otherwise a new port spends its first
+        # seconds listening and learning, and the guest's first frames vanish.
+        self._ip(self.host_netns, "link", "add", bridge, "type", "bridge",
+                 "stp_state", "0", "forward_delay", "0")
+        self._ip(self.host_netns, "link", "set", bridge, "alias", BRIDGE_ALIAS)
+        self._ip(self.host_netns, "link", "set", bridge, "up")
+        log.info("created bridge %s for ns guests", bridge)
+
+    def _stop(self, name: str) -> None:
+        netns = self.netns_of(name)
+        ports = self._load_ports(name) or []
+        if self._netns_exists(netns):
+            self._kill_guest_processes(netns)
+        for port in ports:
+            # A veth pair dies with its namespace, but only once nothing holds
+            # the namespace any more; deleting the host end is immediate.
+            if self._is_veth(self.host_netns, port.portdev):
+                self._ip(self.host_netns, "link", "del", port.portdev)
+        if self._netns_exists(netns):
+            self._ip(None, "netns", "del", netns)
+        for bridge in sorted({p.bridge for p in ports if p.bridge is not None}):
+            self._remove_bridge_if_ours_and_empty(bridge)
+        atomic_remove(self._record(name))
+
+    def _kill_guest_processes(self, netns: str) -> None:
+        proc = self._run(["ip", "netns", "pids", netns])
+        for word in proc.stdout.split():
+            if word.isdigit() and int(word) != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(word), signal.SIGKILL)
+
+    def _remove_bridge_if_ours_and_empty(self, bridge: str) -> None:
+        info = self._link_info(self.host_netns, bridge)
+        if info is None or info.get("ifalias") != BRIDGE_ALIAS:
+            return
+        proc = self._ip_json(self.host_netns, "link", "show", "master", bridge)
+        if proc:
+            return
+        self._ip(self.host_netns, "link", "del", bridge)
+        log.info("removed bridge %s, no ns guest uses it any more", bridge)
+
+    def _alive_or_fail(self, dom: DomainDef) -> str:
+        netns = self.netns_of(dom.name)
+        if not self._netns_exists(netns):
+            raise StateError(f"ns guest '{dom.name}' is not running")
+        return netns
+
+    def _ports_or_fail(self, dom: DomainDef) -> list[GuestPort]:
+        ports = self._load_ports(dom.name)
+        if ports is None:
+            raise StateError(f"ns guest '{dom.name}' is not prepared")
+        return ports
+
+    def _record(self, name: str) -> Path:
+        return self.run_dir / f"{name}.ports.json"
+
+    def _save_ports(self, name: str, ports: list[GuestPort]) -> None:
+        data = {"netns": self.netns_of(name), "ports": [p.to_json() for p in ports]}
+        atomic_write(self._record(name), json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+    def _load_ports(self, name: str) -> list[GuestPort] | None:
+        path = self._record(name)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read '{path}': {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("ports"), list):
+            raise StorageError(f"malformed ns guest record '{path}'")
+        return [GuestPort.from_json(p) for p in data["ports"]]
+
+    def _netns_exists(self, netns: str) -> bool:
+        return (self._netns_dir / netns).exists()
+
+    def _link_exists(self, netns: str | None, ifname: str) -> bool:
+        return self._link_info(netns, ifname) is not None
+
+    def _is_veth(self, netns: str | None, ifname: str) -> bool:
+        info = self._link_info(netns, ifname, details=True)
+        linkinfo = info.get("linkinfo") if info is not None else None
+        return isinstance(linkinfo, dict) and linkinfo.get("info_kind") == "veth"
+
+    def _link_is_up(self, netns: str | None, ifname: str) -> bool:
+        info = self._link_info(netns, ifname)
+        flags = info.get("flags") if info is not None else None
+        return isinstance(flags, list) and "UP" in flags
+
+    def _link_info(
+        self, netns: str | None, ifname: str, *, details: bool = False
+    ) -> dict[str, object] | None:
+        opts = ("-j", "-d") if details else ("-j",)
+        argv = self._ip_argv(netns, *opts, "link", "show", "dev", ifname)
+        proc = self._run(argv)
+        if proc.returncode != 0:
+            return None
+        try:
+            data = json.loads(proc.stdout or "[]")
+        except ValueError:
+            return None
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            return data[0]
+        return None
+
+    def _ip_json(self, netns: str | None, *args: str) -> list[object]:
+        proc = self._run(self._ip_argv(netns, "-j", *args))
+        if proc.returncode != 0:
+            raise BackendError(
+                f"ip {' '.join(args)} failed in {netns or 'the host namespace'}: "
+                f"{proc.stderr.strip()}"
+            )
+        try:
+            data = json.loads(proc.stdout or "[]")
+        except ValueError as exc:
+            raise BackendError(f"ip {' '.join(args)}: unreadable output") from exc
+        return data if isinstance(data, list) else []
+
+    def _ip_argv(self, netns: str | None, *args: str) -> list[str]:
+        if netns is None or args[:1] == ("netns",):
+            return ["ip", *args]
+        return ["ip", "-n", netns, *args]
+
+    def _ip(self, netns: str | None, *args: str) -> None:
+        proc = self._run(self._ip_argv(netns, *args))
+        if proc.returncode != 0:
+            where = netns or "the host namespace"
+            raise BackendError(f"ip {' '.join(args)} failed in {where}: {proc.stderr.strip()}")
+
+
+def make_hypervisor(env: HypervisorEnv) -> NsHypervisor:
+    """The factory `nwfilter.domain.hypervisor.load_hypervisor` calls."""
+    return NsHypervisor(env.run_dir, env.netns)
+
+
+if TYPE_CHECKING:
+    # Lets mypy prove the class fulfils the driver's contract.
+    _CONTRACT: type[Hypervisor] = NsHypervisor
