@@ -44,6 +44,7 @@ class BindingTable:
         self.run_dir = Path(run_dir)
         self.lock = LevelledLock("binding-table", Level.BINDING)
         self._bindings: dict[str, BindingDef] = {}
+        self.generation = 0  # bumped on every change (see FilterPool.generation)
 
     def load(self) -> list[str]:
         """Read every binding file; return warnings for the ones skipped."""
@@ -72,6 +73,7 @@ class BindingTable:
             log.warning("%s", text)
         with self.lock:
             self._bindings = loaded
+            self.generation += 1
         return warnings
 
     # ------------------------------------------------------------- queries
@@ -126,6 +128,7 @@ class BindingTable:
         for binding in items:
             new[binding.portdev] = binding
         self._bindings = new
+        self.generation += 1
 
     def remove(self, portdev: str) -> BindingDef | None:
         """Forget a binding and remove its file; return it (None if absent)."""
@@ -141,6 +144,7 @@ class BindingTable:
         new = dict(self._bindings)
         del new[portdev]
         self._bindings = new
+        self.generation += 1
         return old
 
     def _path(self, portdev: str) -> Path:

@@ -106,6 +106,16 @@ def diff_rulesets(portdev: str, old: Ruleset | None, new: Ruleset | None) -> Por
     return PortDiff(portdev, tuple(added), tuple(removed))
 
 
+@dataclass(frozen=True)
+class _PreparedDefine:
+    """Rulesets compiled for a define before its locks were taken."""
+
+    pool_generation: int
+    bindings_generation: int
+    affected: tuple[BindingDef, ...]
+    rulesets: tuple[Ruleset, ...]
+
+
 class Engine:
     """The filter pool, the binding table and a backend for one state root."""
 
@@ -119,6 +129,7 @@ class Engine:
         # Guarded by bindings.lock: what we applied, and what was learnt.
         self._applied: dict[str, Ruleset] = {}
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._learnt_generation = 0
         self._state = threading.Lock()  # leaf lock for start/close bookkeeping
         self._started = False
         self.pool.set_usage_provider(self._usage)
@@ -203,11 +214,40 @@ class Engine:
     ) -> DefineOutcome:
         """Define (or redefine) a filter and rebuild every binding it reaches."""
         fdef = parse_filter(xml, source=source)
+        # Compile outside the driver and pool write locks, against a snapshot;
+        # under the locks the work is reused if nothing changed meanwhile, so
+        # the locks are held for the kernel transaction, not for the compile.
+        prepared = self._prepare_define(fdef)
         with self.coordinator.filter_change():
-            outcome = self._define_locked(fdef, dry_run)
+            outcome = self._define_locked(fdef, dry_run, prepared)
         return outcome
 
-    def _define_locked(self, fdef: FilterDef, dry_run: bool) -> DefineOutcome:
+    def _prepare_define(self, fdef: FilterDef) -> _PreparedDefine | None:
+        with self.pool.lock.read():
+            try:
+                result = self.pool.check_define(fdef)
+            except NwfilterError:
+                return None  # reported with the locks held, where it counts
+            pool_gen = self.pool.generation
+            snapshot = dict(self.pool.snapshot())
+        if not result.changed:
+            return None
+        snapshot[fdef.name] = fdef
+        with self.bindings.lock:
+            bindings_gen = self.bindings.generation + self._learnt_generation
+            affected = self.bindings.using(result.affected)
+            learnt = {b.portdev: self._learnt.get(b.portdev) for b in affected}
+        compiler = Compiler(snapshot)
+        try:
+            with gc_paused():
+                new = [self._compile(compiler, b, learnt[b.portdev]) for b in affected]
+        except NwfilterError:
+            return None  # compiled again under the locks, which raises there
+        return _PreparedDefine(pool_gen, bindings_gen, tuple(affected), tuple(new))
+
+    def _define_locked(
+        self, fdef: FilterDef, dry_run: bool, prepared: _PreparedDefine | None
+    ) -> DefineOutcome:
         with self.pool.lock.write():
             result = self.pool.check_define(fdef)
 
@@ -221,19 +261,27 @@ class Engine:
 
             if not result.changed:
                 return outcome(False)
-            snapshot = dict(self.pool.snapshot())
-            snapshot[fdef.name] = fdef
             with self.bindings.lock:
-                affected = self.bindings.using(result.affected)
-                compiler = Compiler(snapshot)
-                with gc_paused():
-                    new = [self._compile(compiler, b) for b in affected]
+                if (
+                    prepared is not None
+                    and prepared.pool_generation == self.pool.generation
+                    and prepared.bindings_generation
+                    == self.bindings.generation + self._learnt_generation
+                ):
+                    affected, new = list(prepared.affected), list(prepared.rulesets)
+                else:
+                    snapshot = dict(self.pool.snapshot())
+                    snapshot[fdef.name] = fdef
+                    affected = self.bindings.using(result.affected)
+                    compiler = Compiler(snapshot)
+                    with gc_paused():
+                        new = [self._compile(compiler, b) for b in affected]
                 old = {b.portdev: self._applied.get(b.portdev) for b in affected}
                 rebuilt = tuple(b.portdev for b in affected)
-                diffs = tuple(
-                    diff_rulesets(rs.port.portdev, old[rs.port.portdev], rs) for rs in new
-                )
                 if dry_run:
+                    diffs = tuple(
+                        diff_rulesets(rs.port.portdev, old[rs.port.portdev], rs) for rs in new
+                    )
                     return outcome(True, rebuilt, diffs)
                 if new:
                     with self._backend_lock:
@@ -247,7 +295,7 @@ class Engine:
                 for rs in new:
                     self._applied[rs.port.portdev] = rs
         log.info("defined filter '%s'; rebuilt %d port(s)", fdef.name, len(rebuilt))
-        return outcome(True, rebuilt, diffs)
+        return outcome(True, rebuilt)
 
     def _restore(self, old: Mapping[str, Ruleset | None]) -> None:
         """Put back the rules that were in force before a failed change."""
@@ -272,9 +320,16 @@ class Engine:
 
     # -------------------------------------------------------------- bindings
 
-    def _compile(self, compiler: Compiler, binding: BindingDef) -> Ruleset:
+    def _compile(
+        self,
+        compiler: Compiler,
+        binding: BindingDef,
+        learnt: Mapping[str, Sequence[str]] | None = None,
+    ) -> Ruleset:
+        if learnt is None:
+            learnt = self._learnt.get(binding.portdev)
         try:
-            rs = compiler.compile(binding, self._learnt.get(binding.portdev))
+            rs = compiler.compile(binding, learnt)
             self.backend.check(rs)
         except NwfilterError as exc:
             raise type(exc)(f"port '{binding.portdev}': {exc.message}", exc.code) from exc
@@ -349,6 +404,7 @@ class Engine:
             else:
                 learnt.pop(var, None)
             binding = self.bindings.get(portdev)
+            self._learnt_generation += 1
             if binding is not None:
                 old = self._learnt.get(portdev)
                 self._learnt[portdev] = learnt

@@ -169,6 +169,9 @@ class FilterPool:
         # Replaced, never mutated, on each change: a snapshot is just the
         # current dict behind a read-only proxy.
         self._defs: dict[str, FilterDef] = {}
+        # Bumped on every committed change: lets a caller that compiled against
+        # a snapshot outside the lock check that the snapshot is still current.
+        self.generation = 0
         self._by_uuid: dict[uuidlib.UUID, str] = {}
         self._graph: nx.DiGraph[str] = nx.DiGraph()
         self._listeners: list[Listener] = []
@@ -223,6 +226,7 @@ class FilterPool:
             _set_edges(graph, fdef.name, fdef.referenced_names())
         with self._mutex:
             self._defs = loaded
+            self.generation += 1
             self._by_uuid = by_uuid
             self._graph = graph
         log.info("loaded %d filters from %s", len(loaded), self.config_dir)
@@ -458,6 +462,7 @@ class FilterPool:
             defs = dict(self._defs)
             defs[fdef.name] = fdef
             self._defs = defs
+            self.generation += 1
             self._by_uuid[fdef.uuid] = fdef.name
             _set_edges(self._graph, fdef.name, fdef.referenced_names())
         log.info("defined filter '%s' (%s)", fdef.name, "new" if result.created else "replaced")
@@ -509,6 +514,7 @@ class FilterPool:
             defs = dict(self._defs)
             del defs[fdef.name]
             self._defs = defs
+            self.generation += 1
             del self._by_uuid[fdef.uuid]
             _set_edges(self._graph, fdef.name, frozenset())
             _drop_if_orphan(self._graph, fdef.name)

@@ -25,9 +25,7 @@ from `learnt` when the binding does not give them.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nwfilter.compile import matches as m
@@ -49,6 +47,7 @@ from nwfilter.errors import (
     UnsupportedError,
     ValidationError,
 )
+from nwfilter.gcpause import gc_paused
 from nwfilter.ir import (
     Chain,
     CtState,
@@ -668,24 +667,6 @@ def compile_many(
         for binding in bindings:
             out[binding.portdev] = compiler.compile(binding, (learnt or {}).get(binding.portdev))
     return out
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for a batch of compiles.
-
-    A batch allocates many small acyclic objects that all stay alive; the
-    collector's repeated full scans of them cost more than the compiles
-    (more than half the time for 10,000 ports).  Reference counting still
-    frees everything; the previous collector state is restored.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 __all__ = [

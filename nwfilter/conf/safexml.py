@@ -152,7 +152,9 @@ def serialize(root: etree._Element) -> str:
 def _serialize(elem: etree._Element, depth: int, out: list[str]) -> None:
     pad = "  " * depth
     tag = local_name(elem)
-    attrs = "".join(f" {name}='{_escape(value)}'" for name, value in elem.attrib.items())
+    attrs = "".join(
+        f" {name!s}='{_escape(str(value))}'" for name, value in elem.attrib.items()
+    )
     children = [child for child in elem if isinstance(child.tag, str)]
     text = elem.text if elem.text and elem.text.strip() else None
     if children:

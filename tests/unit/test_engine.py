@@ -113,10 +113,12 @@ def test_define_rebuilds_affected_bindings_in_one_transaction(engine: Engine) ->
     engine.create_bindings([make("vnet0"), make("vnet1")])
     be = backend(engine)
     before = be.transactions
+    plan = engine.define_filter(SPOOF, dry_run=True)
+    assert be.transactions == before
     outcome = engine.define_filter(SPOOF)
-    assert outcome.changed and outcome.rebuilt == ("vnet0", "vnet1")
+    assert outcome.changed and outcome.rebuilt == ("vnet0", "vnet1") == plan.rebuilt
     assert be.transactions == before + 1
-    removed = outcome.diffs[0].removed
+    removed = plan.diffs[0].removed
     assert any("ip-src == 0.0.0.0" in line for line in removed)
     assert "ip-src == 0.0.0.0" not in render_text(be.rulesets["vnet0"])
     assert "0.0.0.0 ip-proto" not in (engine.root / "nwfilter" / "no-ip-spoofing.xml").read_text()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nwfilter.errors import BackendError, UnavailableError
+from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.netlab import in_netns
@@ -227,7 +228,9 @@ class NftBackend:
         return self._caps
 
     def check(self, ruleset: Ruleset) -> None:
-        render.check_ruleset(ruleset, self.capabilities())
+        with self._state_lock:
+            previous = self._rulesets.get(ruleset.port.portdev)
+        render.check_ruleset(ruleset, self.capabilities(), previous=previous)
 
     def apply(self, changes: Changes) -> None:
         if changes.is_empty():
@@ -235,7 +238,7 @@ class NftBackend:
         caps = self.capabilities()
         # The lock covers render, send and bookkeeping: two applies never
         # render against the same stale record.
-        with self._kernel() as ctx:
+        with self._kernel() as ctx, gc_paused():
             records = {} if changes.replace_all else self._records
             batch = Batch()
             if changes.replace_all:
@@ -248,6 +251,7 @@ class NftBackend:
                 self._ensure_sysctls()
                 batch.extend(render.render_base())
             new_records = dict(records)
+            previous_rulesets = {} if changes.replace_all else self._rulesets
             ids_in_use = {r.port_id for r in records.values()}
             for name in sorted(set(changes.remove)):
                 old = new_records.pop(name, None)
@@ -258,7 +262,9 @@ class NftBackend:
                 previous = new_records.get(portdev)
                 port_id = previous.port_id if previous else self._free_id(ids_in_use)
                 ids_in_use.add(port_id)
-                port_batch, record = render.render_port(ruleset, port_id, previous, caps)
+                port_batch, record = render.render_port(
+                    ruleset, port_id, previous, caps, previous_rulesets.get(portdev)
+                )
                 batch.extend(port_batch)
                 new_records[portdev] = record
             rc, err = self._send(ctx, batch)

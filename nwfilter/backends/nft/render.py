@@ -176,6 +176,11 @@ class PortRecord:
     l2_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the bridge table
     l3_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the inet table
     sets: frozenset[str] = frozenset()  # inet sets the port owns (connlimit counters)
+    # The rendered rules of every chain, so a replacement rewrites only the
+    # chains whose rules changed: the cost of a change grows with the change.
+    contents: dict[tuple[str, str], list[tuple[list[Json], str | None]]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass
@@ -279,11 +284,18 @@ def render_port(
     port_id: int,
     previous: PortRecord | None,
     caps: Capabilities,
+    previous_ruleset: Ruleset | None = None,
 ) -> tuple[Batch, PortRecord]:
     """Commands that make the kernel hold `ruleset` for its port, replacing
     `previous` in place (flush and refill, vmap elements swapped in the same
-    transaction), and the record of what exists afterwards."""
-    check_ruleset(ruleset, caps)
+    transaction), and the record of what exists afterwards.
+
+    With `previous_ruleset` (what `previous` was rendered from), chains equal
+    in the IR are neither rendered nor rewritten: a filter edit touching one
+    chain of every port costs one chain per port."""
+    check_ruleset(ruleset, caps, rules=False)
+    if previous is None:
+        previous_ruleset = None
     if not 1 <= port_id <= MAX_PORT_ID:
         raise UnsupportedError(f"port id {port_id} out of range")
     portdev = ruleset.port.portdev
@@ -292,6 +304,7 @@ def render_port(
     old_inet = previous.inet_chains if previous else frozenset()
     old_l2 = previous.l2_hooks if previous else frozenset()
     old_l3 = previous.l3_hooks if previous else frozenset()
+    old_contents = previous.contents if previous else {}
 
     bridge_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
     inet_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
@@ -309,7 +322,23 @@ def render_port(
         by_name = {c.name: c for c in chains}
         root = by_name.get("root", Chain("root", 0, ()))
         order = [root, *(c for c in chains if c.name != "root")]
+        prev_chains: dict[str, Chain] = {}
+        prev_l3: tuple[Rule, ...] = ()
+        if previous_ruleset is not None:
+            prev_chains = {c.name: c for c in previous_ruleset.chains(hook)}
+            prev_l3 = previous_ruleset.l3_rules(hook)
+            if "root" not in prev_chains and prev_l3:
+                prev_chains["root"] = Chain("root", 0, ())
         for chain in order:
+            cname = l2_chain_name(portdev, hook, chain.name)
+            kept = old_contents.get((BRIDGE, cname))
+            if (
+                kept is not None
+                and prev_chains.get(chain.name) == chain
+                and (chain is not root or bool(prev_l3) == bool(l3))
+            ):
+                bridge_chains[cname] = kept
+                continue
             rules: list[tuple[list[Json], str | None]] = []
             if chain is root and l3:
                 shift = 0 if hook is Hook.FROM_VM else 16
@@ -321,6 +350,11 @@ def render_port(
             bridge_chains[l2_chain_name(portdev, hook, chain.name)] = rules
         if l3:
             l3_hooks.add(hook)
+            cname = l3_chain_name(portdev, hook)
+            kept = old_contents.get((INET, cname))
+            if kept is not None and previous_ruleset is not None and prev_l3 == l3:
+                inet_chains[cname] = kept
+                continue
             rules = []
             for rule in l3:
                 for exprs in _l3_rule(rule, portdev, hook, sets):
@@ -330,9 +364,18 @@ def render_port(
     for (family, name), spec in sorted(sets.items()):
         batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name, **spec}}})
 
-    # 1. chains: create new ones, flush kept ones (drops their jumps too).
+    unchanged = {
+        (fam, name)
+        for fam, new in ((BRIDGE, bridge_chains), (INET, inet_chains))
+        for name, rules in new.items()
+        if (before := old_contents.get((fam, name))) is rules or before == rules
+    }
+    # 1. chains: create new ones, flush kept ones whose rules changed (drops
+    # their jumps too); a chain whose rules are the same is left alone.
     for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
         for name in sorted(new):
+            if (fam, name) in unchanged:
+                continue
             verb = "flush" if name in old else "add"
             batch.add({verb: {"chain": {"family": fam, "table": TABLE, "name": name}}})
         for name in sorted(old - set(new)):
@@ -345,6 +388,8 @@ def render_port(
     # 3. rules.
     for fam, table_chains in ((BRIDGE, bridge_chains), (INET, inet_chains)):
         for name, chain_rules in table_chains.items():
+            if (fam, name) in unchanged:
+                continue
             for exprs, origin in chain_rules:
                 batch.add(_rule(fam, name, exprs, origin),
                           (portdev, origin) if origin is not None else None)
@@ -371,6 +416,10 @@ def render_port(
         l2_hooks=frozenset(l2_hooks),
         l3_hooks=frozenset(l3_hooks),
         sets=own_sets,
+        contents={
+            **{(BRIDGE, name): rules for name, rules in bridge_chains.items()},
+            **{(INET, name): rules for name, rules in inet_chains.items()},
+        },
     )
     return batch, record
 
@@ -413,9 +462,10 @@ def _trim(text: str) -> str:
     # nft stores comments as user data of limited size; cut at a character
     # boundary so the kernel never holds (and we never print) half a character.
     out = text.replace("\n", " ")
-    while len(out.encode()) > MAX_COMMENT_BYTES:
-        out = out[:-1]
-    return out
+    raw = out.encode()
+    if len(raw) <= MAX_COMMENT_BYTES:
+        return out
+    return raw[:MAX_COMMENT_BYTES].decode("utf-8", errors="ignore")
 
 
 def _origin(rule: Rule) -> str:
@@ -433,8 +483,17 @@ def _mark_set(keep: int, value: int) -> Json:
 # -- checking --------------------------------------------------------------
 
 
-def check_ruleset(ruleset: Ruleset, caps: Capabilities) -> None:
-    """Raise `UnsupportedError` if anything in `ruleset` has no exact nft form."""
+def check_ruleset(
+    ruleset: Ruleset,
+    caps: Capabilities,
+    *,
+    rules: bool = True,
+    previous: Ruleset | None = None,
+) -> None:
+    """Raise `UnsupportedError` if anything in `ruleset` has no exact nft form.
+
+    With `rules=False` only the structure is checked (rendering checks each
+    rule anyway); chains equal to those of `previous` are not checked again."""
     portdev = ruleset.port.portdev
     check_portdev(portdev)
     for hook in (Hook.FROM_VM, Hook.TO_VM):
@@ -444,6 +503,7 @@ def check_ruleset(ruleset: Ruleset, caps: Capabilities) -> None:
             raise UnsupportedError(f"port '{portdev}': duplicate chain names in {hook.value}")
         if chains and "root" not in names:
             raise UnsupportedError(f"port '{portdev}': {hook.value} has no 'root' chain")
+        prev = {c.name: c for c in previous.chains(hook)} if previous is not None else {}
         for chain in chains:
             l2_chain_name(portdev, hook, chain.name)
             for rule in chain.rules:
@@ -451,9 +511,13 @@ def check_ruleset(ruleset: Ruleset, caps: Capabilities) -> None:
                     raise _unsupported(portdev, rule, f"jump to unknown chain '{rule.target}'")
                 if rule.verdict is Verdict.JUMP and rule.target == "root":
                     raise _unsupported(portdev, rule, "jump to 'root' would loop")
-                _l2_rule(rule, portdev, hook, caps)
-        for rule in ruleset.l3_rules(hook):
-            _l3_rule(rule, portdev, hook, {})
+            if rules and prev.get(chain.name) != chain:
+                for rule in chain.rules:
+                    _l2_rule(rule, portdev, hook, caps)
+        l3 = ruleset.l3_rules(hook)
+        if rules and (previous is None or previous.l3_rules(hook) != l3):
+            for rule in l3:
+                _l3_rule(rule, portdev, hook, {})
 
 
 def _unsupported(portdev: str, rule: Rule, why: str) -> UnsupportedError:
