@@ -21,6 +21,8 @@ from typing import Any
 
 from nwfilter import protocol
 from nwfilter.backends import get_backend
+from nwfilter.backends.nft import NftBackend
+from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.commands.context import DEFAULT_ROOT
 from nwfilter.conf import format_binding, format_filter, parse_binding
 from nwfilter.engine import Engine
@@ -146,6 +148,7 @@ class Server(socketserver.ThreadingUnixStreamServer):
     def __init__(self, path: Path, engine: Engine) -> None:
         self.engine = engine
         self.path = path
+        self.monitor: NftMonitor | None = None
         if path.exists() or path.is_symlink():
             path.unlink()
         old_umask = os.umask(0o177)
@@ -161,7 +164,21 @@ def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None)
     engine.start()
     path = socket_path or root / "run" / "nwfilterd.sock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Server(path, engine)
+    server = Server(path, engine)
+    if isinstance(engine.backend, NftBackend):
+        # Another program flushing or editing our tables (`nft flush
+        # ruleset`, a firewall reload) is repaired from the recorded state.
+        server.monitor = NftMonitor.for_backend(engine.backend)
+        server.monitor.start()
+    return server
+
+
+def close(server: Server) -> None:
+    """Stop serving and watching; the kernel keeps every binding's rules."""
+    if server.monitor is not None:
+        server.monitor.stop()
+    server.server_close()
+    server.engine.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.serve_forever()
     finally:
-        server.server_close()
-        server.engine.close()
+        close(server)
         server.path.unlink(missing_ok=True)
     return 0
 

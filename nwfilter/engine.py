@@ -35,7 +35,6 @@ from nwfilter.errors import (
     NwfilterError,
 )
 from nwfilter.ir import Changes, Port, Ruleset, drop_all
-from nwfilter.locks import Level, LevelledLock
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
@@ -125,7 +124,6 @@ class Engine:
         self.pool = FilterPool(self.root / "nwfilter", stock_dir=stock_dir)
         self.bindings = BindingTable(self.root / "run" / "bindings")
         self.coordinator = RebuildCoordinator()
-        self._backend_lock = LevelledLock("backend-transaction", Level.BACKEND)
         # Guarded by bindings.lock: what we applied, and what was learnt.
         self._applied: dict[str, Ruleset] = {}
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -177,8 +175,7 @@ class Engine:
 
     def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
         try:
-            with self._backend_lock:
-                self.backend.apply(Changes(set=tuple(rulesets), replace_all=True))
+            self.backend.apply(Changes(set=tuple(rulesets), replace_all=True))
             for rs in rulesets:
                 self._applied[rs.port.portdev] = rs
             return []
@@ -186,14 +183,12 @@ class Engine:
             warnings = [f"re-applying all bindings at once failed: {exc.message}"]
         # Fail closed first (every port drops), then bring ports up one by one.
         closed = tuple(drop_all(rs.port) for rs in rulesets)
-        with self._backend_lock:
-            self.backend.apply(Changes(set=closed, replace_all=True))
+        self.backend.apply(Changes(set=closed, replace_all=True))
         for rs in closed:
             self._applied[rs.port.portdev] = rs
         for rs in rulesets:
             try:
-                with self._backend_lock:
-                    self.backend.apply(Changes(set=(rs,)))
+                self.backend.apply(Changes(set=(rs,)))
                 self._applied[rs.port.portdev] = rs
             except BackendError as exc:
                 warnings.append(
@@ -284,8 +279,7 @@ class Engine:
                     )
                     return outcome(True, rebuilt, diffs)
                 if new:
-                    with self._backend_lock:
-                        self.backend.apply(Changes(set=tuple(new)))
+                    self.backend.apply(Changes(set=tuple(new)))
                 try:
                     self.pool.define_locked(fdef)
                 except NwfilterError:
@@ -302,8 +296,7 @@ class Engine:
         keep = tuple(rs for rs in old.values() if rs is not None)
         drop = tuple(p for p, rs in old.items() if rs is None)
         try:
-            with self._backend_lock:
-                self.backend.apply(Changes(set=keep, remove=drop))
+            self.backend.apply(Changes(set=keep, remove=drop))
         except NwfilterError as exc:
             log.error("cannot restore the previous rules of %s: %s", ", ".join(old), exc)
 
@@ -355,8 +348,7 @@ class Engine:
                     )
             compiler = Compiler(self.pool.snapshot())
             new = [self._compile(compiler, b) for b in defs]
-            with self._backend_lock:
-                self.backend.apply(Changes(set=tuple(new)))
+            self.backend.apply(Changes(set=tuple(new)))
             try:
                 self.bindings.put_many_locked(defs)
             except NwfilterError:
@@ -371,8 +363,7 @@ class Engine:
         with self.bindings.lock:
             if self.bindings.get(portdev) is None:
                 raise NotFoundError(f"no binding for port '{portdev}'")
-            with self._backend_lock:
-                self.backend.clear(portdev)
+            self.backend.clear(portdev)
             self.bindings.remove_locked(portdev)
             self._applied.pop(portdev, None)
             self._learnt.pop(portdev, None)
@@ -416,8 +407,7 @@ class Engine:
                     else:
                         self._learnt[portdev] = old
                     raise
-                with self._backend_lock:
-                    self.backend.apply(Changes(set=(rs,)))
+                self.backend.apply(Changes(set=(rs,)))
                 self._applied[portdev] = rs
             else:
                 self._learnt[portdev] = learnt

@@ -4,7 +4,9 @@ Lifecycle: construct (cheap, no kernel access) → `probe()` (checks that the
 technology is usable, changes nothing) → any number of `apply()` calls, each
 one all-or-nothing → `clear()`/`clear_all()` to remove what the backend owns.
 A backend only ever touches objects it owns, under names derived from the
-port, so teardown is "delete what I own" and is idempotent.
+port, so teardown is "delete what I own" and is idempotent.  Every method is
+thread-safe: a backend runs one kernel transaction at a time under its own
+lock (level BACKEND), so callers add no lock of their own around it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""nwfilterd with the nft backend: bindings over the socket reach the kernel,
+and a foreign `nft flush ruleset` is repaired."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nwfilter.client import Client
+from nwfilter.daemon import Server, close, serve
+from nwfilter.netlab import NetLab
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+BINDING = """<filterbinding>
+  <owner><name>vm1</name><uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a11</uuid></owner>
+  <portdev name='vnet0'/>
+  <mac address='52:54:00:00:00:01'/>
+  <filterref filter='clean-traffic'><parameter name='IP' value='10.0.0.2'/></filterref>
+</filterbinding>"""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Server, NetLab, str]]:
+    with NetLab() as lab:
+        host = lab.add_ns("host")
+        srv = serve(tmp_path / "root", "nft", host, tmp_path / "d.sock")
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield srv, lab, host
+        finally:
+            srv.shutdown()
+            srv.engine.backend.clear_all()
+            close(srv)
+            thread.join(5)
+
+
+def ruleset(lab: NetLab, ns: str) -> str:
+    return lab.run(ns, ["nft", "list", "ruleset"]).stdout
+
+
+def test_binding_reaches_kernel_and_flush_is_repaired(
+    daemon: tuple[Server, NetLab, str],
+) -> None:
+    srv, lab, host = daemon
+    with Client(srv.path) as client:
+        client.call("binding.create", {"xml": [BINDING]})
+    before = ruleset(lab, host)
+    assert "vnet0/from/root" in before and "52:54:00:00:00:01" in before
+    lab.run(host, ["nft", "flush", "ruleset"])
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and "vnet0/from/root" not in ruleset(lab, host):
+        time.sleep(0.05)
+    assert ruleset(lab, host) == before
+    assert srv.monitor is not None and srv.monitor.repairs >= 1
+    with Client(srv.path) as client:
+        client.call("binding.delete", {"portdev": "vnet0"})
+    assert "vnet0" not in ruleset(lab, host)
