@@ -160,7 +160,7 @@ class Server(socketserver.ThreadingUnixStreamServer):
 
 def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`."""
-    engine = Engine(root, get_backend(backend, netns))
+    engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
     engine.start()
     path = socket_path or root / "run" / "nwfilterd.sock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

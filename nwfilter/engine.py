@@ -38,6 +38,7 @@ from nwfilter.ir import Changes, Port, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
+from nwfilter.rootlock import RootLock
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,19 @@ class _PreparedDefine:
 class Engine:
     """The filter pool, the binding table and a backend for one state root."""
 
-    def __init__(self, root: Path, backend: Backend, *, stock_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        backend: Backend,
+        *,
+        stock_dir: Path | None = None,
+        owner: str = "nwfilter",
+        lock_timeout: float = 30.0,
+    ) -> None:
         self.root = Path(root)
         self.backend = backend
+        self._root_lock = RootLock(self.root, owner)
+        self._lock_timeout = lock_timeout
         self.pool = FilterPool(self.root / "nwfilter", stock_dir=stock_dir)
         self.bindings = BindingTable(self.root / "run" / "bindings")
         self.coordinator = RebuildCoordinator()
@@ -142,6 +153,14 @@ class Engine:
         cannot be compiled fails closed: its port drops everything until its
         filters are fixed, and a warning says why.  Returns the warnings.
         """
+        self._root_lock.acquire(self._lock_timeout)
+        try:
+            return self._start()
+        except BaseException:
+            self._root_lock.release()
+            raise
+
+    def _start(self) -> list[str]:
         warnings = self.pool.load()
         warnings.extend(self.bindings.load())
         self.backend.probe()
@@ -201,6 +220,7 @@ class Engine:
         """Stop using the engine; the kernel keeps the rules of every binding."""
         with self._state:
             self._started = False
+        self._root_lock.release()
 
     # --------------------------------------------------------------- filters
 

@@ -258,10 +258,23 @@ def test_start_replaces_backend_state_and_fails_closed(tmp_path: Path) -> None:
         .read_text()
         .replace("clean-traffic", "no-such-filter")
     )
+    stale = first.ruleset("vnet0")
+    first.close()
     be = MemoryBackend()
-    be.rulesets = {"stale0": first.ruleset("vnet0")}  # left by an earlier process
+    be.rulesets = {"stale0": stale}  # left by an earlier process
     fresh = Engine(tmp_path, be, stock_dir=STOCK)
     warnings = fresh.start()
     assert be.ports() == ("vnet0", "vnet1")
     assert any("vnet1" in w and "drops all traffic" in w for w in warnings)
     assert "fail closed" in render_text(be.rulesets["vnet1"])
+
+
+def test_one_engine_per_state_root(tmp_path: Path) -> None:
+    first = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK, owner="nwfilterd")
+    first.start()
+    second = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK, lock_timeout=5)
+    with pytest.raises(ConflictError, match=r"in use by nwfilterd \(pid \d+\)"):
+        second.start()  # a daemon never lets go: refused at once, not after 5 s
+    first.close()
+    second.start()
+    second.close()
