@@ -267,6 +267,9 @@ class NftBackend:
                 )
                 batch.extend(port_batch)
                 new_records[portdev] = record
+            if not new_records:
+                # The last port is gone: nothing of ours stays in the namespace.
+                batch = _drop_tables()
             rc, err = self._send(ctx, batch)
             if rc != 0:
                 where = self._locate_failure(ctx, batch, err)
@@ -276,7 +279,7 @@ class NftBackend:
                     f"nft refused the transaction for {where or 'port(s) ' + ports}: "
                     f"{err.strip() or 'rc ' + str(rc)}; nothing was changed"
                 )
-            self._base_ready = True
+            self._base_ready = bool(new_records)
             rulesets = {} if changes.replace_all else dict(self._rulesets)
             for name in changes.remove:
                 rulesets.pop(name, None)
@@ -345,6 +348,8 @@ class NftBackend:
         """Rebuild both tables from the recorded state in one transaction."""
         caps = self.capabilities()
         with self._kernel() as ctx:
+            if not self._rulesets:
+                return  # nothing of ours should be there
             batch = Batch()
             batch.extend(_drop_tables())
             batch.extend(render.render_base())
