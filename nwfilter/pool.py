@@ -37,6 +37,7 @@ import networkx as nx
 
 from nwfilter.conf import format_filter, parse_filter
 from nwfilter.conf.model import FilterDef
+from nwfilter.conf.schema import chain_priority
 from nwfilter.errors import (
     ConflictError,
     InUseError,
@@ -62,19 +63,6 @@ POOL_SUBDIR = "nwfilter"
 STOCK_MARKER = ".stock-seeded"
 """File in the configuration directory listing the stock filters already
 seeded, one name a line, so that none is written a second time."""
-
-# Chain name prefixes and the priority libvirt gives a filter on such a
-# chain when the filter states none (docs/formatnwfilter.rst).
-_CHAIN_DEFAULT_PRIORITY: tuple[tuple[str, int], ...] = (
-    ("root", 0),
-    ("stp", -810),
-    ("mac", -800),
-    ("vlan", -750),
-    ("ipv4", -700),
-    ("ipv6", -600),
-    ("arp", -500),
-    ("rarp", -400),
-)
 
 UsageProvider = Callable[[frozenset[str]], list[str]]
 Listener = Callable[[frozenset[str]], None]
@@ -119,13 +107,7 @@ def effective_chain(fdef: FilterDef) -> str:
 
 def effective_priority(fdef: FilterDef) -> int:
     """The filter's priority, or the default of its chain when it gives none."""
-    if fdef.priority is not None:
-        return fdef.priority
-    chain = effective_chain(fdef)
-    for prefix, priority in _CHAIN_DEFAULT_PRIORITY:
-        if chain == prefix or chain.startswith(prefix + "-"):
-            return priority
-    return 0
+    return chain_priority(fdef)
 
 
 @dataclass(frozen=True)

@@ -71,15 +71,6 @@ Learnt = Mapping[str, Sequence[str]]
 ROOT = "root"
 MAX_DEPTH = 64
 
-_CHAIN_DEFAULT_PRIORITY: tuple[tuple[str, int], ...] = (
-    ("stp", -810),
-    ("mac", -800),
-    ("vlan", -750),
-    ("ipv4", -700),
-    ("ipv6", -600),
-    ("arp", -500),
-    ("rarp", -400),
-)
 # libvirt picks a sub-chain's protocol by name prefix, in this order
 # (ebtablesGetProtoIdxByFiltername); the jump from root is restricted to it.
 _JUMP_MATCHES: tuple[tuple[str, tuple[Match, ...]], ...] = (
@@ -109,10 +100,10 @@ _EST = frozenset({CtState.ESTABLISHED})
 
 
 def default_chain_priority(chain: str) -> int:
-    for prefix, priority in _CHAIN_DEFAULT_PRIORITY:
-        if chain == prefix or chain.startswith(prefix + "-"):
-            return priority
-    return 0
+    """The priority libvirt gives a filter on `chain` when it states none."""
+    from nwfilter.conf import schema
+
+    return schema.CHAIN_DEFAULT_PRIORITIES[schema.chain_kind(chain)]
 
 
 def schema_parser() -> ValueParser:

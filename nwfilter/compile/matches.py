@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nwfilter.conf import schema
 from nwfilter.errors import UnsupportedError, ValidationError
 from nwfilter.ir import (
     AddrRange,
@@ -70,27 +71,11 @@ IPV6_PROTOCOLS: dict[str, int | None] = {
     "icmpv6": 58,
     "all-ipv6": None,
 }
-IP_PROTOCOL_NAMES: dict[str, int] = {
-    "tcp": 6,
-    "udp": 17,
-    "udplite": 136,
-    "esp": 50,
-    "ah": 51,
-    "icmp": 1,
-    "igmp": 2,
-    "sctp": 132,
-    "icmpv6": 58,
-}
-ARP_OPCODES: dict[str, int] = {
-    "request": 1,
-    "reply": 2,
-    "request_reverse": 3,
-    "reply_reverse": 4,
-    "drarp_request": 5,
-    "drarp_reply": 6,
-    "drarp_error": 7,
-    "inarp_request": 8,
-    "arp_nak": 9,
+# Names as the filter language spells them (nwfilter.conf.schema), matched
+# without regard to case as libvirt does for opcodes.
+IP_PROTOCOL_NAMES: Mapping[str, int] = schema.IP_PROTOCOL_NAMES
+ARP_OPCODES: Mapping[str, int] = {
+    name.lower(): number for name, number in schema.ARP_OPCODE_NAMES.items()
 }
 _TCP_FLAGS = {flag.name: flag for flag in TcpFlag}
 _CT_STATES = {

@@ -230,7 +230,9 @@ def test_chains_ordered_by_priority_with_protocol_restricted_jumps() -> None:
         fdef("a", rule("arp", action=Action.RETURN), chain="arp"),
         fdef("m", rule("mac", action=Action.RETURN), chain="mac"),
         fdef("v4", rule("ip", action=Action.RETURN), chain="ipv4-x"),
-        fdef("s", rule("stp", action=Action.DROP), chain="stp"),
+        # libvirt's table of default chain priorities has no 'stp' entry, so
+        # an stp filter without a priority sits at 0; -810 must be explicit.
+        fdef("s", rule("stp", action=Action.DROP), chain="stp", priority=-810),
     ]
     rs = build(filters, binding("top"))
     chains = rs.chains(Hook.FROM_VM)  # type: ignore[attr-defined]
@@ -432,3 +434,12 @@ def test_clean_traffic_with_ip_list_expands_and_needs_ip() -> None:
     ]
     with pytest.raises(UnresolvedError, match="'IP'"):
         compile_binding(binding("clean-traffic"), filters)
+
+
+def test_stp_chain_default_priority_is_libvirts() -> None:
+    filters = [
+        fdef("top", ref("s"), rule(None, action=Action.DROP, priority=1)),
+        fdef("s", rule("stp", action=Action.DROP), chain="stp"),
+    ]
+    root = build(filters, binding("top")).chains(Hook.FROM_VM)[0].rules
+    assert [(r.verdict, r.priority) for r in root] == [(Verdict.JUMP, 0), (Verdict.DROP, 1)]
