@@ -25,6 +25,7 @@ from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.commands.context import DEFAULT_ROOT
 from nwfilter.conf import format_binding, format_filter, parse_binding
+from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError, ValidationError
 from nwfilter.render_text import render_text
@@ -149,6 +150,7 @@ class Server(socketserver.ThreadingUnixStreamServer):
         self.engine = engine
         self.path = path
         self.monitor: NftMonitor | None = None
+        self.domains: DomainManager | None = None
         if path.exists() or path.is_symlink():
             path.unlink()
         old_umask = os.umask(0o177)
@@ -162,9 +164,18 @@ def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None)
     """Start the engine and a server for it; the caller runs `serve_forever`."""
     engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
     engine.start()
+    # Domains that survived a restart are found again (their filters were
+    # re-applied by the engine) and the ones marked autostart are started.
+    manager = DomainManager.for_engine(engine, netns=netns)
+    try:
+        manager.start(autostart=True)
+    except BaseException:
+        engine.close()
+        raise
     path = socket_path or root / "run" / "nwfilterd.sock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     server = Server(path, engine)
+    server.domains = manager
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.

@@ -64,3 +64,31 @@ def test_bindings_and_errors(server: Server) -> None:
         assert err.value.code in (ErrorCode.INVALID, ErrorCode.XML)
         client.call("binding.delete", {"portdev": "vnet0"})
         assert client.call("binding.list") == []
+
+
+def test_daemon_starts_autostart_domains(tmp_path: Path) -> None:
+    from nwfilter.backends.memory import MemoryBackend
+    from nwfilter.domain.driver import DomainManager
+    from nwfilter.engine import Engine
+
+    root = tmp_path / "root"
+    engine = Engine(root, MemoryBackend())
+    engine.start()
+    manager = DomainManager.for_engine(engine)
+    manager.start()
+    manager.define_xml(
+        "<domain type='test'><name>auto1</name><devices><interface type='bridge'>"
+        "<mac address='52:54:00:00:00:07'/><source bridge='br0'/>"
+        "<filterref filter='clean-traffic'><parameter name='IP' value='10.0.0.7'/>"
+        "</filterref></interface></devices></domain>"
+    )
+    manager.set_autostart("auto1", True)
+    engine.close()
+    srv = serve(root, "memory", None, tmp_path / "d.sock")
+    try:
+        assert srv.domains is not None
+        assert [row.name for row in srv.domains.list_domains()] == ["auto1"]
+        assert [b.owner_name for b in srv.engine.list_bindings()] == ["auto1"]
+    finally:
+        srv.server_close()
+        srv.engine.close()
