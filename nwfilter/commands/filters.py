@@ -15,46 +15,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from nwfilter.conf import format_filter
 from nwfilter.errors import NwfilterError, StorageError, ValidationError
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
-    from nwfilter.pool import FilterPool
+    from nwfilter.engine import Engine
 
 # The choices virsh offers after a failed edit; we keep the two that matter.
 EDIT_PROMPT = "Failed. Try again? [y,n,i,f,?]: "
 EDIT_HELP = "y - yes, start editor again\nn - no, throw away my changes\n? - print this help\n"
-
-
-class _DefineResult(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def created(self) -> bool: ...
-
-    @property
-    def changed(self) -> bool: ...
-
-    def describe(self) -> str:
-        """The change and the ports it rebuilds, as lines of text."""
-        ...
-
-
-class _FilterService(Protocol):
-    """The part of the engine these commands use."""
-
-    @property
-    def pool(self) -> FilterPool: ...
-
-    def define_filter(
-        self, xml: str | bytes, *, source: str = "", dry_run: bool = False
-    ) -> _DefineResult: ...
-
-    def undefine_filter(self, name_or_uuid: str) -> object: ...
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,9 +60,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=cmd_edit)
 
 
-def _service(ctx: Context) -> _FilterService:
-    engine: _FilterService = ctx.engine()
-    return engine
+def _service(ctx: Context) -> Engine:
+    return ctx.engine()
 
 
 def _read_input(path: str) -> str:
@@ -110,8 +81,12 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     result = service.define_filter(xml, source=args.file, dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(_with_newline(result.describe()))
+    elif not result.changed:
+        print(f"Network filter {result.name} defined from {args.file} (unchanged)")
     else:
-        print(f"Network filter {result.name} defined from {args.file}")
+        rebuilt = len(result.rebuilt)
+        note = f"; {rebuilt} port{'s' if rebuilt != 1 else ''} rebuilt" if rebuilt else ""
+        print(f"Network filter {result.name} defined from {args.file}{note}")
     return 0
 
 
@@ -176,7 +151,7 @@ def editor_command() -> list[str]:
 
 
 def edit_filter(
-    service: _FilterService,
+    service: Engine,
     name_or_uuid: str,
     *,
     stdin: TextIO,
