@@ -47,6 +47,9 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 def test_define_list_dumpxml_undefine(cli: Cli, tmp_path: Path) -> None:
     path = write(tmp_path, "web.xml", WEB)
     assert cli("nwfilter-define", path) == (0, f"Network filter web defined from {path}\n", "")
+    assert cli("nwfilter-define", path) == (
+        0, f"Network filter web defined from {path} (unchanged)\n", ""
+    )
     status, out, _ = cli("nwfilter-list")
     assert status == 0
     lines = out.split("\n")
