@@ -47,8 +47,11 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 def test_define_list_dumpxml_undefine(cli: Cli, tmp_path: Path) -> None:
     path = write(tmp_path, "web.xml", WEB)
     assert cli("nwfilter-define", path) == (0, f"Network filter web defined from {path}\n", "")
-    assert cli("nwfilter-define", path) == (
-        0, f"Network filter web defined from {path} (unchanged)\n", ""
+    # Without a <uuid> the second define would name a new filter (libvirt
+    # refuses that); the dumped form carries the uuid and changes nothing.
+    dumped = write(tmp_path, "web-dumped.xml", cli("nwfilter-dumpxml", "web")[1])
+    assert cli("nwfilter-define", dumped) == (
+        0, f"Network filter web defined from {dumped} (unchanged)\n", ""
     )
     status, out, _ = cli("nwfilter-list")
     assert status == 0
