@@ -33,6 +33,7 @@ from nwfilter.errors import (
     ConflictError,
     NotFoundError,
     NwfilterError,
+    StateError,
 )
 from nwfilter.ir import Changes, Port, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
@@ -141,28 +142,35 @@ class Engine:
         self._learnt_generation = 0
         self._state = threading.Lock()  # leaf lock for start/close bookkeeping
         self._started = False
+        self._read_only = False
         self.pool.set_usage_provider(self._usage)
 
     # ------------------------------------------------------------ life cycle
 
-    def start(self) -> list[str]:
+    def start(self, *, read_only: bool = False) -> list[str]:
         """Load the pool and the bindings and re-apply every binding.
 
         The backend's state is replaced wholesale in one transaction, so
         whatever an earlier process left is brought in line.  A binding that
         cannot be compiled fails closed: its port drops everything until its
         filters are fixed, and a warning says why.  Returns the warnings.
+
+        With `read_only` the kernel is not touched: the engine answers
+        queries (and dry runs) and refuses every change.
         """
         self._root_lock.acquire(self._lock_timeout)
         try:
-            return self._start()
+            return self._start(read_only)
         except BaseException:
             self._root_lock.release()
             raise
 
-    def _start(self) -> list[str]:
+    def _start(self, read_only: bool) -> list[str]:
         warnings = self.pool.load()
         warnings.extend(self.bindings.load())
+        self._read_only = read_only
+        if read_only:
+            return warnings
         self.backend.probe()
         with self.pool.lock.read(), self.bindings.lock:
             compiler = Compiler(self.pool.snapshot())
@@ -216,6 +224,10 @@ class Engine:
                 )
         return warnings
 
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise StateError("this engine was started read-only; it makes no changes")
+
     def close(self) -> None:
         """Stop using the engine; the kernel keeps the rules of every binding."""
         with self._state:
@@ -228,6 +240,8 @@ class Engine:
         self, xml: str | bytes, *, source: str = "", dry_run: bool = False
     ) -> DefineOutcome:
         """Define (or redefine) a filter and rebuild every binding it reaches."""
+        if not dry_run:
+            self._check_writable()
         fdef = parse_filter(xml, source=source)
         # Compile outside the driver and pool write locks, against a snapshot;
         # under the locks the work is reused if nothing changed meanwhile, so
@@ -322,6 +336,7 @@ class Engine:
 
     def undefine_filter(self, name_or_uuid: str) -> UndefineResult:
         """Undefine a filter that no filter and no binding uses."""
+        self._check_writable()
         with self.coordinator.filter_change(), self.pool.lock.write():
             return self.pool.undefine_locked(name_or_uuid)
 
@@ -350,6 +365,7 @@ class Engine:
 
     def create_bindings(self, defs: Sequence[BindingDef]) -> None:
         """Bind ports to filters, all or nothing, in one kernel transaction."""
+        self._check_writable()
         seen: set[str] = set()
         for binding in defs:
             validate_portdev(binding.portdev)
@@ -380,6 +396,7 @@ class Engine:
 
     def delete_binding(self, portdev: str) -> None:
         """Remove a port's rules and forget its binding."""
+        self._check_writable()
         with self.bindings.lock:
             if self.bindings.get(portdev) is None:
                 raise NotFoundError(f"no binding for port '{portdev}'")
@@ -408,6 +425,7 @@ class Engine:
 
     def set_learnt(self, portdev: str, var: str, values: Sequence[str]) -> None:
         """Record learnt values of a variable (e.g. IP) and re-apply the port."""
+        self._check_writable()
         with self.pool.lock.read(), self.bindings.lock:
             learnt = dict(self._learnt.get(portdev, {}))
             if values:

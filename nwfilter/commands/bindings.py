@@ -72,7 +72,7 @@ def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def list_handler(args: argparse.Namespace, ctx: Context) -> int:
-    bindings = ctx.engine().list_bindings()
+    bindings = ctx.engine(read_only=True).list_bindings()
     rows = [(b.portdev, b.filterref.filter) for b in bindings]
     width = max([len("Port Dev"), *(len(r[0]) for r in rows)]) + 2
     header = f" {'Port Dev':<{width}}Filter"
@@ -85,7 +85,7 @@ def list_handler(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
-    engine = ctx.engine()
+    engine = ctx.engine(read_only=True)
     binding = engine.binding(args.portdev)
     text = format_binding(binding)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")

@@ -23,8 +23,9 @@ class Context:
     def root_path(self) -> Path:
         return Path(self.root)
 
-    def engine(self, *, backend: str | None = None) -> Engine:
-        """The engine for this state root, loaded and with its bindings re-applied."""
+    def engine(self, *, backend: str | None = None, read_only: bool = False) -> Engine:
+        """The engine for this state root, loaded and with its bindings
+        re-applied; with `read_only` (for queries) the kernel is not touched."""
         if self._engine is None:
             from nwfilter.backends import get_backend
             from nwfilter.engine import Engine
@@ -32,7 +33,7 @@ class Context:
             self._engine = Engine(
                 self.root_path, get_backend(backend or self.backend, self.netns)
             )
-            self._engine.start()
+            self._engine.start(read_only=read_only)
         return self._engine
 
     def close(self) -> None:

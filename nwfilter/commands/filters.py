@@ -60,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=cmd_edit)
 
 
-def _service(ctx: Context) -> Engine:
-    return ctx.engine()
+def _service(ctx: Context, *, read_only: bool = False) -> Engine:
+    return ctx.engine(read_only=read_only)
 
 
 def _read_input(path: str) -> str:
@@ -77,7 +77,7 @@ def _read_input(path: str) -> str:
 
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     xml = _read_input(args.file)
-    service = _service(ctx)
+    service = _service(ctx, read_only=args.dry_run)
     result = service.define_filter(xml, source=args.file, dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(_with_newline(result.describe()))
@@ -99,7 +99,7 @@ def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    infos = _service(ctx).pool.list_info()
+    infos = _service(ctx, read_only=True).pool.list_info()
     if args.json:
         rows = [
             {
@@ -127,7 +127,7 @@ def format_list_table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
-    fdef = _service(ctx).pool.lookup(args.filter)
+    fdef = _service(ctx, read_only=True).pool.lookup(args.filter)
     sys.stdout.write(_with_newline(format_filter(fdef)))
     return 0
 

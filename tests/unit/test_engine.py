@@ -17,6 +17,7 @@ from nwfilter.errors import (
     InUseError,
     LockOrderError,
     NotFoundError,
+    StateError,
     StorageError,
     UnresolvedError,
 )
@@ -278,3 +279,27 @@ def test_one_engine_per_state_root(tmp_path: Path) -> None:
     first.close()
     second.start()
     second.close()
+
+
+def test_read_only_engine_answers_queries_and_changes_nothing(tmp_path: Path) -> None:
+    first = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK)
+    first.start()
+    first.create_bindings([make("vnet0")])
+    first.close()
+    be = MemoryBackend()
+    ro = Engine(tmp_path, be, stock_dir=STOCK)
+    ro.start(read_only=True)
+    assert not be.probed and be.attempts == 0
+    assert [b.portdev for b in ro.list_bindings()] == ["vnet0"]
+    assert "52:54:00" in render_text(ro.ruleset("vnet0"))
+    assert ro.define_filter(SPOOF, dry_run=True).rebuilt == ("vnet0",)
+    for change in (
+        lambda: ro.define_filter(SPOOF),
+        lambda: ro.undefine_filter("allow-arp"),
+        lambda: ro.create_bindings([make("vnet1")]),
+        lambda: ro.delete_binding("vnet0"),
+    ):
+        with pytest.raises(StateError):
+            change()
+    assert be.attempts == 0
+    ro.close()
