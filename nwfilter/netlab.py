@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.errors import NwfilterError, UnavailableError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,10 @@ def in_netns(name: str | None) -> Iterator[None]:
     try:
         target_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise NwfilterError(f"network namespace '{name}' cannot be opened: {exc}") from exc
+        raise UnavailableError(
+            f"network namespace '{name}' cannot be opened: {exc.strerror}"
+            + (" (create it with 'ip netns add')" if isinstance(exc, FileNotFoundError) else "")
+        ) from exc
     # /proc/thread-self, not /proc/self: the thread may already sit in a
     # different namespace than the process's main thread.
     own_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
