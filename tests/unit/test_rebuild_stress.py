@@ -15,13 +15,16 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from nwfilter.compile import Compiler
+from nwfilter.conf.model import BindingDef
 from nwfilter.domain.objects import DomainState
 from nwfilter.errors import InUseError, JobTimeoutError, NwfilterError, StateError
+from nwfilter.ir import Ruleset
 from nwfilter.locks import CHECKER, Level
-from tests.unit.domain.conftest import domain_xml, filter_xml, make_world
+from tests.unit.domain.conftest import World, domain_xml, filter_xml, make_world
 
 DURATION = 8.0
 DOMAINS = 12
@@ -38,9 +41,24 @@ def _dump_threads() -> str:
     return "\n".join(out)
 
 
+PortCheck = Callable[[BindingDef, Ruleset], None]
+
+
 def test_lifecycle_and_filter_changes_race_without_deadlock(tmp_path: Path) -> None:
-    CHECKER.reset_observed()
     world = make_world(tmp_path)
+
+    def recorded_rules_match(binding: BindingDef, want: Ruleset) -> None:
+        assert world.backend.rulesets[binding.portdev] == want, binding.portdev
+
+    race(world, DURATION, recorded_rules_match)
+
+
+def race(world: World, duration: float, check_port: PortCheck) -> None:
+    """Run the race on `world` for `duration` seconds, then check that no
+    thread is stuck, no lock was taken out of order, and (through
+    `check_port`) that each running domain's port holds what its current
+    filters compile to."""
+    CHECKER.reset_observed()
     engine, manager = world.engine, world.manager
     engine.define_filter(filter_xml("base", 22))
     engine.define_filter(filter_xml("app", 8000, ref="base"))
@@ -58,7 +76,7 @@ def test_lifecycle_and_filter_changes_race_without_deadlock(tmp_path: Path) -> N
     manager.define_xml(domain_xml("pinned", "test", filters=("app",)))
     manager.start_domain("pinned")
 
-    deadline = time.monotonic() + DURATION
+    deadline = time.monotonic() + duration
     errors: list[str] = []
     counts = {"ops": 0, "filter_changes": 0, "in_use_refusals": 0}
     count_lock = threading.Lock()
@@ -137,8 +155,7 @@ def test_lifecycle_and_filter_changes_race_without_deadlock(tmp_path: Path) -> N
         running += 1
         for binding in [b for b in engine.list_bindings() if b.owner_name == row.name]:
             expected_ports.add(binding.portdev)
-            want = compiler.compile(binding, None)
-            assert world.backend.rulesets[binding.portdev] == want, binding.portdev
+            check_port(binding, compiler.compile(binding, None))
     assert set(world.backend.ports()) == expected_ports
     assert set(world.backend.ports()) == {b.portdev for b in manager.binding_defs()}
     # nothing but the documented order was ever used

@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nwfilter.backends.base import Backend
 from nwfilter.backends.memory import MemoryBackend
 from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.testvm import TestHypervisor
@@ -52,7 +54,7 @@ def domain_xml(
 class World:
     root: Path
     engine: Engine
-    backend: MemoryBackend
+    backend: Any  # MemoryBackend, or a kernel backend in integration tests
     manager: DomainManager
     hv_a: TestHypervisor
     hv_b: TestHypervisor
@@ -70,8 +72,10 @@ class World:
         return World(self.root, engine, backend, manager, self.hv_a, self.hv_b)
 
 
-def make_world(root: Path) -> World:
-    backend = MemoryBackend()
+def make_world(root: Path, backend: Backend | None = None) -> World:
+    """Engine, manager and two test-hypervisor drivers on `backend`
+    (a fresh MemoryBackend unless given)."""
+    backend = backend if backend is not None else MemoryBackend()
     (root / "no-stock").mkdir(exist_ok=True)
     engine = Engine(root, backend, stock_dir=root / "no-stock")
     engine.start()
