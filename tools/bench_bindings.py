@@ -14,6 +14,7 @@ Usage: .venv/bin/python tools/bench_bindings.py [--ports N]
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -82,7 +83,8 @@ def main() -> int:
         engine.define_filter(spoof)
         report("edit it back", time.perf_counter() - t0)
         out = lab.run(host, ["nft", "list", "ruleset"], timeout=120).stdout
-        print(f"kernel ruleset: {out.count(chr(10))} lines, {out.count('chain ')} chains")
+        chains = len(re.findall(r"^\s*chain \S+ \{", out, re.M))
+        print(f"kernel ruleset: {out.count(chr(10))} lines, {chains} chains")
         engine.backend.clear_all()
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import socket
 import sys
 import threading
@@ -113,8 +114,8 @@ def main() -> int:
         timed(f"remove 1 port with {n} installed",
               lambda: backend.apply(Changes(remove=(sets[n // 2].port.portdev,))))
         out = lab.run(host, ["nft", "list", "ruleset"], timeout=60).stdout
-        print(f"kernel ruleset: {out.count(chr(10))} lines, "
-              f"{out.count('chain ')} chains")
+        chains = len(re.findall(r"^\s*chain \S+ \{", out, re.M))
+        print(f"kernel ruleset: {out.count(chr(10))} lines, {chains} chains")
         if args.throughput:
             lab.add_bridge(host, "br0")
             guests = []
