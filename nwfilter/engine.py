@@ -25,7 +25,7 @@ from pathlib import Path
 
 from nwfilter.backends.base import Backend
 from nwfilter.bindings import BindingTable, validate_portdev
-from nwfilter.compile import Compiler, gc_paused
+from nwfilter.compile import Compiler
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterDef
 from nwfilter.errors import (
@@ -35,6 +35,7 @@ from nwfilter.errors import (
     NwfilterError,
     StateError,
 )
+from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Port, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.rebuild import RebuildCoordinator

@@ -17,7 +17,6 @@ from nwfilter.compile.compiler import (
     compile_many,
     default_chain_priority,
     describe_match,
-    gc_paused,
     schema_parser,
 )
 
@@ -28,6 +27,5 @@ __all__ = [
     "compile_many",
     "default_chain_priority",
     "describe_match",
-    "gc_paused",
     "schema_parser",
 ]

@@ -658,15 +658,3 @@ def compile_many(
         for binding in bindings:
             out[binding.portdev] = compiler.compile(binding, (learnt or {}).get(binding.portdev))
     return out
-
-
-__all__ = [
-    "Compiler",
-    "ValueParser",
-    "compile_binding",
-    "compile_many",
-    "default_chain_priority",
-    "describe_match",
-    "gc_paused",
-    "schema_parser",
-]

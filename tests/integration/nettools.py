@@ -51,8 +51,11 @@ class FrameCatcher:
         self.sock.close()
 
 
-def tcp_server(ns: str, ip: str, port: int) -> tuple[socket.socket, threading.Thread]:
-    """Listen on ip:port in `ns`; each accepted connection gets b'ok' and is closed."""
+def tcp_server(
+    ns: str, ip: str, port: int, *, keep: list[socket.socket] | None = None
+) -> tuple[socket.socket, threading.Thread]:
+    """Listen on ip:port in `ns`; each accepted connection gets b'ok' and is
+    closed, or with `keep` left open and appended to it."""
     with in_netns(ns):
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,6 +71,10 @@ def tcp_server(ns: str, ip: str, port: int) -> tuple[socket.socket, threading.Th
                 continue
             except OSError:
                 return
+            if keep is not None:
+                conn.sendall(b"ok")
+                keep.append(conn)
+                continue
             with conn:
                 conn.sendall(b"ok")
 

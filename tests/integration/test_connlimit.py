@@ -4,7 +4,6 @@ filter language, the compiler, the nft backend and the kernel's conntrack."""
 from __future__ import annotations
 
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from nwfilter.conf.model import BindingDef, FilterRef
 from nwfilter.engine import Engine
 from nwfilter.netlab import in_netns
 from tests.integration.conftest import BridgeLab
+from tests.integration.nettools import tcp_server
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -29,31 +29,6 @@ LIMIT = """<filter name='conn-limit' chain='root'>
     <all/>
   </rule>
 </filter>"""
-
-
-def holding_server(ns: str, ip: str, port: int) -> tuple[socket.socket, list[socket.socket]]:
-    """Accept connections on ip:port in `ns` and keep them open."""
-    with in_netns(ns):
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((ip, port))
-    srv.listen(16)
-    srv.settimeout(0.2)
-    held: list[socket.socket] = []
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.sendall(b"ok")
-            held.append(conn)
-
-    threading.Thread(target=loop, daemon=True).start()
-    return srv, held
 
 
 def connect(ns: str, ip: str, port: int) -> socket.socket | None:
@@ -87,7 +62,8 @@ def test_connlimit_above_refuses_the_third_connection(lab: BridgeLab, engine: En
     engine.create_bindings([
         BindingDef("srv", uuid.uuid4(), server.portdev, server.mac, FilterRef("conn-limit"))
     ])
-    srv, held = holding_server(server.ns, server.ip, PORT)
+    held: list[socket.socket] = []
+    srv, _ = tcp_server(server.ns, server.ip, PORT, keep=held)
     opened: list[socket.socket] = []
     try:
         for _ in range(2):

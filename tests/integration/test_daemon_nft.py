@@ -13,15 +13,10 @@ import pytest
 from nwfilter.client import Client
 from nwfilter.daemon import Server, close, serve
 from nwfilter.netlab import NetLab
+from tests.unit.test_daemon import BINDING
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
-BINDING = """<filterbinding>
-  <owner><name>vm1</name><uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a11</uuid></owner>
-  <portdev name='vnet0'/>
-  <mac address='52:54:00:00:00:01'/>
-  <filterref filter='clean-traffic'><parameter name='IP' value='10.0.0.2'/></filterref>
-</filterbinding>"""
 
 
 @pytest.fixture
