@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from nwfilter.compile import Compiler
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterDef
 from nwfilter.errors import (
-    BackendError,
     ConflictError,
     NotFoundError,
     NwfilterError,
@@ -134,15 +132,14 @@ class Engine:
         self.backend = backend
         self._root_lock = RootLock(self.root, owner)
         self._lock_timeout = lock_timeout
-        self.pool = FilterPool(self.root / "nwfilter", stock_dir=stock_dir)
+        self.pool = FilterPool.for_root(self.root, stock_dir=stock_dir)
         self.bindings = BindingTable(self.root / "run" / "bindings")
         self.coordinator = RebuildCoordinator()
         # Guarded by bindings.lock: what we applied, and what was learnt.
         self._applied: dict[str, Ruleset] = {}
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
         self._learnt_generation = 0
-        self._state = threading.Lock()  # leaf lock for start/close bookkeeping
-        self._started = False
+        self._started = False  # set by start(), cleared by close()
         self._read_only = False
         self.pool.set_usage_provider(self._usage)
 
@@ -171,6 +168,7 @@ class Engine:
         warnings.extend(self.bindings.load())
         self._read_only = read_only
         if read_only:
+            self._started = True
             return warnings
         self.backend.probe()
         with self.pool.lock.read(), self.bindings.lock:
@@ -179,10 +177,7 @@ class Engine:
                 rulesets, failed = self._compile_start(compiler)
             warnings.extend(failed)
             warnings.extend(self._apply_start(rulesets))
-        for text in warnings:
-            log.warning("%s", text)
-        with self._state:
-            self._started = True
+        self._started = True
         return warnings
 
     def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
@@ -197,6 +192,7 @@ class Engine:
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "
                     f"compiled: {exc.message}"
                 )
+                log.warning("%s", warnings[-1])
                 rs = drop_all(_port_of(binding))
             rulesets.append(rs)
         return rulesets, warnings
@@ -207,7 +203,7 @@ class Engine:
             for rs in rulesets:
                 self._applied[rs.port.portdev] = rs
             return []
-        except BackendError as exc:
+        except NwfilterError as exc:
             warnings = [f"re-applying all bindings at once failed: {exc.message}"]
         # Fail closed first (every port drops), then bring ports up one by one.
         closed = tuple(drop_all(rs.port) for rs in rulesets)
@@ -218,21 +214,24 @@ class Engine:
             try:
                 self.backend.apply(Changes(set=(rs,)))
                 self._applied[rs.port.portdev] = rs
-            except BackendError as exc:
+            except NwfilterError as exc:
                 warnings.append(
                     f"port '{rs.port.portdev}' drops all traffic: its rules were refused: "
                     f"{exc.message}"
                 )
+        for text in warnings:
+            log.warning("%s", text)
         return warnings
 
     def _check_writable(self) -> None:
+        if not self._started:
+            raise StateError("the engine is not started; it makes no changes")
         if self._read_only:
             raise StateError("this engine was started read-only; it makes no changes")
 
     def close(self) -> None:
         """Stop using the engine; the kernel keeps the rules of every binding."""
-        with self._state:
-            self._started = False
+        self._started = False
         self._root_lock.release()
 
     # --------------------------------------------------------------- filters
@@ -243,26 +242,27 @@ class Engine:
         """Define (or redefine) a filter and rebuild every binding it reaches."""
         if not dry_run:
             self._check_writable()
-        fdef = parse_filter(xml, source=source)
+        # The canonical form (what the pool stores and a reload gives) is made
+        # once, here, outside every lock.
+        fdef, text = self.pool.canonical(parse_filter(xml, source=source))
         # Compile outside the driver and pool write locks, against a snapshot;
         # under the locks the work is reused if nothing changed meanwhile, so
         # the locks are held for the kernel transaction, not for the compile.
-        prepared = self._prepare_define(fdef)
+        prepared = self._prepare_define(fdef, text, dry_run)
         with self.coordinator.filter_change():
-            outcome = self._define_locked(fdef, dry_run, prepared)
+            outcome = self._define_locked(fdef, text, dry_run, prepared)
         return outcome
 
-    def _prepare_define(self, fdef: FilterDef) -> _PreparedDefine | None:
+    def _prepare_define(self, fdef: FilterDef, text: str, dry_run: bool) -> _PreparedDefine | None:
         with self.pool.lock.read():
             try:
-                result = self.pool.check_define(fdef)
+                result = self.pool.check_define(fdef, text=text)
             except NwfilterError:
                 return None  # reported with the locks held, where it counts
             pool_gen = self.pool.generation
-            snapshot = dict(self.pool.snapshot())
+            snapshot = {**self.pool.snapshot(), fdef.name: fdef}
         if not result.changed:
             return None
-        snapshot[fdef.name] = fdef
         with self.bindings.lock:
             bindings_gen = self.bindings.generation + self._learnt_generation
             affected = self.bindings.using(result.affected)
@@ -270,16 +270,18 @@ class Engine:
         compiler = Compiler(snapshot)
         try:
             with gc_paused():
-                new = [self._compile(compiler, b, learnt[b.portdev]) for b in affected]
+                new = [
+                    self._compile(compiler, b, learnt[b.portdev], check=dry_run) for b in affected
+                ]
         except NwfilterError:
             return None  # compiled again under the locks, which raises there
         return _PreparedDefine(pool_gen, bindings_gen, tuple(affected), tuple(new))
 
     def _define_locked(
-        self, fdef: FilterDef, dry_run: bool, prepared: _PreparedDefine | None
+        self, fdef: FilterDef, text: str, dry_run: bool, prepared: _PreparedDefine | None
     ) -> DefineOutcome:
         with self.pool.lock.write():
-            result = self.pool.check_define(fdef)
+            result = self.pool.check_define(fdef, text=text)
 
             def outcome(
                 changed: bool, rebuilt: tuple[str, ...] = (), diffs: tuple[PortDiff, ...] = ()
@@ -300,12 +302,10 @@ class Engine:
                 ):
                     affected, new = list(prepared.affected), list(prepared.rulesets)
                 else:
-                    snapshot = dict(self.pool.snapshot())
-                    snapshot[fdef.name] = fdef
                     affected = self.bindings.using(result.affected)
-                    compiler = Compiler(snapshot)
+                    compiler = Compiler({**self.pool.snapshot(), fdef.name: fdef})
                     with gc_paused():
-                        new = [self._compile(compiler, b) for b in affected]
+                        new = [self._compile(compiler, b, check=dry_run) for b in affected]
                 old = {b.portdev: self._applied.get(b.portdev) for b in affected}
                 rebuilt = tuple(b.portdev for b in affected)
                 if dry_run:
@@ -316,7 +316,7 @@ class Engine:
                 if new:
                     self.backend.apply(Changes(set=tuple(new)))
                 try:
-                    self.pool.define_locked(fdef)
+                    self.pool.define_locked(fdef, text=text)
                 except NwfilterError:
                     if new:
                         self._restore(old)
@@ -354,12 +354,18 @@ class Engine:
         compiler: Compiler,
         binding: BindingDef,
         learnt: Mapping[str, Sequence[str]] | None = None,
+        *,
+        check: bool = False,
     ) -> Ruleset:
+        """Compile one binding.  `check` asks the backend whether it can
+        express the result; paths that apply it next skip that, since the
+        backend refuses an inexpressible rule before touching the kernel."""
         if learnt is None:
             learnt = self._learnt.get(binding.portdev)
         try:
             rs = compiler.compile(binding, learnt)
-            self.backend.check(rs)
+            if check:
+                self.backend.check(rs)
         except NwfilterError as exc:
             raise type(exc)(f"port '{binding.portdev}': {exc.message}", exc.code) from exc
         return rs
@@ -402,7 +408,11 @@ class Engine:
             if self.bindings.get(portdev) is None:
                 raise NotFoundError(f"no binding for port '{portdev}'")
             self.backend.clear(portdev)
-            self.bindings.remove_locked(portdev)
+            try:
+                self.bindings.remove_locked(portdev)
+            except NwfilterError:
+                self._restore({portdev: self._applied.get(portdev)})
+                raise
             self._applied.pop(portdev, None)
             self._learnt.pop(portdev, None)
 
@@ -422,7 +432,7 @@ class Engine:
         if applied is not None:
             return applied
         with self.pool.lock.read():
-            return self._compile(Compiler(self.pool.snapshot()), binding)
+            return self._compile(Compiler(self.pool.snapshot()), binding, check=True)
 
     def set_learnt(self, portdev: str, var: str, values: Sequence[str]) -> None:
         """Record learnt values of a variable (e.g. IP) and re-apply the port."""
@@ -434,22 +444,13 @@ class Engine:
             else:
                 learnt.pop(var, None)
             binding = self.bindings.get(portdev)
-            self._learnt_generation += 1
             if binding is not None:
-                old = self._learnt.get(portdev)
-                self._learnt[portdev] = learnt
-                try:
-                    rs = self._compile(Compiler(self.pool.snapshot()), binding)
-                except NwfilterError:
-                    if old is None:
-                        self._learnt.pop(portdev, None)
-                    else:
-                        self._learnt[portdev] = old
-                    raise
+                rs = self._compile(Compiler(self.pool.snapshot()), binding, learnt)
                 self.backend.apply(Changes(set=(rs,)))
                 self._applied[portdev] = rs
-            else:
-                self._learnt[portdev] = learnt
+            # Recorded only once the kernel holds the rules that use it.
+            self._learnt[portdev] = learnt
+            self._learnt_generation += 1
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))

@@ -35,8 +35,10 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from nwfilter.conf import format_filter, parse_filter
+from nwfilter.conf import parse_filter
+from nwfilter.conf.filter_xml import filter_element
 from nwfilter.conf.model import FilterDef
+from nwfilter.conf.safexml import serialize
 from nwfilter.conf.schema import chain_priority
 from nwfilter.errors import (
     ConflictError,
@@ -264,12 +266,14 @@ class FilterPool:
             return
         new_names: list[str] = []
         for path in sorted(self.stock_dir.glob("*.xml")):
+            if path.stem in seeded:
+                continue  # a stock file is named after its filter (checked on read)
             fdef = self._read_file(path, warnings)
             if fdef is None or fdef.name in seeded:
                 continue
             target = self.config_dir / f"{fdef.name}.xml"
             if not target.exists():
-                atomic_write(target, format_filter(fdef))
+                atomic_write(target, self.canonical(fdef)[1])
                 log.info("seeded stock filter '%s'", fdef.name)
             new_names.append(fdef.name)
         if new_names:
@@ -382,23 +386,28 @@ class FilterPool:
 
     # ---------------------------------------------------------------- define
 
-    def check_define(self, fdef: FilterDef) -> DefineResult:
+    def check_define(self, fdef: FilterDef, *, text: str | None = None) -> DefineResult:
         """Validate a define without changing anything (for dry runs).
 
-        Raises `ValidationError` (unsafe name), `ConflictError` (name or UUID
-        taken by another filter) or `LoopError` (the cycle, by name).
+        `text` says `fdef` came from `canonical()` already (with that text),
+        which spares the caller a second format and parse.  Raises
+        `ValidationError` (unsafe name), `ConflictError` (name or UUID taken
+        by another filter) or `LoopError` (the cycle, by name).
         """
-        return self._check_define(self._canonical(fdef)[0])
+        if text is None:
+            fdef, text = self.canonical(fdef)
+        return self._check_define(fdef)
 
     @staticmethod
-    def _canonical(fdef: FilterDef) -> tuple[FilterDef, str]:
+    def canonical(fdef: FilterDef) -> tuple[FilterDef, str]:
         """The definition as it reads back from its file, and that file's text.
 
         Formatting fills in libvirt's defaults (a chain's priority, ...), so
-        the pool keeps what a reload would give, not what it was handed.
+        the pool keeps what a reload would give, not what it was handed; the
+        parse of the text is also the check that it can be printed.
         """
         validate_filter_name(fdef.name)
-        text = format_filter(fdef)
+        text = serialize(filter_element(fdef))
         return parse_filter(text, source=f"filter '{fdef.name}'"), text
 
     def _check_define(self, fdef: FilterDef) -> DefineResult:
@@ -433,9 +442,11 @@ class FilterPool:
         with self.lock.write():
             return self.define_locked(fdef)
 
-    def define_locked(self, fdef: FilterDef) -> DefineResult:
-        """`define` for a caller that holds `lock` for writing."""
-        fdef, text = self._canonical(fdef)
+    def define_locked(self, fdef: FilterDef, *, text: str | None = None) -> DefineResult:
+        """`define` for a caller that holds `lock` for writing (`text` as in
+        `check_define`)."""
+        if text is None:
+            fdef, text = self.canonical(fdef)
         with self._mutex:
             result = self._check_define(fdef)
             if not result.changed:

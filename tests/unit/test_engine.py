@@ -149,7 +149,7 @@ def test_define_file_write_failure_restores_old_rules(
     be = backend(engine)
     old = render_text(be.rulesets["vnet0"])
 
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise StorageError("disk full")
 
     monkeypatch.setattr(engine.pool, "define_locked", fail)
@@ -303,3 +303,33 @@ def test_read_only_engine_answers_queries_and_changes_nothing(tmp_path: Path) ->
             change()
     assert be.attempts == 0
     ro.close()
+
+
+def test_refused_learnt_values_are_not_recorded(engine: Engine) -> None:
+    engine.create_bindings([make("vnet0", filter_name="no-ip-spoofing")])
+    backend(engine).fail_on.add("vnet0")
+    with pytest.raises(BackendError):
+        engine.set_learnt("vnet0", "IP", ["10.0.0.9"])
+    assert engine.learnt("vnet0") == {}
+
+
+def test_failed_binding_removal_puts_the_rules_back(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.create_bindings([make("vnet0")])
+    before = render_text(backend(engine).rulesets["vnet0"])
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise StorageError("read-only file system")
+
+    monkeypatch.setattr(engine.bindings, "remove_locked", fail)
+    with pytest.raises(StorageError):
+        engine.delete_binding("vnet0")
+    assert render_text(backend(engine).rulesets["vnet0"]) == before
+    assert engine.binding("vnet0").portdev == "vnet0"
+
+
+def test_an_engine_that_is_not_started_changes_nothing(tmp_path: Path) -> None:
+    engine = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK)
+    with pytest.raises(StateError, match="not started"):
+        engine.create_bindings([make("vnet0")])
