@@ -491,18 +491,10 @@ class FilterPool:
     def undefine_locked(self, name_or_uuid: str) -> UndefineResult:
         """`undefine` for a caller that holds `lock` for writing."""
         # The usage provider is called outside the mutex; the caller's
-        # write lock keeps other changes out in between.
+        # write lock keeps every other change out until we are done.
         result = self.check_undefine(name_or_uuid)
         with self._mutex:
-            fdef = self._defs.get(result.name)
-            if fdef is None or fdef.uuid != result.uuid:
-                raise NotFoundError(f"network filter '{result.name}' was undefined meanwhile")
-            referrers = self.referrers(fdef.name)
-            if referrers:
-                raise InUseError(
-                    f"filter '{fdef.name}' is in use by "
-                    + ", ".join(f"filter '{r}'" for r in referrers)
-                )
+            fdef = self._defs[result.name]
             atomic_remove(self._path(fdef.name))
             defs = dict(self._defs)
             del defs[fdef.name]
@@ -573,13 +565,11 @@ def _find_cycle(
     bwd: dict[str, str | None] = {name: None}
     fwd_frontier: deque[str] = deque(starts)
     bwd_frontier: deque[str] = deque([name])
-    meet = next((s for s in starts if s in bwd), None)
+    meet: str | None = None  # `name` is not among `starts` (checked above)
     while meet is None and fwd_frontier and bwd_frontier:
         if len(fwd_frontier) <= len(bwd_frontier):
             nxt: deque[str] = deque()
             for node in fwd_frontier:
-                if node == name:
-                    continue
                 for succ in sorted(graph.successors(node)):
                     if succ in fwd:
                         continue
