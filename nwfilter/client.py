@@ -28,10 +28,15 @@ class Client:
         request_id = next(self._ids)
         request = {"id": request_id, "method": method, "params": params or {}}
         self._sock.sendall(protocol.encode(request))
-        line = self._reader.readline(protocol.MAX_LINE + 1)
-        if not line:
+        try:
+            reply = protocol.read_message(self._reader)
+        except protocol.MessageTooLargeError:
+            # the rest of the oversized reply would be taken for the next one
+            self.close()
+            raise
+        if reply is None:
             raise UnavailableError("nwfilterd closed the connection")
-        return protocol.raise_for_reply(protocol.decode(line))
+        return protocol.raise_for_reply(reply)
 
     def close(self) -> None:
         self._reader.close()

@@ -55,16 +55,7 @@ def _filter_undefine(engine: Engine, params: dict[str, Any]) -> Any:
 
 
 def _filter_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return [
-        {
-            "name": info.name,
-            "uuid": str(info.uuid),
-            "chain": info.chain,
-            "priority": info.priority,
-            "rules": info.rule_count,
-        }
-        for info in engine.pool.list_info()
-    ]
+    return protocol.filter_rows(engine.pool.list_info())
 
 
 def _filter_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
@@ -132,15 +123,23 @@ class _Connection(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         while True:
-            line = self.rfile.readline(protocol.MAX_LINE + 1)
-            if not line:
-                return
             try:
-                reply = dispatch(self.server.engine, protocol.decode(line))
+                request = protocol.read_message(self.rfile)
+            except protocol.MessageTooLargeError as exc:
+                # The rest of the line would be read as requests: answer
+                # once and drop the connection.
+                self._send(protocol.error_reply(None, exc))
+                return
             except NwfilterError as exc:
-                reply = protocol.error_reply(None, exc)
-            self.wfile.write(protocol.encode(reply))
-            self.wfile.flush()
+                self._send(protocol.error_reply(None, exc))
+                continue
+            if request is None:
+                return
+            self._send(dispatch(self.server.engine, request))
+
+    def _send(self, reply: dict[str, Any]) -> None:
+        self.wfile.write(protocol.encode(reply))
+        self.wfile.flush()
 
 
 class Server(socketserver.ThreadingUnixStreamServer):

@@ -1,8 +1,9 @@
 """The error hierarchy of nwfilter and its stable codes.
 
 Every error raised on purpose by the engine is an `NwfilterError` carrying an
-`ErrorCode`.  The command line and the daemon map codes to exit statuses and
-wire replies in one table (`EXIT_STATUS`), never by parsing messages.
+`ErrorCode`.  The command line maps codes to exit statuses in one table
+(`EXIT_STATUS`); the daemon sends the code on the wire and the client raises
+the class `ERROR_CLASSES` gives for it, never by parsing messages.
 """
 
 from __future__ import annotations
@@ -28,25 +29,6 @@ class ErrorCode(Enum):
     LOCK_ORDER = "lock-order"  # lock-order checker found an inversion
     STATE = "invalid-state"  # operation not valid in the object's current state
     INTERNAL = "internal-error"
-
-
-EXIT_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.XML: 2,
-    ErrorCode.INVALID: 2,
-    ErrorCode.NOT_FOUND: 3,
-    ErrorCode.CONFLICT: 4,
-    ErrorCode.IN_USE: 4,
-    ErrorCode.LOOP: 4,
-    ErrorCode.UNRESOLVED: 5,
-    ErrorCode.UNSUPPORTED: 5,
-    ErrorCode.BACKEND: 6,
-    ErrorCode.UNAVAILABLE: 6,
-    ErrorCode.STORAGE: 7,
-    ErrorCode.TIMEOUT: 8,
-    ErrorCode.LOCK_ORDER: 9,
-    ErrorCode.STATE: 4,
-    ErrorCode.INTERNAL: 1,
-}
 
 
 class NwfilterError(Exception):
@@ -132,3 +114,48 @@ class LockOrderError(NwfilterError):
 
 class StateError(NwfilterError):
     code = ErrorCode.STATE
+
+
+# --- the edge: exit statuses and wire replies -----------------------------------
+
+EXIT_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.XML: 2,
+    ErrorCode.INVALID: 2,
+    ErrorCode.NOT_FOUND: 3,
+    ErrorCode.CONFLICT: 4,
+    ErrorCode.IN_USE: 4,
+    ErrorCode.LOOP: 4,
+    ErrorCode.UNRESOLVED: 5,
+    ErrorCode.UNSUPPORTED: 5,
+    ErrorCode.BACKEND: 6,
+    ErrorCode.UNAVAILABLE: 6,
+    ErrorCode.STORAGE: 7,
+    ErrorCode.TIMEOUT: 8,
+    ErrorCode.LOCK_ORDER: 9,
+    ErrorCode.STATE: 4,
+    ErrorCode.INTERNAL: 1,
+}
+
+#: the class a wire reply's code is raised as again on the client side
+ERROR_CLASSES: dict[ErrorCode, type[NwfilterError]] = {
+    ErrorCode.XML: XMLError,
+    ErrorCode.INVALID: ValidationError,
+    ErrorCode.NOT_FOUND: NotFoundError,
+    ErrorCode.CONFLICT: ConflictError,
+    ErrorCode.IN_USE: InUseError,
+    ErrorCode.LOOP: LoopError,
+    ErrorCode.UNRESOLVED: UnresolvedError,
+    ErrorCode.UNSUPPORTED: UnsupportedError,
+    ErrorCode.BACKEND: BackendError,
+    ErrorCode.UNAVAILABLE: UnavailableError,
+    ErrorCode.STORAGE: StorageError,
+    ErrorCode.TIMEOUT: JobTimeoutError,
+    ErrorCode.LOCK_ORDER: LockOrderError,
+    ErrorCode.STATE: StateError,
+    ErrorCode.INTERNAL: NwfilterError,
+}
+
+
+def error_from_code(code: ErrorCode, message: str) -> NwfilterError:
+    """The error of class `ERROR_CLASSES[code]` carrying `message`."""
+    return ERROR_CLASSES[code](message, code)

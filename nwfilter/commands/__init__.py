@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-_NAMES = ("filters", "bindings", "domains", "sandbox")
+from nwfilter.commands import bindings, domains, filters, sandbox
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    modules = []
-    for name in _NAMES:
-        try:
-            modules.append(importlib.import_module(f"nwfilter.commands.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"nwfilter.commands.{name}":
-                raise
-    return tuple(modules)
-
+    return (filters, bindings, domains, sandbox)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from nwfilter.commands.context import Context
+from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.table import format_table
 from nwfilter.conf.binding_xml import format_binding, parse_binding
 from nwfilter.conf.model import BindingDef
-from nwfilter.errors import StorageError
 from nwfilter.render_text import render_text
-
-MAX_FILE_BYTES = 1024 * 1024
 
 
 def register(subparsers: Any) -> None:
@@ -40,24 +38,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=dumpxml_handler)
 
 
-def _read(name: str) -> bytes:
-    if name == "-":
-        data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-    else:
-        try:
-            with Path(name).open("rb") as handle:
-                data = handle.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise StorageError(f"cannot read '{name}': {exc.strerror}") from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise StorageError(f"'{name}' is larger than {MAX_FILE_BYTES} bytes")
-    return data
-
-
 def create_handler(args: argparse.Namespace, ctx: Context) -> int:
     defs: list[BindingDef] = [
-        parse_binding(_read(name), source="<stdin>" if name == "-" else name)
-        for name in args.files
+        parse_binding(read_input(name), source=input_source(name)) for name in args.files
     ]
     ctx.engine().create_bindings(defs)
     for binding in defs:
@@ -74,13 +57,7 @@ def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
 def list_handler(args: argparse.Namespace, ctx: Context) -> int:
     bindings = ctx.engine(read_only=True).list_bindings()
     rows = [(b.portdev, b.filterref.filter) for b in bindings]
-    width = max([len("Port Dev"), *(len(r[0]) for r in rows)]) + 2
-    header = f" {'Port Dev':<{width}}Filter"
-    print(header)
-    print("-" * max(len(header) + 10, 40))
-    for portdev, name in rows:
-        print(f" {portdev:<{width}}{name}")
-    print()
+    sys.stdout.write(format_table(("Port Dev", "Filter"), rows) + "\n")
     return 0
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nwfilter.errors import StorageError
+from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.table import format_table
+from nwfilter.conf import parse_domain
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
@@ -69,28 +69,10 @@ def _manager(ctx: Context) -> DomainManager:
     return manager
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """virsh's table layout: a leading space, columns three spaces apart,
-    a dashed rule as wide as the table."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (" " + "   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))).rstrip()
-
-    total = 1 + sum(widths) + 3 * (len(widths) - 1) + 2
-    out = [line(headers), "-" * total]
-    out.extend(line(r) for r in rows)
-    return "\n".join(out) + "\n"
-
-
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
-    try:
-        xml = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
-    except OSError as exc:
-        raise StorageError(f"cannot read '{args.file}': {exc.strerror}") from exc
-    definition = _manager(ctx).define_xml(xml)
+    # Parsed here, from the bytes, so encoding errors name the file.
+    parsed = parse_domain(read_input(args.file), source=input_source(args.file))
+    definition = _manager(ctx).define(parsed)
     print(f"Domain '{definition.name}' defined from {args.file}\n")
     return 0
 

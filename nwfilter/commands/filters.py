@@ -17,12 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.table import format_table
 from nwfilter.conf import format_filter
 from nwfilter.errors import NwfilterError, StorageError, ValidationError
+from nwfilter.protocol import filter_rows
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
     from nwfilter.engine import Engine
+
+_UUID_WIDTH = len("00000000-0000-0000-0000-000000000000")
 
 # The choices virsh offers after a failed edit; we keep the two that matter.
 EDIT_PROMPT = "Failed. Try again? [y,n,i,f,?]: "
@@ -64,21 +69,10 @@ def _service(ctx: Context, *, read_only: bool = False) -> Engine:
     return ctx.engine(read_only=read_only)
 
 
-def _read_input(path: str) -> str:
-    try:
-        if path == "-":
-            return sys.stdin.read()
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValidationError(f"file '{path}' is not UTF-8 text: {exc.reason}") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read file '{path}': {exc.strerror}") from exc
-
-
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
-    xml = _read_input(args.file)
+    xml = read_input(args.file)
     service = _service(ctx, read_only=args.dry_run)
-    result = service.define_filter(xml, source=args.file, dry_run=args.dry_run)
+    result = service.define_filter(xml, source=input_source(args.file), dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(_with_newline(result.describe()))
     elif not result.changed:
@@ -91,9 +85,7 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
-    service = _service(ctx)
-    name = service.pool.lookup(args.filter).name
-    service.undefine_filter(args.filter)
+    name = _service(ctx).undefine_filter(args.filter).name
     print(f"Network filter {name} undefined")
     return 0
 
@@ -101,17 +93,7 @@ def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     infos = _service(ctx, read_only=True).pool.list_info()
     if args.json:
-        rows = [
-            {
-                "uuid": str(info.uuid),
-                "name": info.name,
-                "chain": info.chain,
-                "priority": info.priority,
-                "rules": info.rule_count,
-            }
-            for info in infos
-        ]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(filter_rows(infos), indent=2))
         return 0
     print(format_list_table([(str(info.uuid), info.name) for info in infos]), end="")
     return 0
@@ -119,11 +101,7 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
 
 def format_list_table(rows: list[tuple[str, str]]) -> str:
     """virsh's `nwfilter-list` table: header, dashes, rows, a blank line."""
-    uuid_width = 36
-    name_width = max([len("Name"), *(len(name) for _, name in rows)])
-    lines = [f" {'UUID':<{uuid_width}}   Name", "-" * (1 + uuid_width + 3 + name_width + 2)]
-    lines.extend(f" {uuid:<{uuid_width}}   {name}" for uuid, name in rows)
-    return "\n".join(lines) + "\n\n"
+    return format_table(("UUID", "Name"), rows, min_widths=(_UUID_WIDTH,)) + "\n"
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:

@@ -34,16 +34,27 @@ from lxml import etree
 from nwfilter.conf.binding_xml import parse_mac_address
 from nwfilter.conf.filter_xml import filterref_element, parse_filterref_element
 from nwfilter.conf.model import DomainDef, FilterRef, InterfaceDef, IPSpec
-from nwfilter.conf.safexml import local_name, parse_xml, serialize
+from nwfilter.conf.safexml import local_name, parse_xml, serialize_checked
 from nwfilter.conf.values import (
     check_ifname,
     check_object_name,
     format_ipv6,
     parse_ipv4,
     parse_ipv6,
+    parse_uint_text,
     parse_uuid_text,
 )
-from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.conf.xmlcheck import (
+    check_attrs,
+    check_empty,
+    check_no_text,
+    fail,
+    join,
+    lone_attr,
+    required_attr,
+    text_only,
+)
+from nwfilter.errors import ValidationError
 
 DOMAIN_TYPES = ("test", "ns", "qemu")
 INTERFACE_TYPES = ("bridge", "network", "ethernet")
@@ -68,47 +79,20 @@ _UNITS = {
 }
 
 
-def _fail(where: str, message: str) -> ValidationError:
-    return ValidationError(f"{where}: {message}" if where else message)
-
-
-def _attrs(elem: etree._Element, allowed: tuple[str, ...], where: str) -> None:
-    for name in elem.attrib:
-        if name not in allowed:
-            raise _fail(where, f"<{local_name(elem)}> has unknown attribute {name!r}")
-
-
-def _empty(elem: etree._Element, where: str) -> None:
-    if len(elem) or (elem.text is not None and elem.text.strip()):
-        raise _fail(where, f"<{local_name(elem)}> must be empty")
-
-
-def _need(elem: etree._Element, name: str, where: str) -> str:
-    value = elem.get(name)
-    if value is None:
-        raise _fail(where, f"<{local_name(elem)}> needs a {name} attribute")
-    return value
-
-
-def _text(elem: etree._Element, where: str) -> str:
-    if len(elem):
-        raise _fail(where, f"<{local_name(elem)}> must hold only text")
-    return (elem.text or "").strip()
-
-
 def _uint(text: str, what: str, where: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text):
-        raise _fail(where, f"{what} {text!r} must be a decimal number")
-    return int(text)
+    try:
+        return parse_uint_text(text, allow_hex=False)[0]
+    except ValidationError as exc:
+        raise fail(where, f"{what} {text!r} {exc.message}") from None
 
 
 def _parse_ip(elem: etree._Element, where: str) -> IPSpec:
-    _attrs(elem, ("address", "prefix", "family"), where)
-    _empty(elem, where)
-    text = _need(elem, "address", where)
+    check_attrs(elem, ("address", "prefix", "family"), where)
+    check_empty(elem, where)
+    text = required_attr(elem, "address", where)
     family = elem.get("family")
     if family is not None and family not in ("ipv4", "ipv6"):
-        raise _fail(where, f"<ip family={family!r}> must be ipv4 or ipv6")
+        raise fail(where, f"<ip family={family!r}> must be ipv4 or ipv6")
     try:
         if ":" in text:
             address = format_ipv6(parse_ipv6(text))
@@ -117,26 +101,25 @@ def _parse_ip(elem: etree._Element, where: str) -> IPSpec:
             address = str(parse_ipv4(text))
             actual = "ipv4"
     except ValidationError as exc:
-        raise _fail(where, f"<ip address={text!r}>: {exc.message}") from None
+        raise fail(where, f"<ip address={text!r}>: {exc.message}") from None
     if family is not None and family != actual:
-        raise _fail(where, f"<ip address={text!r}> is not an {family} address")
+        raise fail(where, f"<ip address={text!r}> is not an {family} address")
     prefix: int | None = None
     prefix_text = elem.get("prefix")
     if prefix_text is not None:
         prefix = _uint(prefix_text, "ip prefix", where)
         width = 32 if actual == "ipv4" else 128
         if prefix > width:
-            raise _fail(where, f"<ip prefix={prefix_text!r}> must be 0-{width}")
+            raise fail(where, f"<ip prefix={prefix_text!r}> must be 0-{width}")
     return IPSpec(address=address, prefix=prefix, family=actual)
 
 
 def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
-    _attrs(elem, ("type",), where)
-    itype = _need(elem, "type", where)
+    check_attrs(elem, ("type",), where)
+    itype = required_attr(elem, "type", where)
     if itype not in INTERFACE_TYPES:
-        raise _fail(where, f"interface type {itype!r} is not one of {', '.join(INTERFACE_TYPES)}")
-    if elem.text is not None and elem.text.strip():
-        raise _fail(where, "<interface> must not contain text")
+        raise fail(where, f"interface type {itype!r} is not one of {', '.join(INTERFACE_TYPES)}")
+    check_no_text(elem, where)
     mac: str | None = None
     target: str | None = None
     bridge: str | None = None
@@ -148,56 +131,45 @@ def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
     for child in elem:
         tag = local_name(child)
         if tag != "ip" and tag in seen:
-            raise _fail(where, f"<interface> has more than one <{tag}>")
+            raise fail(where, f"<interface> has more than one <{tag}>")
         seen.add(tag)
         if tag == "mac":
-            _attrs(child, ("address",), where)
-            _empty(child, where)
-            mac = parse_mac_address(_need(child, "address", where), where)
+            mac = parse_mac_address(lone_attr(child, "address", where), where)
         elif tag == "target":
-            _attrs(child, ("dev",), where)
-            _empty(child, where)
-            target = _need(child, "dev", where)
+            target = lone_attr(child, "dev", where)
             try:
                 check_ifname(target, f"target dev {target!r}")
             except ValidationError as exc:
-                raise _fail(where, exc.message) from None
+                raise fail(where, exc.message) from None
         elif tag == "source":
-            _empty(child, where)
             if itype == "bridge":
-                _attrs(child, ("bridge",), where)
-                bridge = _need(child, "bridge", where)
+                bridge = lone_attr(child, "bridge", where)
                 try:
                     check_ifname(bridge, f"source bridge {bridge!r}")
                 except ValidationError as exc:
-                    raise _fail(where, exc.message) from None
+                    raise fail(where, exc.message) from None
             elif itype == "network":
-                _attrs(child, ("network",), where)
-                network = _need(child, "network", where)
+                network = lone_attr(child, "network", where)
                 try:
                     check_object_name(network, "source network")
                 except ValidationError as exc:
-                    raise _fail(where, exc.message) from None
+                    raise fail(where, exc.message) from None
             else:
-                raise _fail(where, "an ethernet interface takes no <source>")
+                raise fail(where, "an ethernet interface takes no <source>")
         elif tag == "model":
-            _attrs(child, ("type",), where)
-            _empty(child, where)
-            model = _need(child, "type", where)
+            model = lone_attr(child, "type", where)
             if not _MODEL_RE.match(model):
-                raise _fail(where, f"model type {model!r} must be letters, digits, '_' and '-'")
+                raise fail(where, f"model type {model!r} must be letters, digits, '_' and '-'")
         elif tag == "filterref":
             filterref = parse_filterref_element(child, where)
         elif tag == "ip":
             ips.append(_parse_ip(child, where))
         else:
-            raise _fail(where, f"<interface> element <{tag}> is not supported")
-        if child.tail is not None and child.tail.strip():
-            raise _fail(where, "<interface> must not contain text")
+            raise fail(where, f"<interface> element <{tag}> is not supported")
     if itype == "bridge" and bridge is None:
-        raise _fail(where, "a bridge interface needs <source bridge=...>")
+        raise fail(where, "a bridge interface needs <source bridge=...>")
     if itype == "network" and network is None:
-        raise _fail(where, "a network interface needs <source network=...>")
+        raise fail(where, "a network interface needs <source network=...>")
     return InterfaceDef(
         type=itype,
         mac=mac,
@@ -211,14 +183,14 @@ def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
 
 
 def _parse_memory(elem: etree._Element, where: str) -> int:
-    _attrs(elem, ("unit",), where)
+    text = text_only(elem, where, ("unit",))
     unit = (elem.get("unit") or "KiB").lower()
     if unit not in _UNITS:
-        raise _fail(where, f"<memory unit={elem.get('unit')!r}> is not a known unit")
-    amount = _uint(_text(elem, where), "memory", where) * _UNITS[unit]
+        raise fail(where, f"<memory unit={elem.get('unit')!r}> is not a known unit")
+    amount = _uint(text, "memory", where) * _UNITS[unit]
     kib = -(-amount // 1024)
     if kib <= 0 or kib > 2**53:
-        raise _fail(where, "memory must be positive and sane")
+        raise fail(where, "memory must be positive and sane")
     return kib
 
 
@@ -227,13 +199,12 @@ def parse_domain(data: str | bytes, *, source: str = "") -> DomainDef:
     root = parse_xml(data, source=source)
     where = source
     if local_name(root) != "domain":
-        raise _fail(where, f"root element must be <domain>, not <{local_name(root)}>")
-    _attrs(root, ("type",), where)
-    dtype = _need(root, "type", where)
+        raise fail(where, f"root element must be <domain>, not <{local_name(root)}>")
+    check_attrs(root, ("type",), where)
+    dtype = required_attr(root, "type", where)
     if dtype not in DOMAIN_TYPES:
-        raise _fail(where, f"domain type {dtype!r} is not one of {', '.join(DOMAIN_TYPES)}")
-    if root.text is not None and root.text.strip():
-        raise _fail(where, "<domain> must not contain text")
+        raise fail(where, f"domain type {dtype!r} is not one of {', '.join(DOMAIN_TYPES)}")
+    check_no_text(root, where)
     name: str | None = None
     uuid: uuidlib.UUID | None = None
     memory: int | None = None
@@ -244,48 +215,40 @@ def parse_domain(data: str | bytes, *, source: str = "") -> DomainDef:
     for child in root:
         tag = local_name(child)
         if tag in seen:
-            raise _fail(where, f"<domain> has more than one <{tag}>")
+            raise fail(where, f"<domain> has more than one <{tag}>")
         seen.add(tag)
-        if child.tail is not None and child.tail.strip():
-            raise _fail(where, "<domain> must not contain text")
         if tag == "name":
-            _attrs(child, (), where)
-            name = _text(child, where)
+            name = text_only(child, where)
             try:
                 check_object_name(name, "domain name")
             except ValidationError as exc:
-                raise _fail(where, exc.message) from None
+                raise fail(where, exc.message) from None
         elif tag == "uuid":
-            _attrs(child, (), where)
+            text = text_only(child, where)
             try:
-                uuid = parse_uuid_text(_text(child, where))
+                uuid = parse_uuid_text(text)
             except ValidationError as exc:
-                raise _fail(where, exc.message) from None
+                raise fail(where, exc.message) from None
         elif tag in _EXTRA_TEXT:
-            _attrs(child, (), where)
-            extra[tag] = _text(child, where)
+            extra[tag] = text_only(child, where)
         elif tag == "memory":
             memory = _parse_memory(child, where)
         elif tag == "vcpu":
-            _attrs(child, (), where)
-            vcpus = _uint(_text(child, where), "vcpu", where)
+            vcpus = _uint(text_only(child, where), "vcpu", where)
             if not 1 <= vcpus <= 4096:
-                raise _fail(where, "vcpu must be 1-4096")
+                raise fail(where, "vcpu must be 1-4096")
         elif tag == "devices":
-            _attrs(child, (), where)
-            if child.text is not None and child.text.strip():
-                raise _fail(where, "<devices> must not contain text")
+            check_attrs(child, (), where)
+            check_no_text(child, where)
             for number, dev in enumerate(child, start=1):
                 dtag = local_name(dev)
                 if dtag != "interface":
-                    raise _fail(where, f"device <{dtag}> is not supported")
-                interfaces.append(_parse_interface(dev, _join(where, f"interface {number}")))
-                if dev.tail is not None and dev.tail.strip():
-                    raise _fail(where, "<devices> must not contain text")
+                    raise fail(where, f"device <{dtag}> is not supported")
+                interfaces.append(_parse_interface(dev, join(where, f"interface {number}")))
         else:
-            raise _fail(where, f"<domain> element <{tag}> is not supported")
+            raise fail(where, f"<domain> element <{tag}> is not supported")
     if name is None:
-        raise _fail(where, "<domain> needs a <name>")
+        raise fail(where, "<domain> needs a <name>")
     return DomainDef(
         type=dtype,
         name=name,
@@ -295,10 +258,6 @@ def parse_domain(data: str | bytes, *, source: str = "") -> DomainDef:
         vcpus=vcpus,
         extra=extra,
     )
-
-
-def _join(where: str, what: str) -> str:
-    return f"{where}: {what}" if where else what
 
 
 def _interface_element(iface: InterfaceDef) -> etree._Element:
@@ -348,12 +307,7 @@ def domain_element(domain: DomainDef) -> etree._Element:
 
 def format_domain(domain: DomainDef) -> str:
     """The canonical domain document; checked to parse again."""
-    text = serialize(domain_element(domain))
-    try:
-        parse_domain(text)
-    except NwfilterError as exc:
-        raise ValidationError(f"domain {domain.name!r} cannot be printed: {exc.message}") from None
-    return text
+    return serialize_checked(domain_element(domain), parse_domain, f"domain {domain.name!r}")
 
 
 def ip_network_of(ip: IPSpec) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -14,7 +14,6 @@ and formatter live here too.
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Iterable
 
 from lxml import etree
 
@@ -31,7 +30,7 @@ from nwfilter.conf.model import (
     Rule,
     VarRef,
 )
-from nwfilter.conf.safexml import local_name, parse_xml, serialize
+from nwfilter.conf.safexml import local_name, parse_xml, serialize_checked
 from nwfilter.conf.values import (
     check_object_name,
     check_variable_name,
@@ -41,7 +40,16 @@ from nwfilter.conf.values import (
     parse_uuid_text,
     parse_varref,
 )
-from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.conf.xmlcheck import (
+    check_attrs,
+    check_empty,
+    check_no_text,
+    fail,
+    join,
+    required_attr,
+    text_only,
+)
+from nwfilter.errors import ValidationError
 
 _ACTIONS = {a.value: a for a in Action}
 _DIRECTIONS = {d.value: d for d in Direction}
@@ -49,27 +57,8 @@ _RULE_ATTRS = frozenset({"action", "direction", "priority", "statematch"})
 _FILTER_ATTRS = frozenset({"name", "chain", "priority"})
 
 
-def _fail(where: str, message: str) -> ValidationError:
-    return ValidationError(f"{where}: {message}" if where else message)
-
-
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "&apos;") + "'"
-
-
-def _no_text(elem: etree._Element, where: str) -> None:
-    if elem.text is not None and elem.text.strip():
-        raise _fail(where, f"<{local_name(elem)}> must not contain text")
-    for child in elem:
-        if child.tail is not None and child.tail.strip():
-            raise _fail(where, f"<{local_name(elem)}> must not contain text")
-
-
-def _check_attrs(elem: etree._Element, allowed: Iterable[str], where: str) -> None:
-    allowed_set = frozenset(allowed)
-    for name in elem.attrib:
-        if name not in allowed_set:
-            raise _fail(where, f"<{local_name(elem)}> has unknown attribute {name!r}")
 
 
 # --- filterref -----------------------------------------------------------------
@@ -77,32 +66,28 @@ def _check_attrs(elem: etree._Element, allowed: Iterable[str], where: str) -> No
 
 def parse_filterref_element(elem: etree._Element, where: str) -> FilterRef:
     """A `<filterref filter='x'><parameter name value/>...</filterref>`."""
-    _check_attrs(elem, ("filter",), where)
-    _no_text(elem, where)
-    name = elem.get("filter")
-    if name is None:
-        raise _fail(where, "<filterref> needs a filter attribute")
+    check_attrs(elem, ("filter",), where)
+    check_no_text(elem, where)
+    name = required_attr(elem, "filter", where)
     try:
         check_object_name(name, "filter name")
     except ValidationError as exc:
-        raise _fail(where, f"<filterref filter={_quote(name)}>: {exc.message}") from None
+        raise fail(where, f"<filterref filter={_quote(name)}>: {exc.message}") from None
     params: list[Parameter] = []
     for child in elem:
         if local_name(child) != "parameter":
-            raise _fail(where, f"<filterref> may hold only <parameter>, not <{local_name(child)}>")
-        _check_attrs(child, ("name", "value"), where)
-        _no_text(child, where)
-        if len(child):
-            raise _fail(where, "<parameter> must be empty")
+            raise fail(where, f"<filterref> may hold only <parameter>, not <{local_name(child)}>")
+        check_attrs(child, ("name", "value"), where)
+        check_empty(child, where)
         pname = child.get("name")
         pvalue = child.get("value")
         if pname is None or pvalue is None:
-            raise _fail(where, "<parameter> needs name and value attributes")
+            raise fail(where, "<parameter> needs name and value attributes")
         try:
             check_variable_name(pname)
             check_variable_value(pvalue)
         except ValidationError as exc:
-            raise _fail(
+            raise fail(
                 where, f"<parameter name={_quote(pname)} value={_quote(pvalue)}>: {exc.message}"
             ) from None
         params.append(Parameter(pname, pvalue))
@@ -135,12 +120,12 @@ def _parse_attr(spec: schema.AttrSpec, protocol: str, text: str, where: str) -> 
         try:
             ref = parse_varref(text)
         except ValidationError as exc:
-            raise _fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
+            raise fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
         return AttrValue(spec.name, ref, str(ref))
     try:
         value, canonical = spec.type.parse_literal(text)
     except ValidationError as exc:
-        raise _fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
+        raise fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
     return AttrValue(spec.name, value, canonical)
 
 
@@ -160,11 +145,9 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
     protocol = local_name(elem)
     specs = schema.PROTOCOLS.get(protocol)
     if specs is None:
-        raise _fail(where, f"unknown protocol element <{protocol}>")
-    _no_text(elem, where)
-    if len(elem):
-        raise _fail(where, f"<{protocol}> must be empty")
-    index = {spec.name: i for i, spec in enumerate(specs)}
+        raise fail(where, f"unknown protocol element <{protocol}>")
+    check_empty(elem, where)
+    index = schema.ATTR_ORDER[protocol]
     negate = False
     values: dict[str, AttrValue] = {}
     raw: dict[str, str] = {}
@@ -172,13 +155,13 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
         name, text = str(raw_name), str(raw_text)
         if name == "match":
             if text not in ("yes", "no"):
-                raise _fail(
+                raise fail(
                     where + " " + _describe(protocol, name, text), "match must be yes or no"
                 )
             negate = text == "no"
             continue
         if name not in index:
-            raise _fail(where, f"<{protocol}> has no attribute {name!r}")
+            raise fail(where, f"<{protocol}> has no attribute {name!r}")
         values[name] = _parse_attr(specs[index[name]], protocol, text, where)
         raw[name] = text
 
@@ -188,7 +171,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
             continue
         base = values.get(spec.requires)
         if base is None:
-            raise _fail(
+            raise fail(
                 where + " " + _describe(protocol, spec.name, raw[spec.name]),
                 f"{spec.name} needs {spec.requires}",
             )
@@ -199,7 +182,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
             and type(attr.value) is type(base.value)
             and attr.value < base.value  # type: ignore[operator]
         ):
-            raise _fail(
+            raise fail(
                 where + " " + _describe(protocol, spec.name, raw[spec.name]),
                 f"{spec.name} must not be below {spec.requires} ({raw[spec.requires]})",
             )
@@ -207,7 +190,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
     if protocol in ("ip", "ipv6") and any(p in values for p in (s.name for s in schema._PORTS)):
         proto = values.get("protocol")
         if proto is None or proto.is_variable or proto.value not in schema.PORT_PROTOCOLS:
-            raise _fail(
+            raise fail(
                 where + f" <{protocol}>",
                 "a port match needs protocol tcp(6), udp(17), dccp(33) or sctp(132)"
                 " given as a literal",
@@ -222,7 +205,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
         values["ipsetflags"] = AttrValue("ipsetflags", ("src",), "src")
 
     if action is Action.CONTINUE and not schema.is_ethernet_protocol(protocol):
-        raise _fail(
+        raise fail(
             where + f" <{protocol}>",
             "action 'continue' is only meaningful for layer-2 protocols"
             " (mac, vlan, stp, arp, rarp, ip, ipv6); libvirt cannot apply it on"
@@ -233,36 +216,36 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
     return ProtocolMatch(protocol, attrs, negate and bool(attrs))
 
 
+def _parse_priority(text: str, label: str, where: str) -> int:
+    """A rule's or a filter's priority: a decimal integer in libvirt's range."""
+    try:
+        priority = parse_int_text(text)
+    except ValidationError:
+        raise fail(where, f"{label} must be a decimal integer") from None
+    if not schema.MIN_PRIORITY <= priority <= schema.MAX_PRIORITY:
+        raise fail(where, f"{label} must be {schema.MIN_PRIORITY}..{schema.MAX_PRIORITY}")
+    return priority
+
+
 def _parse_rule(elem: etree._Element, where: str) -> Rule:
-    _check_attrs(elem, _RULE_ATTRS, where)
-    _no_text(elem, where)
-    action_text = elem.get("action")
-    if action_text is None:
-        raise _fail(where, "<rule> needs an action attribute")
+    check_attrs(elem, _RULE_ATTRS, where)
+    check_no_text(elem, where)
+    action_text = required_attr(elem, "action", where)
     action = _ACTIONS.get(action_text)
     if action is None:
-        raise _fail(
+        raise fail(
             where, f"unknown action {_quote(action_text)} (drop, accept, reject, return, continue)"
         )
-    direction_text = elem.get("direction")
-    if direction_text is None:
-        raise _fail(where, "<rule> needs a direction attribute")
+    direction_text = required_attr(elem, "direction", where)
     direction = _DIRECTIONS.get(direction_text)
     if direction is None:
-        raise _fail(where, f"unknown direction {_quote(direction_text)} (in, out, inout)")
-    priority = schema.DEFAULT_RULE_PRIORITY
+        raise fail(where, f"unknown direction {_quote(direction_text)} (in, out, inout)")
     prio_text = elem.get("priority")
-    if prio_text is not None:
-        try:
-            priority = parse_int_text(prio_text)
-        except ValidationError:
-            raise _fail(where, f"priority {_quote(prio_text)} must be a decimal integer") from None
-        if not schema.MIN_PRIORITY <= priority <= schema.MAX_PRIORITY:
-            raise _fail(
-                where,
-                f"priority {_quote(prio_text)} must be "
-                f"{schema.MIN_PRIORITY}..{schema.MAX_PRIORITY}",
-            )
+    priority = (
+        schema.DEFAULT_RULE_PRIORITY
+        if prio_text is None
+        else _parse_priority(prio_text, f"priority {_quote(prio_text)}", where)
+    )
     statematch = True
     sm_text = elem.get("statematch")
     if sm_text is not None:
@@ -273,10 +256,10 @@ def _parse_rule(elem: etree._Element, where: str) -> Rule:
         elif sm_text == "1" or sm_text.lower() == "true":
             statematch = True
         else:
-            raise _fail(where, f"statematch {_quote(sm_text)} must be true, false, 1 or 0")
+            raise fail(where, f"statematch {_quote(sm_text)} must be true, false, 1 or 0")
     children = list(elem)
     if len(children) > 1:
-        raise _fail(
+        raise fail(
             where,
             "a rule holds at most one protocol element, found "
             + ", ".join(f"<{local_name(c)}>" for c in children),
@@ -296,10 +279,9 @@ def _rule_element(rule: Rule) -> etree._Element:
         sub = etree.SubElement(elem, rule.match.protocol)
         if rule.match.negate and rule.match.attrs:
             sub.set("match", "no")
-        specs = schema.PROTOCOLS.get(rule.match.protocol)
-        if specs is None:
+        order = schema.ATTR_ORDER.get(rule.match.protocol)
+        if order is None:
             raise ValidationError(f"unknown protocol element <{rule.match.protocol}>")
-        order = {spec.name: i for i, spec in enumerate(specs)}
         for attr in sorted(rule.match.attrs, key=lambda a: order.get(a.name, len(order))):
             text = str(attr.value) if isinstance(attr.value, VarRef) else attr.text
             sub.set(attr.name, text)
@@ -311,39 +293,27 @@ def _rule_element(rule: Rule) -> etree._Element:
 
 def _parse_filter_root(root: etree._Element, where0: str) -> FilterDef:
     if local_name(root) != "filter":
-        raise _fail(where0, f"root element must be <filter>, not <{local_name(root)}>")
-    _check_attrs(root, _FILTER_ATTRS, where0)
-    _no_text(root, where0)
-    name = root.get("name")
-    if name is None:
-        raise _fail(where0, "<filter> needs a name attribute")
+        raise fail(where0, f"root element must be <filter>, not <{local_name(root)}>")
+    check_attrs(root, _FILTER_ATTRS, where0)
+    check_no_text(root, where0)
+    name = required_attr(root, "name", where0)
     try:
         check_object_name(name, "filter name")
     except ValidationError as exc:
-        raise _fail(where0, f"<filter name={_quote(name)}>: {exc.message}") from None
+        raise fail(where0, f"<filter name={_quote(name)}>: {exc.message}") from None
 
     chain = root.get("chain") or "root"
     try:
         kind = schema.chain_kind(chain)
     except ValidationError as exc:
-        raise _fail(where0, f"<filter chain={_quote(chain)}>: {exc.message}") from None
+        raise fail(where0, f"<filter chain={_quote(chain)}>: {exc.message}") from None
 
     prio_text = root.get("priority")
-    if prio_text is None:
-        priority = schema.CHAIN_DEFAULT_PRIORITIES[kind]
-    else:
-        try:
-            priority = parse_int_text(prio_text)
-        except ValidationError:
-            raise _fail(
-                where0, f"<filter priority={_quote(prio_text)}>: must be a decimal integer"
-            ) from None
-        if not schema.MIN_PRIORITY <= priority <= schema.MAX_PRIORITY:
-            raise _fail(
-                where0,
-                f"<filter priority={_quote(prio_text)}>: must be "
-                f"{schema.MIN_PRIORITY}..{schema.MAX_PRIORITY}",
-            )
+    priority = (
+        schema.CHAIN_DEFAULT_PRIORITIES[kind]
+        if prio_text is None
+        else _parse_priority(prio_text, f"<filter priority={_quote(prio_text)}>:", where0)
+    )
 
     uuid: uuidlib.UUID | None = None
     entries: list[Entry] = []
@@ -353,21 +323,20 @@ def _parse_filter_root(root: etree._Element, where0: str) -> FilterDef:
         tag = local_name(child)
         if tag == "uuid":
             if uuid is not None:
-                raise _fail(where0, "<filter> has more than one <uuid>")
+                raise fail(where0, "<filter> has more than one <uuid>")
+            text = text_only(child, where0)
             try:
-                uuid = parse_uuid_text(child.text or "")
+                uuid = parse_uuid_text(text)
             except ValidationError as exc:
-                raise _fail(where0, exc.message) from None
-            if len(child) or child.attrib:
-                raise _fail(where0, "<uuid> must hold only the uuid text")
+                raise fail(where0, exc.message) from None
         elif tag == "rule":
             rule_no += 1
-            entries.append(_parse_rule(child, _join(where0, f"rule {rule_no}")))
+            entries.append(_parse_rule(child, join(where0, f"rule {rule_no}")))
         elif tag == "filterref":
             ref_no += 1
-            entries.append(parse_filterref_element(child, _join(where0, f"filterref {ref_no}")))
+            entries.append(parse_filterref_element(child, join(where0, f"filterref {ref_no}")))
         else:
-            raise _fail(where0, f"<filter> may not contain <{tag}>")
+            raise fail(where0, f"<filter> may not contain <{tag}>")
     return FilterDef(
         name=name,
         uuid=uuid if uuid is not None else uuidlib.uuid4(),
@@ -375,10 +344,6 @@ def _parse_filter_root(root: etree._Element, where0: str) -> FilterDef:
         priority=priority,
         entries=tuple(entries),
     )
-
-
-def _join(where0: str, where: str) -> str:
-    return f"{where0}: {where}" if where0 else where
 
 
 def parse_filter(data: str | bytes, *, source: str = "") -> FilterDef:
@@ -416,9 +381,4 @@ def format_filter(fdef: FilterDef) -> str:
     The output is checked to parse again, so a hand-built `FilterDef` with a
     bad value raises ValidationError here instead of printing garbage.
     """
-    text = serialize(filter_element(fdef))
-    try:
-        parse_filter(text)
-    except NwfilterError as exc:
-        raise ValidationError(f"filter {fdef.name!r} cannot be printed: {exc.message}") from None
-    return text
+    return serialize_checked(filter_element(fdef), parse_filter, f"filter {fdef.name!r}")

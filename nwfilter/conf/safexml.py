@@ -8,11 +8,12 @@ and attribute length.  Hostile input fails fast with `XMLError`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lxml import etree
 
-from nwfilter.errors import XMLError
+from nwfilter.errors import NwfilterError, ValidationError, XMLError
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,18 @@ def serialize(root: etree._Element) -> str:
     out: list[str] = []
     _serialize(root, 0, out)
     return "".join(out)
+
+
+def serialize_checked(elem: etree._Element, parse: Callable[[str], object], what: str) -> str:
+    """`serialize(elem)`, checked to parse again with `parse`, so a hand-built
+    model with a bad value raises ValidationError naming `what` instead of
+    printing a document the engine would refuse to read back."""
+    text = serialize(elem)
+    try:
+        parse(text)
+    except NwfilterError as exc:
+        raise ValidationError(f"{what} cannot be printed: {exc.message}") from None
+    return text
 
 
 def _serialize(elem: etree._Element, depth: int, out: list[str]) -> None:

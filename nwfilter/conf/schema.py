@@ -261,6 +261,14 @@ _SPEC_INDEX: Mapping[str, Mapping[str, AttrSpec]] = MappingProxyType(
     {p: MappingProxyType({s.name: s for s in specs}) for p, specs in _PROTOCOLS.items()}
 )
 
+#: element name → attribute name → its position in libvirt's canonical order
+ATTR_ORDER: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {
+        p: MappingProxyType({s.name: i for i, s in enumerate(specs)})
+        for p, specs in _PROTOCOLS.items()
+    }
+)
+
 ETHERNET_PROTOCOLS = frozenset({"mac", "vlan", "stp", "arp", "rarp", "ip", "ipv6"})
 IPV4_PROTOCOLS = frozenset({"tcp", "udp", "udplite", "esp", "ah", "sctp", "icmp", "igmp", "all"})
 IPV6_PROTOCOLS = frozenset(

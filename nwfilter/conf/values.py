@@ -196,6 +196,15 @@ def mac_is_multicast(mac: str) -> bool:
     return bool(int(mac.split(":")[0], 16) & 1)
 
 
+def parse_unicast_mac(text: str) -> str:
+    """A unicast MAC address (of a port or a domain interface) in any case,
+    returned in lower-case colon form."""
+    mac = _normalise_mac(text, "MAC address")
+    if mac_is_multicast(mac):
+        raise ValidationError("must be a unicast address")
+    return mac
+
+
 class MacAddrType(ValueType):
     name = "MAC address"
 
@@ -531,7 +540,12 @@ def check_object_name(name: str, what: str) -> None:
         raise ValidationError(f"{what} must not start with '.'")
     if name != name.strip():
         raise ValidationError(f"{what} must not start or end with white space")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # lone surrogates (from surrogateescape'd bytes) cannot name a file
+        raise ValidationError(f"{what} is not valid Unicode text") from None
+    if len(encoded) > MAX_NAME_BYTES:
         raise ValidationError(f"{what} is longer than {MAX_NAME_BYTES} bytes")
 
 

@@ -214,3 +214,56 @@ def test_edit_eof_aborts(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     use_editor(monkeypatch, tmp_path, "bad")
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert cli("nwfilter-edit", "no-mac-spoofing")[0] == 2
+
+
+# ---------------------------------------------------------- inputs, bindings
+
+BINDING = """<filterbinding>
+  <owner><name>vm1</name><uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a11</uuid></owner>
+  <portdev name='vnet0'/>
+  <mac address='52:54:00:00:00:01'/>
+  <filterref filter='clean-traffic'><parameter name='IP' value='10.0.0.2'/></filterref>
+</filterbinding>"""
+
+
+def test_non_utf8_filter_file_names_the_file(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.xml"
+    path.write_bytes("<filter name='caf\u00e9'/>".encode("latin-1"))
+    status, out, err = cli("nwfilter-define", str(path))
+    assert (status, out) == (2, "")
+    assert err.startswith(f"error: {path}: ") and "UTF-8" in err and err.count("\n") == 1
+
+
+def test_oversized_input_is_refused_before_parsing(cli: Cli, tmp_path: Path) -> None:
+    from nwfilter.commands.inputs import MAX_INPUT_BYTES
+
+    path = tmp_path / "big.xml"
+    path.write_bytes(b" " * (MAX_INPUT_BYTES + 1))
+    status, _, err = cli("nwfilter-binding-create", str(path))
+    assert status == 2 and "big.xml" in err and "larger than" in err
+
+
+def test_binding_create_list_delete(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(BINDING.encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert cli("nwfilter-binding-create", "-") == (
+        0, "Network filter binding on vnet0 created\n", ""
+    )
+    assert cli("nwfilter-binding-list") == (
+        0,
+        " Port Dev   Filter\n" + "-" * 27 + "\n vnet0      clean-traffic\n\n",
+        "",
+    )
+    assert cli("nwfilter-binding-delete", "vnet0")[0] == 0
+    assert cli("nwfilter-binding-list")[1] == " Port Dev   Filter\n" + "-" * 20 + "\n\n"
+
+
+def test_binding_errors_name_stdin(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(BINDING.replace("vnet0", "a/b").encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    status, _, err = cli("nwfilter-binding-create", "-")
+    assert status == 2 and err.startswith("error: <stdin>: ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
@@ -76,6 +77,10 @@ def test_linkdev_optional() -> None:
         ("<filterbinding>", "<filterbinding x='1'>", "attributes"),
         ("<mac address", "<target dev='x'/><mac address", "<target>"),
         ("<portdev name='vnet0'/>", "<portdev name='vnet0'/><portdev name='vnet1'/>", "more than"),
+        ("<portdev name='vnet0'/>", "<portdev name='vnet0'/>text", "must not contain text"),
+        ("</name><uuid>", "</name>text<uuid>", "<owner> holds only"),
+        ("<mac address='52:54:00:AA:bb:01'/>", "<mac/>", "needs an address attribute"),
+        ("<portdev name='vnet0'/>", "<portdev name='vnet0'>x</portdev>", "must be empty"),
     ],
 )
 def test_refused(old: str, new: str, reason: str) -> None:
@@ -83,6 +88,12 @@ def test_refused(old: str, new: str, reason: str) -> None:
     with pytest.raises(ValidationError) as info:
         parse_binding(GOOD.replace(old, new))
     assert reason in str(info.value)
+
+
+def test_format_refuses_broken_model() -> None:
+    bad = dataclasses.replace(parse_binding(GOOD), portdev="a/b")
+    with pytest.raises(ValidationError, match="binding of port 'a/b' cannot be printed"):
+        format_binding(bad)
 
 
 def test_wrong_root() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
@@ -102,6 +103,14 @@ def test_memory_units(unit: str | None, amount: str, kib: int) -> None:
         ("family='ipv6'", "family='ipv4'", "not an ipv4"),
         ("<model type='virtio'/>", "<vlan/>", "<vlan>"),
         ("value='10.0.0.2'", "value='10.0.0.2/24'", "parameter value"),
+        ("<vcpu>2</vcpu>", "<vcpu>0x2</vcpu>", "vcpu '0x2' must be a decimal number"),
+        ("<vcpu>2</vcpu>", "<vcpu n='1'>2</vcpu>", "unknown attribute 'n'"),
+        ("<title>Web</title>", "<title>Web</title>text", "<domain> must not contain text"),
+        ("<target dev='vnet0'/>", "<target dev='vnet0'/>x", "<interface> must not contain text"),
+        ("</interface>\n    <interface type='network'>",
+         "</interface>x<interface type='network'>", "<devices> must not contain text"),
+        ("<target dev='vnet0'/>", "<target/>", "<target> needs a dev attribute"),
+        ("<model type='virtio'/>", "<model type='virtio'><x/></model>", "must be empty"),
     ],
 )
 def test_refused(old: str, new: str, reason: str) -> None:
@@ -109,6 +118,12 @@ def test_refused(old: str, new: str, reason: str) -> None:
     with pytest.raises(ValidationError) as info:
         parse_domain(GOOD.replace(old, new, 1))
     assert reason in str(info.value)
+
+
+def test_format_refuses_broken_model() -> None:
+    bad = dataclasses.replace(parse_domain(GOOD), name="a/b")
+    with pytest.raises(ValidationError, match="domain 'a/b' cannot be printed"):
+        format_domain(bad)
 
 
 def test_wrong_root() -> None:

@@ -12,6 +12,7 @@ from nwfilter.conf.values import (
     TcpFlagsValue,
     check_ifname,
     check_object_name,
+    parse_unicast_mac,
     parse_varref,
 )
 from nwfilter.errors import ValidationError
@@ -225,6 +226,21 @@ def test_object_name_ok(name: str) -> None:
 def test_object_name_refused(name: str) -> None:
     with pytest.raises(ValidationError):
         check_object_name(name, "filter name")
+
+
+@pytest.mark.parametrize("name", ["a\udcff", "\ud800x", "x\udfff"])
+def test_object_name_with_surrogates_refused(name: str) -> None:
+    # A file name decoded with surrogateescape must not become a filter name.
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        check_object_name(name, "filter name")
+
+
+def test_unicast_mac() -> None:
+    assert parse_unicast_mac("52:54:00:AA:b:01") == "52:54:00:aa:0b:01"
+    with pytest.raises(ValidationError, match="unicast"):
+        parse_unicast_mac("01:00:5e:00:00:01")
+    with pytest.raises(ValidationError, match="six hex bytes"):
+        parse_unicast_mac("52:54:00:aa:bb")
 
 
 @pytest.mark.parametrize("name", ["vnet0", "a" * 15, "br-lan.10", "x_y@z"])

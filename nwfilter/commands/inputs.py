@@ -1,0 +1,37 @@
+"""Reading the documents a command is given: a file, or standard input ('-').
+
+The bytes go to the parsers unchanged, so one place (`nwfilter.conf.safexml`)
+checks the encoding and the size, and errors name the file they came from.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from nwfilter.conf.safexml import DEFAULT_LIMITS
+from nwfilter.errors import StorageError, XMLError
+
+#: no document the parsers accept is larger; reading stops one byte after
+MAX_INPUT_BYTES = DEFAULT_LIMITS.max_bytes
+
+
+def input_source(name: str) -> str:
+    """How errors name the input `name`."""
+    return "<stdin>" if name == "-" else name
+
+
+def read_input(name: str) -> bytes:
+    """The content of file `name` ('-': standard input), at most
+    `MAX_INPUT_BYTES`; StorageError if it cannot be read."""
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        else:
+            with Path(name).open("rb") as handle:
+                data = handle.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise StorageError(f"cannot read '{input_source(name)}': {exc.strerror}") from exc
+    if len(data) > MAX_INPUT_BYTES:
+        raise XMLError(f"{input_source(name)}: document is larger than {MAX_INPUT_BYTES} bytes")
+    return data
