@@ -8,7 +8,9 @@ cannot be read is reported and skipped, never deleted.
 
 Locking: `lock` is the table's lock at `Level.BINDING`.  The mutating
 methods take it themselves and only ever hold it for the in-memory update
-and one file operation; readers get consistent copies without it.
+and one file operation; they update the table in place.  Readers do without
+the lock: `all()` and `using()` copy the table in one step (atomic under the
+GIL) before they look at it.
 """
 
 from __future__ import annotations
@@ -19,21 +21,21 @@ from pathlib import Path
 
 from nwfilter.conf.binding_xml import format_binding, parse_binding
 from nwfilter.conf.model import BindingDef
+from nwfilter.conf.values import check_ifname
 from nwfilter.errors import NwfilterError, ValidationError
 from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
 from nwfilter.locks import Level, LevelledLock
 
 log = logging.getLogger(__name__)
 
-MAX_PORTDEV = 15  # IFNAMSIZ - 1
-
 
 def validate_portdev(portdev: str) -> str:
-    """Return `portdev` if it is a valid interface name (and so a safe file name)."""
-    if not portdev or len(portdev) > MAX_PORTDEV:
-        raise ValidationError(f"port device name {portdev!r} must be 1 to {MAX_PORTDEV} characters")
-    if portdev in (".", "..") or any(c in portdev for c in "/:% \t\n") or not portdev.isprintable():
-        raise ValidationError(f"port device name {portdev!r} is not a valid interface name")
+    """Return `portdev` if it is a valid interface name and usable as a file name."""
+    check_ifname(portdev, f"port device name {portdev!r}")
+    # `load` skips dot files (atomic_write's temporaries): such a binding
+    # would be written but never read back.
+    if portdev.startswith("."):
+        raise ValidationError(f"port device name {portdev!r} must not start with '.'")
     return portdev
 
 
@@ -89,13 +91,17 @@ class BindingTable:
 
     def all(self) -> list[BindingDef]:
         """Every binding, sorted by portdev."""
-        current = self._bindings
-        return [current[k] for k in sorted(current)]
+        return sorted(self._snapshot(), key=_portdev)
 
     def using(self, filter_names: Iterable[str]) -> list[BindingDef]:
         """Bindings whose root filter is one of `filter_names`, sorted by portdev."""
         names = frozenset(filter_names)
-        return [b for b in self.all() if b.filterref.filter in names]
+        return sorted((b for b in self._snapshot() if b.filterref.filter in names), key=_portdev)
+
+    def _snapshot(self) -> list[BindingDef]:
+        # One C-level copy: a put or remove in another thread cannot change
+        # the dict while it is being walked.
+        return list(self._bindings.values())
 
     # ------------------------------------------------------------- changes
 
@@ -124,10 +130,8 @@ class BindingTable:
                 except NwfilterError as exc:
                     log.error("cannot restore binding file of '%s': %s", binding.portdev, exc)
             raise
-        new = dict(self._bindings)
         for binding in items:
-            new[binding.portdev] = binding
-        self._bindings = new
+            self._bindings[binding.portdev] = binding
         self.generation += 1
 
     def remove(self, portdev: str) -> BindingDef | None:
@@ -141,11 +145,13 @@ class BindingTable:
         if old is None:
             return None
         atomic_remove(self._path(portdev))
-        new = dict(self._bindings)
-        del new[portdev]
-        self._bindings = new
+        del self._bindings[portdev]
         self.generation += 1
         return old
 
     def _path(self, portdev: str) -> Path:
         return self.run_dir / f"{validate_portdev(portdev)}.xml"
+
+
+def _portdev(binding: BindingDef) -> str:
+    return binding.portdev

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nwfilter.backends.base import Backend
 from nwfilter.bindings import BindingTable, validate_portdev
-from nwfilter.compile import Compiler
+from nwfilter.compile import Compiler, port_of
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterDef
 from nwfilter.errors import (
@@ -34,7 +34,7 @@ from nwfilter.errors import (
     StateError,
 )
 from nwfilter.gcpause import gc_paused
-from nwfilter.ir import Changes, Port, Ruleset, drop_all
+from nwfilter.ir import Changes, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
@@ -193,7 +193,7 @@ class Engine:
                     f"compiled: {exc.message}"
                 )
                 log.warning("%s", warnings[-1])
-                rs = drop_all(_port_of(binding))
+                rs = drop_all(port_of(binding))
             rulesets.append(rs)
         return rulesets, warnings
 
@@ -454,13 +454,3 @@ class Engine:
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))
-
-
-def _port_of(binding: BindingDef) -> Port:
-    return Port(
-        portdev=binding.portdev,
-        mac=binding.mac,
-        linkdev=binding.linkdev,
-        owner_name=binding.owner_name,
-        owner_uuid=str(binding.owner_uuid),
-    )

@@ -35,6 +35,15 @@ from enum import Enum
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Packet constants the compiler and the backends both write into rules
+# (<linux/if_ether.h> names).
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_RARP = 0x8035
+ETH_P_8021Q = 0x8100
+ETH_P_IPV6 = 0x86DD
+STP_GROUP_MAC = "01:80:c2:00:00:00"  # bridge group address, where BPDUs go
+
 
 class Hook(Enum):
     """The two directions of a port."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -33,11 +34,14 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Stricter than the kernel's rule (conf.values.check_ifname), which lets
+# through '%' (`ip link add x%d` makes the kernel choose the name) and other
+# punctuation a lab never needs.
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 
 def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> str:
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ValidationError(f"invalid {kind} name '{value}'")
     return value
 
@@ -45,10 +49,14 @@ def _check_name(kind: str, value: str, pattern: re.Pattern[str]) -> str:
 _CLONE_NEWNET = 0x40000000
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
     # os.setns exists only from Python 3.12; libc's setns(2) is the same call.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(ctypes.c_int(fd), ctypes.c_int(_CLONE_NEWNET)) != 0:
+    if _libc().setns(ctypes.c_int(fd), ctypes.c_int(_CLONE_NEWNET)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 

@@ -15,8 +15,8 @@ from nwfilter.compile.compiler import (
     ValueParser,
     compile_binding,
     compile_many,
-    default_chain_priority,
     describe_match,
+    port_of,
     schema_parser,
 )
 
@@ -25,7 +25,7 @@ __all__ = [
     "ValueParser",
     "compile_binding",
     "compile_many",
-    "default_chain_priority",
     "describe_match",
+    "port_of",
     "schema_parser",
 ]

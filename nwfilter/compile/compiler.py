@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from nwfilter.compile import matches as m
 from nwfilter.compile.variables import combinations
+from nwfilter.conf import schema
 from nwfilter.conf.model import (
     Action,
     BindingDef,
@@ -49,6 +50,12 @@ from nwfilter.errors import (
 )
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import (
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_RARP,
+    STP_GROUP_MAC,
     Chain,
     CtState,
     Family,
@@ -74,13 +81,13 @@ MAX_DEPTH = 64
 # libvirt picks a sub-chain's protocol by name prefix, in this order
 # (ebtablesGetProtoIdxByFiltername); the jump from root is restricted to it.
 _JUMP_MATCHES: tuple[tuple[str, tuple[Match, ...]], ...] = (
-    ("ipv4", (Match(Field.ETH_TYPE, 0x0800),)),
-    ("ipv6", (Match(Field.ETH_TYPE, 0x86DD),)),
-    ("arp", (Match(Field.ETH_TYPE, 0x0806),)),
-    ("rarp", (Match(Field.ETH_TYPE, 0x8035),)),
+    ("ipv4", (Match(Field.ETH_TYPE, ETH_P_IP),)),
+    ("ipv6", (Match(Field.ETH_TYPE, ETH_P_IPV6),)),
+    ("arp", (Match(Field.ETH_TYPE, ETH_P_ARP),)),
+    ("rarp", (Match(Field.ETH_TYPE, ETH_P_RARP),)),
     ("mac", ()),
-    ("vlan", (Match(Field.ETH_TYPE, 0x8100),)),
-    ("stp", (Match(Field.ETH_DST, MacMatch(m.STP_BGA)),)),
+    ("vlan", (Match(Field.ETH_TYPE, ETH_P_8021Q),)),
+    ("stp", (Match(Field.ETH_DST, MacMatch(STP_GROUP_MAC)),)),
 )
 _L2_VERDICTS = {
     Action.ACCEPT: Verdict.ACCEPT,
@@ -99,17 +106,8 @@ _NEW_EST = frozenset({CtState.NEW, CtState.ESTABLISHED})
 _EST = frozenset({CtState.ESTABLISHED})
 
 
-def default_chain_priority(chain: str) -> int:
-    """The priority libvirt gives a filter on `chain` when it states none."""
-    from nwfilter.conf import schema
-
-    return schema.CHAIN_DEFAULT_PRIORITIES[schema.chain_kind(chain)]
-
-
 def schema_parser() -> ValueParser:
-    """The value parser of `nwfilter.conf.schema`."""
-    from nwfilter.conf import schema
-
+    """The value parser of `nwfilter.conf.schema`, caching what it parsed."""
     # Keyed by value type, not attribute: $MAC feeds many MAC attributes.
     cache: dict[tuple[object, str], object] = {}
 
@@ -125,6 +123,17 @@ def schema_parser() -> ValueParser:
         return value
 
     return parse
+
+
+def port_of(binding: BindingDef) -> Port:
+    """The IR port of a binding (conf has already normalised its MAC)."""
+    return Port(
+        portdev=binding.portdev,
+        mac=binding.mac,
+        linkdev=binding.linkdev,
+        owner_name=binding.owner_name,
+        owner_uuid=str(binding.owner_uuid),
+    )
 
 
 def describe_match(match: ProtocolMatch | None, limit: int = 100) -> str:
@@ -207,9 +216,8 @@ class Compiler:
         self, filters: Mapping[str, FilterDef], *, parse_value: ValueParser | None = None
     ) -> None:
         self._filters = filters
-        self._parse_value = parse_value
+        self._parse_value = parse_value if parse_value is not None else schema_parser()
         self._plans: dict[str, _Plan] = {}
-        self._typed: dict[tuple[str, str, str], object] = {}
 
     # -------------------------------------------------------------- public
 
@@ -243,14 +251,7 @@ class Compiler:
                 rules.extend(self._slot_rules(plan, produced, slot))
             if rules:
                 l3[hook] = tuple(rules)
-        port = Port(
-            portdev=binding.portdev,
-            mac=binding.mac.lower(),
-            linkdev=binding.linkdev,
-            owner_name=binding.owner_name,
-            owner_uuid=str(binding.owner_uuid),
-        )
-        return Ruleset(port=port, l2=l2, l3=l3, filter_names=plan.filter_names)
+        return Ruleset(port=port_of(binding), l2=l2, l3=l3, filter_names=plan.filter_names)
 
     # ----------------------------------------------------------- variables
 
@@ -258,7 +259,7 @@ class Compiler:
     def _top_vars(binding: BindingDef, learnt: Learnt | None) -> dict[str, Sequence[str]]:
         top: dict[str, Sequence[str]] = dict(binding.filterref.param_dict())
         if "MAC" not in top:
-            top["MAC"] = [binding.mac.lower()]
+            top["MAC"] = [binding.mac]
         for name, values in (learnt or {}).items():
             if name not in top and values:
                 top[name] = list(values)
@@ -283,24 +284,14 @@ class Compiler:
 
     def _typed_value(self, site: _Site, attr: str, ref: VarRef, text: str) -> object:
         protocol = site.rule.match.protocol if site.rule.match is not None else ""
-        key = (protocol, attr, text)
-        cached = self._typed.get(key, _MISSING)
-        if cached is not _MISSING:
-            return cached
-        if self._parse_value is None:
-            self._parse_value = schema_parser()
         try:
-            value = self._parse_value(protocol, attr, text)
+            return self._parse_value(protocol, attr, text)
         except (NwfilterError, ValueError, TypeError) as exc:
             reason = exc.message if isinstance(exc, NwfilterError) else str(exc)
             raise ValidationError(
                 f"variable '{ref.name}' has the value '{text}', not valid for attribute"
                 f" '{attr}' of <{protocol}> in {site.origin}: {reason}"
             ) from exc
-        if len(self._typed) > 200_000:
-            self._typed.clear()
-        self._typed[key] = value
-        return value
 
     def _expand(
         self, site: _Site, top: Mapping[str, Sequence[str]], binding: BindingDef
@@ -365,9 +356,7 @@ class Compiler:
     ) -> None:
         names.add(fdef.name)
         chain = fdef.chain or ROOT
-        chain_priority = (
-            fdef.priority if fdef.priority is not None else default_chain_priority(chain)
-        )
+        chain_priority = schema.chain_priority(fdef)
         for index, entry in enumerate(fdef.entries, start=1):
             if isinstance(entry, Rule):
                 sites.append(
@@ -398,7 +387,7 @@ def _prepare(site: _Site) -> None:
     site.origin = Origin(site.fdef.name, site.index, describe_match(rule.match))
     try:
         if rule.match is not None:
-            m.check_attrs(protocol, frozenset(a.name for a in rule.match.attrs))
+            m.check_attrs(rule.match.protocol, frozenset(a.name for a in rule.match.attrs))
         site.instances = _instances(site)
     except NwfilterError as exc:
         raise type(exc)(f"{site.origin}: {exc.message}", exc.code) from exc

@@ -24,8 +24,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nwfilter.conf import schema
+from nwfilter.conf.values import TcpFlagsValue
 from nwfilter.errors import UnsupportedError, ValidationError
 from nwfilter.ir import (
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_RARP,
+    STP_GROUP_MAC,
     AddrRange,
     CtState,
     Family,
@@ -40,42 +47,24 @@ from nwfilter.ir import (
 
 Attrs = Mapping[str, object]
 
-STP_BGA = "01:80:c2:00:00:00"  # bridge group address, where BPDUs go
+# The ethertype every rule of a layer-2 protocol element matches.
+_L2_ETHERTYPES: Mapping[str, int] = {
+    "vlan": ETH_P_8021Q,
+    "arp": ETH_P_ARP,
+    "rarp": ETH_P_RARP,
+    "ip": ETH_P_IP,
+    "ipv6": ETH_P_IPV6,
+}
 
-ETHERTYPES: dict[str, int] = {
-    "ipv4": 0x0800,
-    "arp": 0x0806,
-    "rarp": 0x8035,
-    "ipv6": 0x86DD,
-    "vlan": 0x8100,
-}
-L2_PROTOCOLS = frozenset({"mac", "vlan", "stp", "arp", "rarp", "ip", "ipv6"})
-IPV4_PROTOCOLS: dict[str, int | None] = {
-    "tcp": 6,
-    "udp": 17,
-    "udplite": 136,
-    "esp": 50,
-    "ah": 51,
-    "sctp": 132,
-    "icmp": 1,
-    "igmp": 2,
-    "all": None,
-}
-IPV6_PROTOCOLS: dict[str, int | None] = {
-    "tcp-ipv6": 6,
-    "udp-ipv6": 17,
-    "udplite-ipv6": 136,
-    "esp-ipv6": 50,
-    "ah-ipv6": 51,
-    "sctp-ipv6": 132,
-    "icmpv6": 58,
-    "all-ipv6": None,
-}
-# Names as the filter language spells them (nwfilter.conf.schema), matched
-# without regard to case as libvirt does for opcodes.
-IP_PROTOCOL_NAMES: Mapping[str, int] = schema.IP_PROTOCOL_NAMES
-ARP_OPCODES: Mapping[str, int] = {
-    name.lower(): number for name, number in schema.ARP_OPCODE_NAMES.items()
+
+def _ip_proto(protocol: str) -> int | None:
+    base = protocol.removesuffix("-ipv6")
+    return None if base == "all" else schema.IP_PROTOCOL_NAMES[base]
+
+
+# The IP protocol number a layer-3 element implies (None: 'all', any protocol).
+_IP_PROTOCOLS: Mapping[str, int | None] = {
+    protocol: _ip_proto(protocol) for protocol in schema.IPV4_PROTOCOLS | schema.IPV6_PROTOCOLS
 }
 _TCP_FLAGS = {flag.name: flag for flag in TcpFlag}
 _CT_STATES = {
@@ -89,32 +78,24 @@ _CT_STATES = {
 
 def family_of(protocol: str | None) -> Family:
     """The layer a protocol element lives in (None: a rule without one)."""
-    if protocol is None or protocol in L2_PROTOCOLS:
+    if protocol is None or protocol in schema.ETHERNET_PROTOCOLS:
         return Family.ETHER
-    if protocol in IPV4_PROTOCOLS:
+    if protocol in schema.IPV4_PROTOCOLS:
         return Family.IPV4
-    if protocol in IPV6_PROTOCOLS:
+    if protocol in schema.IPV6_PROTOCOLS:
         return Family.IPV6
     raise UnsupportedError(f"unknown protocol element <{protocol}>")
 
 
 def ip_proto_number(protocol: str) -> int | None:
-    if protocol in IPV4_PROTOCOLS:
-        return IPV4_PROTOCOLS[protocol]
-    return IPV6_PROTOCOLS.get(protocol)
+    return _IP_PROTOCOLS.get(protocol)
 
 
 def ct_states(value: object) -> frozenset[CtState]:
-    names = value if isinstance(value, frozenset | set | tuple | list) else str(value).split(",")
-    states: set[CtState] = set()
-    for name in names:
-        state = _CT_STATES.get(str(name).strip().upper())
-        if state is None:
-            raise ValidationError(f"unknown connection state '{name}'")
-        states.add(state)
-    if not states:
-        raise ValidationError("empty connection state set")
-    return frozenset(states)
+    """The IR form of a typed `state` value (see `nwfilter.conf.values.StateType`)."""
+    if not isinstance(value, frozenset):
+        raise ValidationError(f"attribute 'state' needs connection states, got {value!r}")
+    return frozenset(_CT_STATES[name] for name in value)
 
 
 # ------------------------------------------------------------------ values
@@ -129,20 +110,13 @@ def _int(value: object, attr: str) -> int:
 def _mac(value: object, attr: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"attribute '{attr}' needs a MAC address, got {value!r}")
-    return value.lower()
+    return value
 
 
 def _addr(value: object, attr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return value
     raise ValidationError(f"attribute '{attr}' needs an IP address, got {value!r}")
-
-
-def _prefix(value: object, attr: str) -> int:
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        net = ipaddress.ip_network(f"0.0.0.0/{value}" if value.version == 4 else f"::/{value}")
-        return net.prefixlen
-    return _int(value, attr)
 
 
 def _network(
@@ -155,7 +129,7 @@ def _network(
         if addr.version == 4:
             return ipaddress.IPv4Network(int(addr))
         return ipaddress.IPv6Network(int(addr))
-    prefix = _prefix(mask, mask_attr)
+    prefix = _int(mask, mask_attr)
     try:
         return ipaddress.ip_network((addr, prefix), strict=False)
     except ValueError as exc:
@@ -179,73 +153,46 @@ def _macmatch(attrs: Attrs, addr_attr: str, mask_attr: str) -> MacMatch:
     )
 
 
-def _named_int(value: object, attr: str, names: Mapping[str, int]) -> int:
-    if isinstance(value, str):
-        number = names.get(value.lower())
-        if number is None:
-            try:
-                return int(value, 0)
-            except ValueError:
-                raise ValidationError(f"unknown value '{value}' for '{attr}'") from None
-        return number
-    return _int(value, attr)
-
-
 def _tcp_flags(value: object) -> TcpFlags:
-    mask = getattr(value, "mask", None)
-    flags = getattr(value, "flags", None)
-    if mask is None or flags is None:
+    if not isinstance(value, TcpFlagsValue):
         raise ValidationError(f"attribute 'flags' needs a TCP flag pair, got {value!r}")
+    # conf has already expanded ALL and NONE and upper-cased the names.
+    return TcpFlags(
+        frozenset(_TCP_FLAGS[name] for name in value.mask),
+        frozenset(_TCP_FLAGS[name] for name in value.flags),
+    )
 
-    def convert(names: object) -> frozenset[TcpFlag]:
-        out: set[TcpFlag] = set()
-        for name in names:  # type: ignore[attr-defined]
-            upper = str(name).upper()
-            if upper == "ALL":
-                out.update(TcpFlag)
-            elif upper == "NONE":
-                continue
-            elif upper in _TCP_FLAGS:
-                out.add(_TCP_FLAGS[upper])
-            else:
-                raise ValidationError(f"unknown TCP flag '{name}'")
-        return frozenset(out)
 
-    return TcpFlags(convert(mask), convert(flags))
+def _pair(src: Field, dst: Field, swap: bool) -> tuple[Field, Field]:
+    """The fields a src/dst attribute pair matches, exchanged when `swap`."""
+    return (dst, src) if swap else (src, dst)
+
+
+# ------------------------------------------------------------------ attributes
+
+# Attributes of the filter language the IR has no field for.
+UNSUPPORTED_ATTRS = frozenset({"option"})  # TCP options
+_ALLOWED_ATTRS: Mapping[str, frozenset[str]] = {
+    protocol: frozenset(spec.name for spec in specs) - UNSUPPORTED_ATTRS
+    for protocol, specs in schema.PROTOCOLS.items()
+}
+
+
+def check_attrs(protocol: str, names: frozenset[str]) -> None:
+    """Refuse attributes this compiler cannot honour exactly."""
+    allowed = _ALLOWED_ATTRS.get(protocol)
+    if allowed is None:
+        raise UnsupportedError(f"unknown protocol element <{protocol}>")
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise UnsupportedError(
+            f"attribute{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"'{a}'" for a in unknown)
+            + f" of <{protocol}> cannot be expressed"
+        )
 
 
 # ------------------------------------------------------------------ layer 2
-
-_L2_COMMON = frozenset({"srcmacaddr", "srcmacmask", "dstmacaddr", "dstmacmask", "comment"})
-_L2_ATTRS: dict[str | None, frozenset[str]] = {
-    None: frozenset({"comment"}),
-    "mac": _L2_COMMON | {"protocolid"},
-    "vlan": _L2_COMMON | {"vlanid", "encap-protocol"},
-    "stp": frozenset({"srcmacaddr", "srcmacmask", "comment"})
-    | {
-        "type", "flags", "root-priority", "root-priority-hi", "root-address",
-        "root-address-mask", "root-cost", "root-cost-hi", "sender-priority",
-        "sender-priority-hi", "sender-address", "sender-address-mask", "port",
-        "port-hi", "age", "age-hi", "max-age", "max-age-hi", "hello-time",
-        "hello-time-hi", "forward-delay", "forward-delay-hi",
-    },
-    "arp": _L2_COMMON
-    | {
-        "hwtype", "protocoltype", "opcode", "arpsrcmacaddr", "arpdstmacaddr",
-        "arpsrcipaddr", "arpsrcipmask", "arpdstipaddr", "arpdstipmask", "gratuitous",
-    },
-    "ip": _L2_COMMON
-    | {
-        "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "protocol", "srcportstart",
-        "srcportend", "dstportstart", "dstportend", "dscp",
-    },
-    "ipv6": _L2_COMMON
-    | {
-        "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "protocol", "srcportstart",
-        "srcportend", "dstportstart", "dstportend", "type", "typeend", "code", "codeend",
-    },
-}
-_L2_ATTRS["rarp"] = _L2_ATTRS["arp"]
 
 _STP_RANGES = (
     ("root-priority", "root-priority-hi", Field.STP_ROOT_PRIO),
@@ -259,24 +206,10 @@ _STP_RANGES = (
 )
 
 
-def check_attrs(protocol: str | None, names: frozenset[str]) -> None:
-    """Refuse attributes this compiler cannot honour exactly."""
-    allowed = _L2_ATTRS.get(protocol) if family_of(protocol) is Family.ETHER else _l3_attrs(
-        protocol or ""
-    )
-    unknown = sorted(names - (allowed or frozenset()))
-    if unknown:
-        raise UnsupportedError(
-            f"attribute{'s' if len(unknown) > 1 else ''} "
-            + ", ".join(f"'{a}'" for a in unknown)
-            + f" of <{protocol}> cannot be expressed"
-        )
-
-
 def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) -> list[Match]:
     """The matches of an ebtables rule instance."""
     out: list[Match] = []
-    src, dst = (Field.ETH_DST, Field.ETH_SRC) if reverse else (Field.ETH_SRC, Field.ETH_DST)
+    src, dst = _pair(Field.ETH_SRC, Field.ETH_DST, reverse)
     if protocol is None:
         return out
     if protocol == "stp" and reverse and "srcmacaddr" in attrs:
@@ -289,11 +222,11 @@ def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) 
         out.append(Match(dst, _macmatch(attrs, "dstmacaddr", "dstmacmask"), negate))
     if protocol == "mac":
         if "protocolid" in attrs:
-            number = _named_int(attrs["protocolid"], "protocolid", ETHERTYPES)
+            number = _int(attrs["protocolid"], "protocolid")
             out.append(Match(Field.ETH_TYPE, number, negate))
         return out
     if protocol == "stp":
-        out.append(Match(Field.ETH_DST, MacMatch(STP_BGA)))
+        out.append(Match(Field.ETH_DST, MacMatch(STP_GROUP_MAC)))
         if "type" in attrs:
             out.append(Match(Field.STP_TYPE, _int(attrs["type"], "type"), negate))
         if "flags" in attrs:
@@ -317,12 +250,12 @@ def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) 
             if rng is not None:
                 out.append(Match(fld, rng, negate))
         return out
-    out.insert(0, Match(Field.ETH_TYPE, ETHERTYPES["ipv4" if protocol == "ip" else protocol]))
+    out.insert(0, Match(Field.ETH_TYPE, _L2_ETHERTYPES[protocol]))
     if protocol == "vlan":
         if "vlanid" in attrs:
             out.append(Match(Field.VLAN_ID, _int(attrs["vlanid"], "vlanid"), negate))
         if "encap-protocol" in attrs:
-            number = _named_int(attrs["encap-protocol"], "encap-protocol", ETHERTYPES)
+            number = _int(attrs["encap-protocol"], "encap-protocol")
             out.append(Match(Field.VLAN_ENCAP, number, negate))
         return out
     if protocol in ("arp", "rarp"):
@@ -336,12 +269,12 @@ def _arp(attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
     if "hwtype" in attrs:
         out.append(Match(Field.ARP_HTYPE, _int(attrs["hwtype"], "hwtype"), negate))
     if "opcode" in attrs:
-        out.append(Match(Field.ARP_OP, _named_int(attrs["opcode"], "opcode", ARP_OPCODES), negate))
+        out.append(Match(Field.ARP_OP, _int(attrs["opcode"], "opcode"), negate))
     if "protocoltype" in attrs:
-        number = _named_int(attrs["protocoltype"], "protocoltype", ETHERTYPES)
+        number = _int(attrs["protocoltype"], "protocoltype")
         out.append(Match(Field.ARP_PTYPE, number, negate))
-    spa, tpa = (Field.ARP_TPA, Field.ARP_SPA) if reverse else (Field.ARP_SPA, Field.ARP_TPA)
-    sha, tha = (Field.ARP_THA, Field.ARP_SHA) if reverse else (Field.ARP_SHA, Field.ARP_THA)
+    spa, tpa = _pair(Field.ARP_SPA, Field.ARP_TPA, reverse)
+    sha, tha = _pair(Field.ARP_SHA, Field.ARP_THA, reverse)
     if "arpsrcipaddr" in attrs:
         out.append(Match(spa, _network(attrs, "arpsrcipaddr", "arpsrcipmask"), negate))
     if "arpdstipaddr" in attrs:
@@ -356,14 +289,14 @@ def _arp(attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
 
 
 def _l2_ip(protocol: str, attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
-    src, dst = (Field.IP_DST, Field.IP_SRC) if reverse else (Field.IP_SRC, Field.IP_DST)
-    sport, dport = (Field.L4_DPORT, Field.L4_SPORT) if reverse else (Field.L4_SPORT, Field.L4_DPORT)
+    src, dst = _pair(Field.IP_SRC, Field.IP_DST, reverse)
+    sport, dport = _pair(Field.L4_SPORT, Field.L4_DPORT, reverse)
     if "srcipaddr" in attrs:
         out.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), negate))
     if "dstipaddr" in attrs:
         out.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), negate))
     if "protocol" in attrs:
-        number = _named_int(attrs["protocol"], "protocol", IP_PROTOCOL_NAMES)
+        number = _int(attrs["protocol"], "protocol")
         out.append(Match(Field.IP_PROTO, number, negate))
     rng = _range(attrs, "srcportstart", "srcportend")
     if rng is not None:
@@ -384,26 +317,6 @@ def _l2_ip(protocol: str, attrs: Attrs, negate: bool, reverse: bool, out: list[M
 
 # ------------------------------------------------------------------ layer 3
 
-_L3_COMMON = frozenset(
-    {
-        "srcmacaddr", "srcipaddr", "srcipmask", "dstipaddr", "dstipmask", "srcipfrom",
-        "srcipto", "dstipfrom", "dstipto", "dscp", "comment", "state", "ipset",
-        "ipsetflags", "connlimit-above",
-    }
-)
-_PORTS = frozenset({"srcportstart", "srcportend", "dstportstart", "dstportend"})
-
-
-def _l3_attrs(protocol: str) -> frozenset[str]:
-    base = protocol.removesuffix("-ipv6")
-    if base == "tcp":
-        return _L3_COMMON | _PORTS | {"flags"}
-    if base in ("udp", "sctp"):
-        return _L3_COMMON | _PORTS
-    if base in ("icmp", "icmpv6"):
-        return _L3_COMMON | {"type", "code"}
-    return _L3_COMMON
-
 
 @dataclass(frozen=True)
 class L3Parts:
@@ -421,13 +334,9 @@ class L3Parts:
 
 def l3_parts(protocol: str, attrs: Attrs, negate: bool, swapped: bool) -> L3Parts:
     core: list[Match] = []
-    src, dst = (Field.IP_DST, Field.IP_SRC) if swapped else (Field.IP_SRC, Field.IP_DST)
-    srange, drange = (
-        (Field.IP_DST_RANGE, Field.IP_SRC_RANGE)
-        if swapped
-        else (Field.IP_SRC_RANGE, Field.IP_DST_RANGE)
-    )
-    sport, dport = (Field.L4_DPORT, Field.L4_SPORT) if swapped else (Field.L4_SPORT, Field.L4_DPORT)
+    src, dst = _pair(Field.IP_SRC, Field.IP_DST, swapped)
+    srange, drange = _pair(Field.IP_SRC_RANGE, Field.IP_DST_RANGE, swapped)
+    sport, dport = _pair(Field.L4_SPORT, Field.L4_DPORT, swapped)
     srcmac_skipped = False
     if "srcmacaddr" in attrs:
         if swapped:
@@ -489,15 +398,8 @@ def _addr_range(attrs: Attrs, start: str, end: str) -> AddrRange:
 
 
 def _ipset_flags(value: object, swapped: bool) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items: tuple[str, ...] = tuple(v.strip() for v in value.split(","))
-    elif isinstance(value, tuple | list):
-        items = tuple(str(v) for v in value)
-    else:
+    if not isinstance(value, tuple):
         raise ValidationError(f"attribute 'ipsetflags' needs src/dst flags, got {value!r}")
-    for item in items:
-        if item not in ("src", "dst"):
-            raise ValidationError(f"unknown ipset flag '{item}'")
     if swapped:
-        items = tuple("dst" if item == "src" else "src" for item in items)
-    return items
+        return tuple("dst" if item == "src" else "src" for item in value)
+    return value

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nwfilter.errors import ValidationError
 from nwfilter.netlab import NetLab, in_netns
 from tests.integration.conftest import HOST_IP, BridgeLab, build_bridge_lab
 
@@ -43,3 +44,11 @@ def test_close_removes_everything() -> None:
     netlab.close()
     netlab.close()
     assert not any(Path("/run/netns", n).exists() for n in names)
+
+
+def test_names_are_checked_whole() -> None:
+    with NetLab() as netlab:
+        with pytest.raises(ValidationError):
+            netlab.add_bridge(netlab.ns_name("x"), "br0\n")
+        with pytest.raises(ValidationError):
+            netlab.run("lab\n", ["true"])

@@ -53,3 +53,25 @@ def test_bad_files_are_reported_and_skipped(tmp_path: Path) -> None:
 def test_unsafe_portdev_refused(name: str) -> None:
     with pytest.raises(ValidationError):
         validate_portdev(name)
+
+
+@pytest.mark.parametrize("name", [".vnet0", "é" * 8, "a:b", "a\x00"])
+def test_portdev_follows_the_interface_name_rule(name: str) -> None:
+    # one rule with conf (bytes, not characters), and no dot files
+    with pytest.raises(ValidationError):
+        validate_portdev(name)
+    assert validate_portdev("x" * 15) == "x" * 15
+
+
+def test_changes_leave_earlier_reads_alone(tmp_path: Path) -> None:
+    table = BindingTable(tmp_path / "run")
+    table.load()
+    table.put_many([make("vnet2"), make("vnet0", "other")])
+    before, generation = table.all(), table.generation
+    table.put_many([make("vnet1", "other")])
+    table.remove("vnet2")
+    assert [b.portdev for b in before] == ["vnet0", "vnet2"]
+    assert [b.portdev for b in table.all()] == ["vnet0", "vnet1"]
+    assert [b.portdev for b in table.using(["other"])] == ["vnet0", "vnet1"]
+    assert table.generation == generation + 2
+    assert "vnet2" not in table and len(table) == 2

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nwfilter.compile import compile_binding, compile_many
-from nwfilter.conf import parse_filter
+from nwfilter.compile import compile_binding, compile_many, port_of
+from nwfilter.compile.matches import UNSUPPORTED_ATTRS, check_attrs, ip_proto_number
+from nwfilter.conf import parse_filter, schema
 from nwfilter.conf.model import (
     Action,
     AttrValue,
@@ -24,7 +25,22 @@ from nwfilter.conf.model import (
     VarRef,
 )
 from nwfilter.errors import LoopError, UnresolvedError, UnsupportedError, ValidationError
-from nwfilter.ir import CtState, Family, Field, Hook, IntRange, MacMatch, Match, Verdict
+from nwfilter.ir import (
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_RARP,
+    STP_GROUP_MAC,
+    CtState,
+    Family,
+    Field,
+    Hook,
+    IntRange,
+    MacMatch,
+    Match,
+    Verdict,
+)
 from nwfilter.render_text import render_lines, render_text
 
 MAC = "52:54:00:00:00:01"
@@ -443,3 +459,48 @@ def test_stp_chain_default_priority_is_libvirts() -> None:
     ]
     root = build(filters, binding("top")).chains(Hook.FROM_VM)[0].rules
     assert [(r.verdict, r.priority) for r in root] == [(Verdict.JUMP, 0), (Verdict.DROP, 1)]
+
+
+# --------------------------------------------------------------- tables
+
+
+def test_ip_protocol_numbers_come_from_the_schema() -> None:
+    expected = {
+        "tcp": 6, "udp": 17, "udplite": 136, "esp": 50, "ah": 51, "sctp": 132,
+        "icmp": 1, "igmp": 2, "all": None, "tcp-ipv6": 6, "udp-ipv6": 17,
+        "udplite-ipv6": 136, "esp-ipv6": 50, "ah-ipv6": 51, "sctp-ipv6": 132,
+        "icmpv6": 58, "all-ipv6": None,
+    }
+    assert {p: ip_proto_number(p) for p in expected} == expected
+
+
+def test_every_schema_attribute_but_tcp_option_is_understood() -> None:
+    for protocol, specs in schema.PROTOCOLS.items():
+        names = frozenset(s.name for s in specs) - UNSUPPORTED_ATTRS
+        check_attrs(protocol, names)
+    for protocol in ("tcp", "tcp-ipv6"):
+        with pytest.raises(UnsupportedError, match="'option'"):
+            check_attrs(protocol, frozenset({"option"}))
+
+
+def test_layer2_protocols_match_their_ethertype_and_jumps_their_chain() -> None:
+    expected = {
+        "ip": ETH_P_IP, "ipv6": ETH_P_IPV6, "arp": ETH_P_ARP, "rarp": ETH_P_RARP,
+        "vlan": ETH_P_8021Q,
+    }
+    for protocol, ethertype in expected.items():
+        rs = build([fdef("f", rule(protocol))], binding("f"))
+        (r,) = rs.chains(Hook.FROM_VM)[0].rules  # type: ignore[attr-defined]
+        assert r.matches == (Match(Field.ETH_TYPE, ethertype),)
+    filters = [fdef("top", ref("s")), fdef("s", rule("stp"), chain="stp")]
+    (jump,) = build(filters, binding("top")).chains(Hook.FROM_VM)[0].rules  # type: ignore[attr-defined]
+    assert jump.matches == (Match(Field.ETH_DST, MacMatch(STP_GROUP_MAC)),)
+
+
+def test_port_of_gives_the_rulesets_port() -> None:
+    b = binding("f")
+    rs = build([fdef("f", rule("mac"))], b)
+    assert rs.port == port_of(b)  # type: ignore[attr-defined]
+    assert (rs.port.portdev, rs.port.mac, rs.port.owner_uuid) == (  # type: ignore[attr-defined]
+        "vnet0", MAC, str(uuid.UUID(int=1)),
+    )
