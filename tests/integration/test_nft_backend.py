@@ -336,3 +336,95 @@ def test_every_field_is_accepted_by_the_kernel(lab: BridgeLab) -> None:
     sets = lab.run(lab.host, ["nft", "list", "sets"]).stdout
     assert "cl4_" not in sets and "ipset4_bad-hosts" not in sets  # the last port took all
     backend.clear_all()
+
+
+def _set_elements(lab: BridgeLab, name: str) -> list[object]:
+    out = lab.run(lab.host, ["nft", "-j", "list", "set", "inet", "nwfilter", name]).stdout
+    sets = [x["set"] for x in json.loads(out)["nftables"] if "set" in x]
+    return list(sets[0].get("elem", []))
+
+
+def _with_ipset(g: Guest) -> Ruleset:
+    from nwfilter.ir import IPSetMatch
+
+    return with_l3(_clean(g), to_vm=(
+        l3_rule([Match(Field.IPSET, IPSetMatch("blocked", ("src",)))], Verdict.DROP),))
+
+
+def test_kept_layer3_chain_keeps_its_connlimit_set(lab: BridgeLab) -> None:
+    g0 = lab.guests[0]
+    backend = _backend(lab)
+    limit = l3_rule([Match(Field.IP_PROTO, 6), Match(Field.CONNLIMIT_ABOVE, 4)], Verdict.DROP)
+    first = with_l3(_clean(g0), to_vm=(limit,))
+    backend.apply(Changes(set=(first,)))
+    # Only a layer-2 chain changes; the layer-3 chain and its set stay.
+    second = with_l3(clean_traffic(g0.portdev, g0.mac, "10.77.0.20"), to_vm=(limit,))
+    backend.apply(Changes(set=(second,)))
+    assert "ct count over 4" in backend.read_back(g0.portdev)
+    assert "cl4_vnet0_" in lab.run(lab.host, ["nft", "list", "sets"]).stdout
+    backend.apply(Changes(set=(_clean(g0),)))
+    assert "cl4_" not in lab.run(lab.host, ["nft", "list", "sets"]).stdout
+    backend.clear_all()
+
+
+def test_operator_filled_ipset_survives_monitor_and_rebuilds(lab: BridgeLab) -> None:
+    g0, g1 = lab.guests
+    backend = _backend(lab)
+    backend.apply(Changes(set=(_with_ipset(g1), _clean(g0))))
+    with NftMonitor.for_backend(backend) as monitor:
+        lab.run(lab.host, ["nft", "add", "element", "inet", "nwfilter", "ipset4_blocked",
+                           f"{{ {g0.ip}, 192.0.2.0/24 }}"])
+        lab.run(lab.host, ["nft", "add", "element", "inet", "nwfilter", "ipset4_blocked",
+                           "{ 198.51.100.1 }"])
+        lab.run(lab.host, ["nft", "delete", "element", "inet", "nwfilter", "ipset4_blocked",
+                           "{ 198.51.100.1 }"])
+        time.sleep(0.3)
+        assert monitor.repairs == 0  # filling an ipset set is not a foreign edit
+        assert monitor.last_error is None
+    expected = sorted(map(json.dumps, _set_elements(lab, "ipset4_blocked")))
+    assert len(expected) == 2
+    assert not lab.ping(g0, g1.ip)
+    assert lab.ping(g1, HOST_IP)
+    # A repair and a full rebuild drop and recreate the tables: the elements stay.
+    backend.reinstall()
+    assert sorted(map(json.dumps, _set_elements(lab, "ipset4_blocked"))) == expected
+    fresh = NftBackend(netns=lab.host)
+    fresh.probe()
+    fresh.apply(Changes(set=(_with_ipset(g1), _clean(g0)), replace_all=True))
+    assert sorted(map(json.dumps, _set_elements(lab, "ipset4_blocked"))) == expected
+    assert not lab.ping(g0, g1.ip)
+    # A set the new state does not use goes with the tables.
+    fresh.apply(Changes(set=(_clean(g1), _clean(g0)), replace_all=True))
+    assert "ipset4_blocked" not in lab.run(lab.host, ["nft", "list", "sets"]).stdout
+    assert lab.ping(g0, g1.ip)
+    fresh.clear_all()
+
+
+def test_port_ids_are_reused_and_kept_on_refusal(lab: BridgeLab) -> None:
+    g0, g1 = lab.guests
+    backend = _backend(lab)
+    l3 = (l3_rule([Match(Field.IP_PROTO, 1)], Verdict.ACCEPT),)
+    fake = [with_l3(clean_traffic(f"tap{i}", f"52:54:00:02:00:{i:02x}", f"10.79.0.{i}"),
+                    from_vm=l3) for i in range(4)]
+    backend.apply(Changes(set=tuple(fake)))
+    backend.apply(Changes(remove=("tap1", "tap2")))
+    bad = Ruleset(port=Port(g1.portdev, g1.mac), l2={Hook.FROM_VM: (
+        Chain("root", 0, (Rule(Family.ETHER, (), Verdict.JUMP, target="a",
+                               origin=Origin("loop", 1)),)),
+        Chain("a", 0, (Rule(Family.ETHER, (), Verdict.JUMP, target="a",
+                            origin=Origin("loop-a", 1)),)),
+    )})
+    with pytest.raises(BackendError):
+        backend.apply(Changes(set=(with_l3(_clean(g0), from_vm=l3), bad)))
+    assert backend.ports() == ("tap0", "tap3")
+    backend.apply(Changes(set=(with_l3(_clean(g0), from_vm=l3), with_l3(_clean(g1), to_vm=l3))))
+
+    def keys(vmap: str) -> list[int]:
+        out = lab.run(lab.host, ["nft", "-j", "list", "map", "inet", "nwfilter", vmap]).stdout
+        return sorted(e[0] for e in json.loads(out)["nftables"][1]["map"]["elem"])
+
+    # The freed ids 2 and 3 went to the new ports (vnet0 from, vnet1 to).
+    assert keys("l3_from") == [1, 2, 4]
+    assert keys("l3_to") == [3 << 16]
+    assert lab.ping(g0, g1.ip)
+    backend.clear_all()

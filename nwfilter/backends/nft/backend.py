@@ -4,7 +4,9 @@
 `apply()` as one libnftables JSON batch (one kernel transaction), and keeps
 an in-memory record of what it owns per port, updated only after the kernel
 accepted the batch; so the cost of a change grows with what changed and the
-tables are never listed on the apply path.
+tables are never listed on the apply path.  Only the rare transactions that
+drop and recreate the tables (`replace_all`, `reinstall`) first read the
+operator-filled ipset sets they recreate, to put their elements back.
 
 All kernel access happens with the calling thread inside the backend's
 network namespace (`nwfilter.netlab.in_netns`) and under the backend
@@ -15,10 +17,11 @@ inside the namespace on first use by an injected factory.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +51,10 @@ class NftContext(Protocol):
 
     def set_json_output(self, value: bool) -> bool: ...
 
+    def set_dry_run(self, onoff: bool) -> bool:
+        """Switch check mode (the kernel validates, then aborts); return the old value."""
+        ...
+
 
 NftFactory = Callable[[], NftContext]
 
@@ -66,18 +73,57 @@ def default_nft_factory() -> NftContext:
         raise UnavailableError(f"libnftables.so.1 cannot be loaded: {exc}") from exc
     ctx.set_json_output(True)
     ctx.set_handle_output(False)
+    if not hasattr(ctx, "set_dry_run"):
+        ctx.set_dry_run = _dry_run_switch(ctx)
     return ctx  # type: ignore[no-any-return]
 
 
-def _set_dry_run(ctx: NftContext, on: bool) -> bool:
-    """Switch libnftables' check mode (kernel validates, then aborts)."""
+def _dry_run_switch(ctx: Any) -> Callable[[bool], bool]:
+    """`Nftables.set_dry_run` for bindings without it.
+
+    pip-nftables 1.0.2 (PyPI's copy of python3-nftables 1.0.2) predates the
+    method, which later upstream bindings have; libnftables has had
+    nft_ctx_set_dry_run far longer.  The binding keeps its context handle
+    private, and the library is loaded once per context, here."""
     raw = getattr(ctx, "_Nftables__ctx", None)
     if raw is None:
-        return False
-    lib = ctypes.CDLL("libnftables.so.1")
+        raise UnavailableError("libnftables binding without a usable context")
+    try:
+        lib = ctypes.CDLL("libnftables.so.1")
+    except OSError as exc:  # pragma: no cover - the binding loaded it already
+        raise UnavailableError(f"libnftables.so.1 cannot be loaded: {exc}") from exc
+    lib.nft_ctx_get_dry_run.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_dry_run.restype = ctypes.c_bool
     lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
-    lib.nft_ctx_set_dry_run(raw, on)
-    return True
+    lib.nft_ctx_set_dry_run.restype = None
+
+    def set_dry_run(onoff: bool) -> bool:
+        old = bool(lib.nft_ctx_get_dry_run(raw))
+        lib.nft_ctx_set_dry_run(raw, onoff)
+        return old
+
+    return set_dry_run
+
+
+class _PortIds:
+    """Port ids 1..MAX_PORT_ID: ids given back are reused smallest first,
+    the others come from a cursor; taking and giving back cost O(log n)."""
+
+    def __init__(self) -> None:
+        self._free: list[int] = []  # a heap
+        self._next = 1
+
+    def take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        if self._next > render.MAX_PORT_ID:
+            raise BackendError(f"more than {render.MAX_PORT_ID} ports in one namespace")
+        self._next += 1
+        return self._next - 1
+
+    def give_back(self, ids: Iterable[int]) -> None:
+        for port_id in ids:
+            heapq.heappush(self._free, port_id)
 
 
 def _drop_tables() -> Batch:
@@ -111,6 +157,7 @@ class NftBackend:
         self._manage_sysctls = manage_sysctls
         self._records: dict[str, PortRecord] = {}
         self._rulesets: dict[str, Ruleset] = {}
+        self._ids = _PortIds()
         self._base_ready = False
         self._caps: Capabilities | None = None
         self._state_lock = threading.Lock()  # guards the records for readers
@@ -141,8 +188,7 @@ class NftBackend:
         if parsed and int(parsed.group(1)) < len(batch.origins):
             origin = batch.origins[int(parsed.group(1))]
             return f"port '{origin[0]}', {origin[1]}" if origin else ""
-        if not _set_dry_run(ctx, True):
-            return ""
+        ctx.set_dry_run(True)
         try:
             if self._dry_ok(ctx, batch.commands):
                 return ""
@@ -166,7 +212,7 @@ class NftBackend:
                     return f"port '{origin[0]}', {origin[1]}"
             return ""
         finally:
-            _set_dry_run(ctx, False)
+            ctx.set_dry_run(False)
 
     def _ensure_sysctls(self) -> None:
         if not self._manage_sysctls:
@@ -193,8 +239,7 @@ class NftBackend:
                 )
 
     def _probe(self, ctx: NftContext) -> Capabilities:
-        if not _set_dry_run(ctx, True):
-            raise UnavailableError("libnftables binding without a usable context")
+        ctx.set_dry_run(True)
         try:
             name = "nwfilter_probe"
             table = {"family": BRIDGE, "name": name}
@@ -219,7 +264,7 @@ class NftBackend:
             rc, _o, _err = ctx.json_cmd({"nftables": [*base, reject]})
             return Capabilities(bridge_reject=rc == 0)
         finally:
-            _set_dry_run(ctx, False)
+            ctx.set_dry_run(False)
 
     def capabilities(self) -> Capabilities:
         if self._caps is None:
@@ -239,9 +284,13 @@ class NftBackend:
         # The lock covers render, send and bookkeeping: two applies never
         # render against the same stale record.
         with self._kernel() as ctx, gc_paused():
-            records = {} if changes.replace_all else self._records
+            fresh = changes.replace_all
+            # Only read until the kernel said yes, then updated in place.
+            records = {} if fresh else self._records
+            previous_rulesets = {} if fresh else self._rulesets
+            ids = _PortIds() if fresh else self._ids
             batch = Batch()
-            if changes.replace_all:
+            if fresh:
                 # An earlier process may have left tables we have no record
                 # of: replace them wholesale, atomically, in this transaction.
                 self._ensure_sysctls()
@@ -250,53 +299,92 @@ class NftBackend:
             elif not self._base_ready:
                 self._ensure_sysctls()
                 batch.extend(render.render_base())
-            new_records = dict(records)
-            previous_rulesets = {} if changes.replace_all else self._rulesets
-            ids_in_use = {r.port_id for r in records.values()}
-            for name in sorted(set(changes.remove)):
-                old = new_records.pop(name, None)
-                if old is not None:
-                    batch.extend(render.render_remove(old))
-            for ruleset in sorted(changes.set, key=lambda r: r.port.portdev):
-                portdev = ruleset.port.portdev
-                previous = new_records.get(portdev)
-                port_id = previous.port_id if previous else self._free_id(ids_in_use)
-                ids_in_use.add(port_id)
-                port_batch, record = render.render_port(
-                    ruleset, port_id, previous, caps, previous_rulesets.get(portdev)
+            updates: dict[str, PortRecord | None] = {}  # None: removed
+            freed: list[int] = []
+            taken: list[int] = []
+            try:
+                for name in sorted(set(changes.remove)):
+                    old = records.get(name)
+                    if old is not None:
+                        batch.extend(render.render_remove(old))
+                        updates[name] = None
+                        freed.append(old.port_id)
+                for ruleset in sorted(changes.set, key=lambda r: r.port.portdev):
+                    portdev = ruleset.port.portdev
+                    previous = updates[portdev] if portdev in updates else records.get(portdev)
+                    if previous is None:
+                        port_id = ids.take()
+                        taken.append(port_id)
+                    else:
+                        port_id = previous.port_id
+                    port_batch, record = render.render_port(
+                        ruleset, port_id, previous, caps, previous_rulesets.get(portdev)
+                    )
+                    batch.extend(port_batch)
+                    updates[portdev] = record
+                remaining = (
+                    len(records)
+                    + sum(1 for n, r in updates.items() if r is not None and n not in records)
+                    - sum(1 for r in updates.values() if r is None)
                 )
-                batch.extend(port_batch)
-                new_records[portdev] = record
-            if not new_records:
-                # The last port is gone: nothing of ours stays in the namespace.
-                batch = _drop_tables()
-            rc, err = self._send(ctx, batch)
-            if rc != 0:
-                where = self._locate_failure(ctx, batch, err)
-                ports = ", ".join(sorted({r.port.portdev for r in changes.set} |
-                                         set(changes.remove)))
-                raise BackendError(
-                    f"nft refused the transaction for {where or 'port(s) ' + ports}: "
-                    f"{err.strip() or 'rc ' + str(rc)}; nothing was changed"
-                )
-            self._base_ready = bool(new_records)
-            rulesets = {} if changes.replace_all else dict(self._rulesets)
-            for name in changes.remove:
-                rulesets.pop(name, None)
-            for ruleset in changes.set:
-                rulesets[ruleset.port.portdev] = ruleset
+                if not remaining:
+                    # The last port is gone: nothing of ours stays in the namespace.
+                    batch = _drop_tables()
+                elif fresh:
+                    batch.extend(self._kept_ipset_elements(
+                        ctx, (r for r in updates.values() if r is not None)))
+                rc, err = self._send(ctx, batch)
+                if rc != 0:
+                    where = self._locate_failure(ctx, batch, err)
+                    ports = ", ".join(sorted({r.port.portdev for r in changes.set} |
+                                             set(changes.remove)))
+                    raise BackendError(
+                        f"nft refused the transaction for {where or 'port(s) ' + ports}: "
+                        f"{err.strip() or 'rc ' + str(rc)}; nothing was changed"
+                    )
+            except BaseException:
+                ids.give_back(taken)
+                raise
+            ids.give_back(freed)
+            self._ids = ids if remaining else _PortIds()
+            self._base_ready = remaining > 0
             with self._state_lock:
-                self._records = new_records
-                self._rulesets = rulesets
+                if fresh:
+                    self._records = {}
+                    self._rulesets = {}
+                for name, new in updates.items():
+                    if new is None:
+                        del self._records[name]
+                    else:
+                        self._records[name] = new
+                for name in changes.remove:
+                    self._rulesets.pop(name, None)
+                for ruleset in changes.set:
+                    self._rulesets[ruleset.port.portdev] = ruleset
         log.debug("nft: applied %d set, %d remove in %d commands", len(changes.set),
                   len(changes.remove), len(batch.commands))
 
-    @staticmethod
-    def _free_id(in_use: set[int]) -> int:
-        for candidate in range(1, render.MAX_PORT_ID + 1):
-            if candidate not in in_use:
-                return candidate
-        raise BackendError(f"more than {render.MAX_PORT_ID} ports in one namespace")
+    def _kept_ipset_elements(self, ctx: NftContext, records: Iterable[PortRecord]) -> Batch:
+        """Commands putting back what the operator added to the ipset sets
+        `records` use, read now from the kernel: for transactions that drop
+        and recreate our tables (never on the normal apply path).  One
+        listing per set; a set not there yet has nothing to keep."""
+        names = sorted({name for record in records for used in record.chain_sets.values()
+                        for name in used if name.startswith(render.IPSET_PREFIX)})
+        batch = Batch()
+        for name in names:
+            rc, out, _err = ctx.json_cmd({"nftables": [{"list": {"set": {
+                "family": INET, "table": TABLE, "name": name}}}]})
+            if rc != 0 or not isinstance(out, dict):
+                continue
+            for item in out.get("nftables", ()):
+                elems = item.get("set", {}).get("elem") if isinstance(item, dict) else None
+                if elems:
+                    batch.add({"add": {"element": {"family": INET, "table": TABLE,
+                                                   "name": name, "elem": elems}}})
+        if names:
+            log.debug("nft: keeping the elements of %d ipset set(s)", len(names))
+        return batch
 
     def clear(self, portdev: str) -> None:
         if portdev in self._records:
@@ -310,6 +398,7 @@ class NftBackend:
             if rc != 0:
                 raise BackendError(f"nft refused to delete the nwfilter tables: {err.strip()}")
             self._base_ready = False
+            self._ids = _PortIds()
             with self._state_lock:
                 self._records = {}
                 self._rulesets = {}
@@ -345,7 +434,8 @@ class NftBackend:
             return dict(self._rulesets)
 
     def reinstall(self) -> None:
-        """Rebuild both tables from the recorded state in one transaction."""
+        """Rebuild both tables from the recorded state in one transaction,
+        keeping the elements the operator put into our ipset sets."""
         caps = self.capabilities()
         with self._kernel() as ctx:
             if not self._rulesets:
@@ -359,14 +449,10 @@ class NftBackend:
                 port_batch, record = render.render_port(ruleset, port_id, None, caps)
                 batch.extend(port_batch)
                 records[portdev] = record
+            batch.extend(self._kept_ipset_elements(ctx, records.values()))
             rc, err = self._send(ctx, batch)
             if rc != 0:
                 raise BackendError(f"nft refused the repair transaction: {err.strip()}")
             self._base_ready = True
             with self._state_lock:
                 self._records = records
-
-    def with_ctx(self, fn: Callable[[NftContext], Any]) -> Any:
-        """Run `fn` with the libnftables context inside the namespace, locked."""
-        with self._kernel() as ctx:
-            return fn(ctx)

@@ -8,7 +8,9 @@ its table name in attribute 1) closed by a NEWGEN message that names the
 committing task.  A transaction that touched a `nwfilter` table and was
 committed by a task outside this process is foreign: the monitor then asks
 the backend to rebuild both tables from its recorded state in one
-transaction, and logs what it repaired.  Our own transactions are
+transaction, and logs what it repaired.  Elements added to or deleted from
+the sets standing for libvirt ipsets are not foreign edits: the operator
+fills those sets (docs/backends.md).  Our own transactions are
 recognised by the committing thread id (a thread of this process), so they
 never trigger a repair.
 
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nwfilter.backends.nft.render import IPSET_PREFIX
 from nwfilter.netlab import in_netns
 
 if TYPE_CHECKING:
@@ -40,7 +43,11 @@ NFNLGRP_NFTABLES = 7
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELSETELEM = 14
 NFT_MSG_NEWGEN = 15
+NFTA_TABLE_NAME = 1  # the table name's attribute in every object message
+NFTA_SET_ELEM_LIST_SET = 2
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
 NFPROTO_INET = 1
@@ -93,15 +100,26 @@ def parse_events(
         attrs = _attrs(body[4:])
         if kind == NFT_MSG_NEWGEN:
             tid = struct.unpack(">I", attrs.get(NFTA_GEN_PROC_PID, b"\0\0\0\0"))[0]
-            comm = attrs.get(NFTA_GEN_PROC_NAME, b"").rstrip(b"\0").decode(errors="replace")
+            comm = _text(attrs.get(NFTA_GEN_PROC_NAME, b""))
             if pending.touched and not is_own(tid):
                 done.append((Transaction(list(pending.touched)), tid, comm))
             pending.touched.clear()
             continue
-        name = attrs.get(1, b"").rstrip(b"\0").decode(errors="replace")
-        if name == table and family in (NFPROTO_INET, NFPROTO_BRIDGE):
-            pending.touched.append(MSG_NAMES.get(kind, f"message {kind}"))
+        name = _text(attrs.get(NFTA_TABLE_NAME, b""))
+        if name != table or family not in (NFPROTO_INET, NFPROTO_BRIDGE):
+            continue
+        if (
+            kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)
+            and family == NFPROTO_INET
+            and _text(attrs.get(NFTA_SET_ELEM_LIST_SET, b"")).startswith(IPSET_PREFIX)
+        ):
+            continue  # the operator filling an ipset set
+        pending.touched.append(MSG_NAMES.get(kind, f"message {kind}"))
     return done
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode(errors="replace")
 
 
 def _thread_of_this_process(tid: int) -> bool:

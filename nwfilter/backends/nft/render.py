@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +78,10 @@ MAX_PORT_ID = 0xFFFF
 FROM_MASK = 0x0000FFFF
 TO_MASK = 0xFFFF0000
 MAX_COMMENT_BYTES = 120
+# Name prefixes of our inet sets: per-port connlimit counters, and the sets
+# standing for libvirt ipsets, which the operator fills.
+CONNLIMIT_PREFIX = "cl"
+IPSET_PREFIX = "ipset"
 
 # Base chains: name, hook, priority, dispatch key, verdict map.
 BRIDGE_BASE = (
@@ -103,7 +106,9 @@ ETH_P_RARP = 0x8035
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
 STP_DST = "01:80:c2:00:00:00"
-PORT_PROTOS = frozenset({6, 17, 33, 132, 136})  # tcp, udp, dccp, sctp, udplite
+# libvirt's port attributes exist on tcp, udp, sctp and on ip/ipv6 with
+# protocol tcp, udp, dccp or sctp only (its udplite element has none).
+PORT_PROTOS = frozenset({6, 17, 33, 132})  # tcp, udp, dccp, sctp
 TCP_BITS = {
     TcpFlag.FIN: 0x01,
     TcpFlag.SYN: 0x02,
@@ -147,15 +152,22 @@ STP_RAW = {
     Field.STP_HELLO_TIME: (272, 16),
     Field.STP_FORWARD_DELAY: (288, 16),
 }
-STP_CONFIG_FIELDS = frozenset(STP_RAW) - {Field.STP_TYPE}
+STP_FIELDS = frozenset(STP_RAW)
+STP_CONFIG_FIELDS = STP_FIELDS - {Field.STP_TYPE}
 
 L2_ONLY = frozenset(
     {Field.ETH_SRC, Field.ETH_DST, Field.ETH_TYPE, Field.VLAN_ID, Field.VLAN_ENCAP}
-    | set(STP_RAW)
-    | set(ARP_RAW)
+    | STP_FIELDS
+    | frozenset(ARP_RAW)
     | {Field.ARP_GRATUITOUS}
 )
 L3_ONLY = frozenset({Field.CT_STATE, Field.CONNLIMIT_ABOVE, Field.IPSET})
+# Fields of the IP header and above: in layer 2 they need ethertype IPv4/IPv6.
+IP_FIELDS = frozenset({
+    Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE, Field.IP_PROTO,
+    Field.IP_DSCP, Field.L4_SPORT, Field.L4_DPORT, Field.ICMP_TYPE, Field.ICMP_CODE,
+    Field.TCP_FLAGS,
+})
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,11 @@ class PortRecord:
     l2_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the bridge table
     l3_hooks: frozenset[Hook] = frozenset()  # hooks with a vmap element in the inet table
     sets: frozenset[str] = frozenset()  # inet sets the port owns (connlimit counters)
+    # Per inet chain, every set its rules name (connlimit and ipset): a
+    # chain left in place still needs them after a replacement.
+    chain_sets: dict[str, frozenset[str]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
     # The rendered rules of every chain, so a replacement rewrites only the
     # chains whose rules changed: the cost of a change grows with the change.
     contents: dict[tuple[str, str], list[tuple[list[Json], str | None]]] = field(
@@ -231,7 +248,7 @@ def l3_chain_name(portdev: str, hook: Hook) -> str:
 
 def ipset_name(name: str, family: Family) -> str:
     """The nft set standing for libvirt ipset `name`, per address family."""
-    return f"ipset{'4' if family is Family.IPV4 else '6'}_{_tag(name)}"
+    return f"{IPSET_PREFIX}{'4' if family is Family.IPV4 else '6'}_{_tag(name)}"
 
 
 # -- base objects ----------------------------------------------------------
@@ -269,13 +286,6 @@ def render_base() -> Batch:
     return batch
 
 
-def render_delete_tables(present: Iterable[str]) -> Batch:
-    batch = Batch()
-    for family in present:
-        batch.add({"delete": {"table": {"family": family, "name": TABLE}}})
-    return batch
-
-
 # -- one port --------------------------------------------------------------
 
 
@@ -310,8 +320,10 @@ def render_port(
     inet_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
     l2_hooks: set[Hook] = set()
     l3_hooks: set[Hook] = set()
-    sets: dict[tuple[str, str], Json] = {}
+    sets: dict[tuple[str, str], Json] = {}  # sets to add for the chains rendered now
+    chain_sets: dict[str, frozenset[str]] = {}
     old_sets = previous.sets if previous else frozenset()
+    old_chain_sets = previous.chain_sets if previous else {}
 
     for hook in (Hook.FROM_VM, Hook.TO_VM):
         chains = ruleset.chains(hook)
@@ -354,12 +366,16 @@ def render_port(
             kept = old_contents.get((INET, cname))
             if kept is not None and previous_ruleset is not None and prev_l3 == l3:
                 inet_chains[cname] = kept
+                chain_sets[cname] = old_chain_sets.get(cname, frozenset())
                 continue
             rules = []
+            used: dict[tuple[str, str], Json] = {}
             for rule in l3:
-                for exprs in _l3_rule(rule, portdev, hook, sets):
+                for exprs in _l3_rule(rule, portdev, hook, used):
                     rules.append((exprs, _origin(rule)))
-            inet_chains[l3_chain_name(portdev, hook)] = rules
+            inet_chains[cname] = rules
+            chain_sets[cname] = frozenset(name for (_, name) in used)
+            sets.update(used)
 
     for (family, name), spec in sorted(sets.items()):
         batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name, **spec}}})
@@ -397,7 +413,10 @@ def render_port(
     for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
         for name in sorted(old - set(new)):
             batch.add({"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}})
-    own_sets = frozenset(name for (_, name) in sets if name.startswith("cl"))
+    own_sets = frozenset(
+        name for names in chain_sets.values() for name in names
+        if name.startswith(CONNLIMIT_PREFIX)
+    )
     for name in sorted(old_sets - own_sets):
         batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
     # 5. new dispatch elements last: the port's chains are complete by then.
@@ -416,6 +435,7 @@ def render_port(
         l2_hooks=frozenset(l2_hooks),
         l3_hooks=frozenset(l3_hooks),
         sets=own_sets,
+        chain_sets=chain_sets,
         contents={
             **{(BRIDGE, name): rules for name, rules in bridge_chains.items()},
             **{(INET, name): rules for name, rules in inet_chains.items()},
@@ -571,7 +591,7 @@ def _l2_rule(rule: Rule, portdev: str, hook: Hook, caps: Capabilities) -> list[l
     # Ethernet header first: nft then sees the protocol context and adds no
     # conflicting implicit dependencies.
     order = sorted(rule.matches, key=lambda m: _FIELD_ORDER.get(m.field, 50))
-    if fields & set(STP_RAW):
+    if fields & STP_FIELDS:
         if not any(m.field is Field.ETH_DST and not m.negate for m in rule.matches):
             exprs.append(_cmp(_payload("ether", "daddr"), STP_DST, False))
         exprs.append(_cmp(_raw(STP_LLC[0], STP_LLC[1]), STP_LLC[2], False))
@@ -651,10 +671,7 @@ def _ip_version(rule: Rule, ethertype: int | None, portdev: str) -> int | None:
         return 4
     if ethertype == ETH_P_IPV6:
         return 6
-    ip_fields = {Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE,
-                 Field.IP_PROTO, Field.IP_DSCP, Field.L4_SPORT, Field.L4_DPORT,
-                 Field.ICMP_TYPE, Field.ICMP_CODE, Field.TCP_FLAGS}
-    if any(m.field in ip_fields for m in rule.matches):
+    if any(m.field in IP_FIELDS for m in rule.matches):
         raise _unsupported(portdev, rule, "IP header fields need ethertype 0x0800 or 0x86dd")
     return None
 
@@ -707,19 +724,18 @@ def _net(value: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
 
 def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json:
     f, v, neg = m.field, m.value, m.negate
-    bad = _unsupported(portdev, rule, f"value {v!r} does not fit {f.value}")
     if f in (Field.ETH_SRC, Field.ETH_DST):
         if not isinstance(v, MacMatch):
-            raise bad
+            raise _misfit(portdev, rule, m)
         return _mac_match(_payload("ether", "saddr" if f is Field.ETH_SRC else "daddr"), v, neg,
                           False)
     if f is Field.ETH_TYPE:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
-            raise bad
+            raise _misfit(portdev, rule, m)
         return _cmp(_payload("ether", "type"), v, neg)
     if f in (Field.VLAN_ID, Field.VLAN_ENCAP):
         if not isinstance(v, int) or isinstance(v, bool):
-            raise bad
+            raise _misfit(portdev, rule, m)
         return _cmp(_payload("vlan", "id" if f is Field.VLAN_ID else "type"), v, neg)
     if f in STP_RAW or f in ARP_RAW:
         off, ln = STP_RAW[f] if f in STP_RAW else ARP_RAW[f]
@@ -735,46 +751,46 @@ def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json
             return _cmp({"&": [left, int(v.netmask)]}, base, neg)
         if isinstance(v, int) and not isinstance(v, bool):
             return _cmp(left, v, neg)
-        raise bad
+        raise _misfit(portdev, rule, m)
     if f in (Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE):
         side = "saddr" if f in (Field.IP_SRC, Field.IP_SRC_RANGE) else "daddr"
         if isinstance(v, AddrRange):
             if v.start.version != v.end.version or v.start > v.end:  # type: ignore[operator]
-                raise bad
+                raise _misfit(portdev, rule, m)
             addr_version, right = v.start.version, {"range": [str(v.start), str(v.end)]}
         elif isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
             addr_version, right = v.version, _net(v)
         else:
-            raise bad
+            raise _misfit(portdev, rule, m)
         if version is not None and addr_version != version:
             raise _unsupported(portdev, rule, f"IPv{addr_version} address in an "
                                f"IPv{version} rule")
         return _cmp(_payload("ip" if addr_version == 4 else "ip6", side), right, neg)
     if f is Field.IP_PROTO:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
-            raise bad
+            raise _misfit(portdev, rule, m)
         # meta l4proto, not 'ip protocol'/'ip6 nexthdr': like ip6tables -p it
         # skips IPv6 extension headers, and it sets the context for 'th'.
         return _cmp({"meta": {"key": "l4proto"}}, v, neg)
     if f is Field.IP_DSCP:
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 63:
-            raise bad
+            raise _misfit(portdev, rule, m)
         return _cmp(_payload("ip" if version == 4 else "ip6", "dscp"), v, neg)
     if f in (Field.L4_SPORT, Field.L4_DPORT):
         proto = _positive_int(rule, Field.IP_PROTO)
         if proto not in PORT_PROTOS:
-            raise _unsupported(portdev, rule, "port match without tcp/udp/sctp/dccp/udplite")
+            raise _unsupported(portdev, rule, "port match without tcp/udp/sctp/dccp")
         if not isinstance(v, IntRange):
-            raise bad
+            raise _misfit(portdev, rule, m)
         return _cmp(_payload("th", "sport" if f is Field.L4_SPORT else "dport"), _range(v), neg)
     if f in (Field.ICMP_TYPE, Field.ICMP_CODE):
         if not isinstance(v, IntRange):
-            raise bad
+            raise _misfit(portdev, rule, m)
         icmp = "icmp" if version == 4 else "icmpv6"
         return _cmp(_payload(icmp, "type" if f is Field.ICMP_TYPE else "code"), _range(v), neg)
     if f is Field.TCP_FLAGS:
         if not isinstance(v, TcpFlags) or not v.set <= v.mask:
-            raise bad
+            raise _misfit(portdev, rule, m)
         if _positive_int(rule, Field.IP_PROTO) != 6:
             raise _unsupported(portdev, rule, "tcp flags without protocol tcp")
         mask = sum(TCP_BITS[x] for x in v.mask)
@@ -782,13 +798,17 @@ def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json
         return _cmp({"&": [_payload("tcp", "flags"), mask]}, want, neg)
     if f is Field.CT_STATE:
         if not isinstance(v, frozenset) or not v or not all(isinstance(x, CtState) for x in v):
-            raise bad
+            raise _misfit(portdev, rule, m)
         states = sorted(x.value for x in v)
         wanted: Any = states[0] if len(states) == 1 else states
         # 'in' tests "any of these bits", which is conntrack's state match.
         return {"match": {"op": "!=" if neg else "in", "left": {"ct": {"key": "state"}},
                           "right": wanted}}
     raise _unsupported(portdev, rule, f"field {f.value} is not supported here")
+
+
+def _misfit(portdev: str, rule: Rule, m: Match) -> UnsupportedError:
+    return _unsupported(portdev, rule, f"value {m.value!r} does not fit {m.field.value}")
 
 
 def _connlimit(
@@ -802,7 +822,7 @@ def _connlimit(
     # iptables' connlimit counts connections per source address (/32, /128)
     # among those the rule has seen; a dynamic set keyed by saddr with a
     # 'ct count' per element is the same thing.
-    name = f"cl{version}_{_tag(portdev)}_{rule_key(rule)}"
+    name = f"{CONNLIMIT_PREFIX}{version}_{_tag(portdev)}_{rule_key(rule)}"
     sets[(INET, name)] = {"type": "ipv4_addr" if version == 4 else "ipv6_addr",
                           "size": 65535}
     return {"set": {"op": "add", "set": f"@{name}",

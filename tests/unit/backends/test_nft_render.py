@@ -239,3 +239,40 @@ def test_comments_are_cut_at_character_boundaries() -> None:
     comments = [c["add"]["rule"].get("comment") for c in expr if "rule" in c.get("add", {})]
     assert comments and all(len(x.encode()) <= render.MAX_COMMENT_BYTES for x in comments)
     assert all(x.encode().decode() == x for x in comments)
+
+
+def test_kept_layer3_chain_keeps_its_connlimit_set() -> None:
+    limit = l3_rule([Match(Field.IP_PROTO, 6), Match(Field.CONNLIMIT_ABOVE, 4)], Verdict.DROP)
+    first = with_l3(clean_traffic("vnet0", "52:54:00:00:00:00", "10.0.0.1"), to_vm=(limit,))
+    _, record = render.render_port(first, 2, None, CAPS)
+    (cl_set,) = record.sets
+    assert cl_set.startswith("cl4_vnet0_")
+    # Only a layer-2 chain changes: the layer-3 chain stays as it is.
+    mac = Chain("mac", -800, (_rule(Match(Field.ETH_SRC, MacMatch("52:54:00:00:00:01")),
+                                    verdict=Verdict.RETURN),))
+    second = Ruleset(port=first.port, l3=first.l3, l2={
+        Hook.FROM_VM: tuple(mac if c.name == "mac" else c for c in first.l2[Hook.FROM_VM]),
+        Hook.TO_VM: first.l2[Hook.TO_VM]})
+    batch, new = render.render_port(second, 2, record, CAPS, first)
+    assert not any("delete" in c for c in batch.commands)
+    assert not any(c.get("add", {}).get("rule", {}).get("chain") == "vnet0/to"
+                   for c in batch.commands)
+    assert new.sets == record.sets
+    # ... and a later replacement that drops the rule still deletes the set.
+    batch, last = render.render_port(clean_traffic("vnet0", "52:54:00:00:00:00", "10.0.0.1"),
+                                     2, new, CAPS, second)
+    assert {"delete": {"set": {"family": "inet", "table": "nwfilter", "name": cl_set}}} \
+        in batch.commands
+    assert not last.sets
+
+
+def test_port_matches_need_a_protocol_libvirt_gives_ports() -> None:
+    udplite = with_l3(_l2(), to_vm=(l3_rule([Match(Field.IP_PROTO, 136),
+                                             Match(Field.L4_DPORT, IntRange.single(5))],
+                                            Verdict.DROP),))
+    with pytest.raises(UnsupportedError, match="port match"):
+        render.check_ruleset(udplite, CAPS)
+    for proto in (6, 17, 33, 132):
+        render.check_ruleset(with_l3(_l2(), to_vm=(
+            l3_rule([Match(Field.IP_PROTO, proto), Match(Field.L4_DPORT, IntRange.single(5))],
+                    Verdict.DROP),)), CAPS)
