@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import unicodedata
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +39,7 @@ from nwfilter.conf.filter_xml import filter_element
 from nwfilter.conf.model import FilterDef
 from nwfilter.conf.safexml import serialize
 from nwfilter.conf.schema import chain_priority
+from nwfilter.conf.values import check_object_name
 from nwfilter.errors import (
     ConflictError,
     InUseError,
@@ -76,30 +76,12 @@ def default_stock_dir() -> Path:
 
 
 def validate_filter_name(name: str) -> str:
-    """Return `name` if it is safe as a filter name and file name; else raise."""
-    if not name:
-        raise ValidationError("filter name is empty")
-    if name in (".", "..") or name.startswith("."):
-        raise ValidationError(f"filter name '{name}' must not start with '.'")
-    if name != name.strip():
-        raise ValidationError(f"filter name {name!r} must not start or end with white space")
-    if "/" in name:
-        raise ValidationError(f"filter name '{name}' must not contain '/'")
-    for char in name:
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise ValidationError(
-                f"filter name {name!r} must not contain control characters"
-                f" (found U+{ord(char):04X})"
-            )
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"filter name {name!r} is not valid text") from exc
-    if size > MAX_NAME_BYTES:
-        raise ValidationError(
-            f"filter name '{name[:40]}...' is {size} bytes long; at most"
-            f" {MAX_NAME_BYTES} are allowed"
-        )
+    """Return `name` if it is safe as a filter name and file name; else raise.
+
+    The same rules as the filter language's, checked again where a name
+    becomes a path, with the storage limit (libvirt 9.0 stores names of up
+    to 247 bytes; the parser may be stricter)."""
+    check_object_name(name, f"filter name {name[:40]!r}", max_bytes=MAX_NAME_BYTES)
     return name
 
 

@@ -528,7 +528,7 @@ def check_variable_value(value: str) -> None:
 MAX_NAME_BYTES = 200
 
 
-def check_object_name(name: str, what: str) -> None:
+def check_object_name(name: str, what: str, *, max_bytes: int = MAX_NAME_BYTES) -> None:
     """Names of filters and domains: they become file names."""
     if not name:
         raise ValidationError(f"{what} must not be empty")
@@ -545,8 +545,8 @@ def check_object_name(name: str, what: str) -> None:
     except UnicodeEncodeError:
         # lone surrogates (from surrogateescape'd bytes) cannot name a file
         raise ValidationError(f"{what} is not valid Unicode text") from None
-    if len(encoded) > MAX_NAME_BYTES:
-        raise ValidationError(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+    if len(encoded) > max_bytes:
+        raise ValidationError(f"{what} is longer than {max_bytes} bytes")
 
 
 def check_ifname(name: str, what: str) -> None:
