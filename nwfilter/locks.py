@@ -45,8 +45,6 @@ class Level(IntEnum):
     LEAF = 7  # small tables (names in use, counters); nothing is taken under one
 
 
-
-
 @dataclass
 class _Held:
     lock: LevelledLock | RWLock
@@ -83,10 +81,8 @@ class LockOrderChecker:
         if not self.enabled:
             return
         for held in self.held():
-            if held.lock is lock and not getattr(lock, "reentrant", False):
-                raise self._fail(f"lock '{lock.name}' taken twice by one thread", held)
             if held.lock is lock:
-                continue
+                raise self._fail(f"lock '{lock.name}' taken twice by one thread", held)
             if held.lock.level > lock.level or (
                 held.lock.level == lock.level and not _same_level_allowed(held.lock, lock)
             ):
@@ -150,16 +146,20 @@ class LockOrderChecker:
             self._edges.clear()
 
 
+def _rank_of(lock: LevelledLock | RWLock) -> int | None:
+    return lock.rank if isinstance(lock, LevelledLock) else None
+
+
 def _rank_text(lock: LevelledLock | RWLock) -> str:
-    rank = getattr(lock, "rank", None)
+    rank = _rank_of(lock)
     return "" if rank is None else f", rank {rank}"
 
 
 def _same_level_allowed(held: LevelledLock | RWLock, new: LevelledLock | RWLock) -> bool:
-    held_rank = getattr(held, "rank", None)
-    new_rank = getattr(new, "rank", None)
+    held_rank = _rank_of(held)
+    new_rank = _rank_of(new)
     if held_rank is not None and new_rank is not None:
-        return bool(held_rank < new_rank)
+        return held_rank < new_rank
     return held.same_level_ok and new.same_level_ok
 
 
@@ -186,7 +186,6 @@ class LevelledLock:
         self.level = level
         self.same_level_ok = same_level_ok
         self.rank = rank
-        self.reentrant = False
         self._lock = threading.Lock()
         self._checker = checker
 
@@ -260,14 +259,11 @@ class RWLock:
         name: str,
         level: Level,
         *,
-        rank: int | None = None,
         checker: LockOrderChecker = CHECKER,
     ) -> None:
         self.name = name
         self.level = level
         self.same_level_ok = False
-        self.rank = rank
-        self.reentrant = False
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer: int | None = None

@@ -15,12 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from nwfilter.errors import ConflictError, LockOrderError
-from nwfilter.locks import CHECKER, Level, LevelledLock
+from nwfilter.errors import ConflictError
+from nwfilter.locks import Level, LevelledLock
 
 log = logging.getLogger(__name__)
-
-RebuildFn = Callable[[frozenset[str]], None]
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,6 @@ class DriverEntry:
     name: str
     lock: Callable[[], None]
     unlock: Callable[[], None]
-    rebuild_domains: RebuildFn | None
 
 
 class RebuildCoordinator:
@@ -47,16 +44,26 @@ class RebuildCoordinator:
         name: str,
         lock: Callable[[], None],
         unlock: Callable[[], None],
-        rebuild_domains: RebuildFn | None = None,
+        *,
+        set_rank: Callable[[int], None] | None = None,
     ) -> int:
-        """Register a driver; return its position, which is the order
-        `filter_change()` takes its lock in (use it as the lock's `rank`)."""
+        """Register a driver; return its rank, which is the order
+        `filter_change()` takes its lock in.
+
+        `set_rank` is called with that rank before the driver is added to
+        the list, so a filter change running at the same time can only ever
+        see the lock with its final rank (the lock's `rank` must be set
+        before the lock-order checker compares it with another driver's).
+        It runs under the coordinator's own mutex: it must take no lock."""
         with self._mutex:
             if any(d.name == name for d in self._drivers):
                 raise ConflictError(f"a VM driver named '{name}' is already registered")
-            self._drivers.append(DriverEntry(name, lock, unlock, rebuild_domains))
-            self._registered += 1
-            return self._registered
+            rank = self._registered + 1
+            if set_rank is not None:
+                set_rank(rank)
+            self._drivers.append(DriverEntry(name, lock, unlock))
+            self._registered = rank
+            return rank
 
     def unregister_driver(self, name: str) -> None:
         with self._mutex:
@@ -87,14 +94,3 @@ class RebuildCoordinator:
                 except Exception:  # one failing unlock must not keep the others held
                     log.exception("unlocking VM driver '%s' failed", driver.name)
             self._all.release()
-
-    def rebuild_domains(self, filter_names: frozenset[str]) -> None:
-        """Ask each driver to refresh its domains that use `filter_names`.
-
-        Call with `filter_change()` held.
-        """
-        if CHECKER.enabled and not self._all.locked():
-            raise LockOrderError("rebuild_domains() needs filter_change() to be held")
-        for driver in self.drivers():
-            if driver.rebuild_domains is not None:
-                driver.rebuild_domains(filter_names)

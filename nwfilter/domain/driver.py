@@ -54,6 +54,7 @@ from nwfilter.errors import (
     NotFoundError,
     NwfilterError,
     StateError,
+    StorageError,
     ValidationError,
 )
 from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
@@ -77,12 +78,15 @@ class FilterEngine(Protocol):
 
 
 class Coordinator(Protocol):
+    """What the driver needs of the rebuild coordinator."""
+
     def register_driver(
         self,
         name: str,
         lock: Callable[[], None],
         unlock: Callable[[], None],
-        rebuild_domains: Callable[[frozenset[str]], None] | None = None,
+        *,
+        set_rank: Callable[[int], None] | None = None,
     ) -> int: ...
 
 
@@ -264,6 +268,45 @@ def _format(definition: DomainDef) -> str:
     return result
 
 
+@dataclass(frozen=True)
+class _Status:
+    """The runtime status file of an active domain, read back."""
+
+    live: DomainDef
+    ports: tuple[PortPlan, ...]
+    id: int | None
+    state: DomainState
+    reason: str
+    persistent: bool
+
+
+def _read_status(name: str, status: Mapping[str, object]) -> _Status:
+    """Parse what `DomainDriver._save_status` wrote; `StorageError` if it is
+    not what it wrote."""
+    try:
+        live = _parse(str(status["xml"]))
+        raw_ports = status.get("ports")
+        ports = tuple(
+            PortPlan(int(p["index"]), str(p["portdev"]), str(p["mac"]),
+                     None if p.get("bridge") is None else str(p["bridge"]), bool(p["filtered"]))
+            for p in (raw_ports if isinstance(raw_ports, list) else [])
+        )
+        state = DomainState[str(status.get("state", "RUNNING"))]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise StorageError(f"malformed runtime status of domain '{name}': {exc!r}") from exc
+    if live.name != name:
+        raise StorageError(f"runtime status of domain '{name}' holds domain '{live.name}'")
+    domid = status.get("id")
+    return _Status(
+        live=live,
+        ports=ports,
+        id=domid if isinstance(domid, int) and domid > 0 else None,
+        state=state,
+        reason=str(status.get("reason", "unknown")),
+        persistent=bool(status.get("persistent", True)),
+    )
+
+
 def binding_for(dom: DomainDef, port: PortPlan) -> BindingDef:
     iface = dom.interfaces[port.index]
     if iface.filterref is None:
@@ -305,7 +348,6 @@ class DomainDriver:
         self.domains = DomainObjList(self.lock)
         self.job_timeout = job_timeout
         self.mac_source = mac_source
-        self._binding_lookup: BindingLookup | None = None
         # Test-only: start the way libvirt did before its fix (driver lock
         # and domain lock held while the filters are instantiated), to show
         # that this order deadlocks against a filter update.
@@ -358,16 +400,10 @@ class DomainDriver:
         try:
             obj, created = self.domains.add(definition, persistent=True)
         except NwfilterError:
-            if self.domains.find_locked(definition.name) is None:
-                self.names.release_domain(definition.name)
+            self._release_name_if_unused(definition.name)
             raise
         try:
-            if not created:
-                if obj.is_active():
-                    obj.new_def = definition
-                else:
-                    obj.definition = definition
-            obj.persistent = True
+            # The file first: the object changes only once the definition is kept.
             self._save_config(definition)
         except NwfilterError:
             if created:
@@ -375,8 +411,21 @@ class DomainDriver:
                 self.names.release_domain(definition.name)
             obj.end_api()
             raise
+        if not created:
+            if obj.is_active():
+                obj.new_def = definition
+            else:
+                obj.definition = definition
+        obj.persistent = True
         obj.end_api()
         return definition
+
+    def _release_name_if_unused(self, name: str) -> None:
+        """Give a claimed domain name back unless a domain of this driver has it."""
+        with self.lock:
+            unused = self.domains.find_locked(name) is None
+        if unused:
+            self.names.release_domain(name)
 
     def undefine(self, name: str) -> None:
         obj = self.domains.lookup_by_name(name)
@@ -404,30 +453,41 @@ class DomainDriver:
     def set_autostart(self, name: str, enable: bool) -> None:
         obj = self.domains.lookup_by_name(name)
         try:
-            if not obj.persistent:
-                raise StateError(f"cannot set autostart for transient domain '{name}'")
-            path = self.paths.autostart(name)
-            if enable:
-                ensure_dir(path.parent)
-                atomic_write(path, name + "\n")
-            else:
-                atomic_remove(path)
-            obj.autostart = enable
+            # The job waits for an undefine to finish; if that removed the
+            # domain, it fails instead of writing a mark for a gone domain.
+            obj.job.begin(JobKind.MODIFY, "autostart", timeout=self.job_timeout)
+            try:
+                if not obj.persistent:
+                    raise StateError(f"cannot set autostart for transient domain '{name}'")
+                path = self.paths.autostart(name)
+                if enable:
+                    ensure_dir(path.parent)
+                    atomic_write(path, name + "\n")
+                else:
+                    atomic_remove(path)
+                obj.autostart = enable
+            finally:
+                obj.job.end()
         finally:
             obj.end_api()
 
     # -- start -------------------------------------------------------------------------
 
     def _plan(self, dom: DomainDef) -> list[PortPlan]:
-        wanted = [i.target_dev for i in dom.interfaces]
-        portdevs = self.names.reserve_ports(dom.name, wanted)
-        plans = []
-        for index, (iface, portdev) in enumerate(zip(dom.interfaces, portdevs, strict=True)):
+        """The ports of a start; reserves their names (checks come first,
+        so a refused start reserves nothing)."""
+        macs: list[str] = []
+        for index, iface in enumerate(dom.interfaces):
             if iface.mac is None:
                 raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
-            filtered = iface.filterref is not None
-            plans.append(PortPlan(index, portdev, iface.mac, iface.source_bridge, filtered))
-        return plans
+            macs.append(iface.mac)
+        portdevs = self.names.reserve_ports(dom.name, [i.target_dev for i in dom.interfaces])
+        return [
+            PortPlan(index, portdev, mac, iface.source_bridge, iface.filterref is not None)
+            for index, (iface, portdev, mac) in enumerate(
+                zip(dom.interfaces, portdevs, macs, strict=True)
+            )
+        ]
 
     def start(self, name: str) -> None:
         if self.legacy_lock_order:
@@ -452,8 +512,7 @@ class DomainDriver:
         bound: list[str] = []
         # The job keeps other writers out; the domain lock must not be held
         # while the driver lock, the pool or the engine are taken below.
-        obj.job.enter_monitor()
-        try:
+        with obj.job.monitor(require_active=False):
             try:
                 self.hypervisor.prepare(dom, ports)
                 defs = [binding_for(dom, p) for p in ports if p.filtered]
@@ -467,22 +526,36 @@ class DomainDriver:
             except BaseException:
                 self._teardown(obj, dom, ports, bound)
                 raise
-        finally:
-            obj.job.exit_monitor(require_active=False)
-        if obj.removing:
-            # nothing can remove a domain while we hold its job; if it ever
-            # happens, do not leave a guest running for a gone object
-            obj.job.enter_monitor()
-            try:
-                self._teardown(obj, dom, ports, bound)
-            finally:
-                obj.job.exit_monitor(require_active=False)
-            raise StateError(f"domain '{obj.name}' was removed while starting")
-        obj.id = self.names.new_id()
+        # A define takes no job: one that ran while the domain was unlocked
+        # replaced the inactive definition, and is the next persistent one now.
+        latest = obj.persistent_def()
         obj.definition = dom
-        obj.new_def = None
+        obj.new_def = None if latest is dom else latest
+        obj.id = self.names.new_id()
         obj.set_state(DomainState.RUNNING, "booted")
-        self._save_status(obj)
+        try:
+            self._save_status(obj)
+        except BaseException:
+            self._undo_start(obj, dom, ports, bound)
+            raise
+
+    def _undo_start(
+        self, obj: DomainObj, dom: DomainDef, ports: Sequence[PortPlan], bound: Sequence[str]
+    ) -> None:
+        """Stop a launched guest whose status could not be written (a
+        restarted engine would not know it runs).  If the guest cannot be
+        stopped it keeps its filters and stays running; that is logged."""
+        try:
+            with obj.job.monitor(require_active=False):
+                self._stop_and_unbind(obj, dom, ports, bound)
+        except NwfilterError as exc:
+            log.error("domain '%s' runs without a status file; stopping it failed: %s",
+                      obj.name, exc)
+            return
+        try:
+            self._mark_shutoff(obj, "failed")
+        except NwfilterError as exc:
+            log.error("domain '%s': %s", obj.name, exc)
 
     def _start_legacy(self, name: str) -> None:
         """driver → domain → filter, all held at once (test-only, deadlocks)."""
@@ -508,12 +581,29 @@ class DomainDriver:
     def _teardown(
         self, obj: DomainObj, dom: DomainDef, ports: Sequence[PortPlan], bound: Sequence[str]
     ) -> None:
-        """Stop the guest, then delete its bindings and free its names.
-        Runs with no lock held; best effort, errors are logged."""
+        """Clean up after a failed start: stop the guest, then delete its
+        bindings and free its names.  Runs with no lock held; best effort,
+        errors are logged (the start fails either way)."""
         try:
             self.hypervisor.stop(dom)
         except NwfilterError as exc:
             log.error("stopping domain '%s' failed: %s", dom.name, exc)
+        self._unbind(obj, dom, ports, bound)
+
+    def _stop_and_unbind(
+        self, obj: DomainObj, dom: DomainDef, ports: Sequence[PortPlan], bound: Sequence[str]
+    ) -> None:
+        """Stop the guest, then delete its bindings and free its names.
+        Runs with no lock held.  A failed stop raises before any binding is
+        deleted: a guest that may still run keeps its filters."""
+        self.hypervisor.stop(dom)
+        self._unbind(obj, dom, ports, bound)
+
+    def _unbind(
+        self, obj: DomainObj, dom: DomainDef, ports: Sequence[PortPlan], bound: Sequence[str]
+    ) -> None:
+        """Delete the bindings of a stopped guest and free its port names;
+        a binding that cannot be deleted is logged."""
         with self.lock:
             for portdev in bound:
                 try:
@@ -551,20 +641,14 @@ class DomainDriver:
         dom = obj.definition
         ports = obj.ports
         bound = [p.portdev for p in ports if p.filtered]
-        obj.job.enter_monitor()
-        try:
-            self._teardown(obj, dom, ports, bound)
-        finally:
-            obj.job.exit_monitor(require_active=False)
+        # If the stop fails the domain stays as it was, running with its
+        # filters, and the error goes to the caller.
+        with obj.job.monitor(require_active=False):
+            self._stop_and_unbind(obj, dom, ports, bound)
         self._mark_shutoff(obj, reason)
 
     def _mark_shutoff(self, obj: DomainObj, reason: str) -> None:
-        obj.id = -1
-        obj.ports = ()
-        obj.set_state(DomainState.SHUTOFF, reason)
-        if obj.new_def is not None:
-            obj.definition = obj.new_def
-            obj.new_def = None
+        _set_shutoff(obj, reason)
         atomic_remove(self.paths.status(obj.name))
 
     def suspend(self, name: str) -> None:
@@ -631,69 +715,110 @@ class DomainDriver:
         finally:
             obj.end_api()
 
-    def binding_defs(self, *, list_locked: bool) -> list[BindingDef]:
-        """The bindings every active domain of this driver should have.
-        With `list_locked` the caller holds the driver lock (the rebuild)."""
+    def binding_defs(self) -> list[BindingDef]:
+        """The bindings every active domain of this driver should have."""
         out: list[BindingDef] = []
-        for obj in self.domains.snapshot(list_locked=list_locked):
+        for obj in self.domains.snapshot():
             with obj.mutex:
                 if obj.is_active():
                     out.extend(binding_for(obj.definition, p) for p in obj.ports if p.filtered)
             obj.unref()
         return sorted(out, key=lambda b: b.portdev)
 
-    def rebuild_domains(self, filter_names: frozenset[str]) -> None:
-        """The coordinator's rebuild callback: runs with every driver lock and
-        the pool write lock held.  The bindings of this driver's domains are
-        rebuilt by the engine from its binding table, in the same
-        transaction as every other driver's; here the driver only checks
-        that the domains it runs and the bindings agree, so a port without
-        a binding is reported instead of left unfiltered."""
-        del filter_names
-        for binding in self.binding_defs(list_locked=True):
-            if self._binding_lookup is not None and self._binding_lookup(binding.portdev) is None:
-                log.error("domain '%s' port '%s' has no filter binding",
-                          binding.owner_name, binding.portdev)
-
     # -- start-up --------------------------------------------------------------------------
 
-    def load(self, configs: Mapping[str, DomainDef], statuses: Mapping[str, dict[str, object]],
-             autostart: frozenset[str], bindings: BindingLookup) -> None:
+    def load(
+        self,
+        configs: Mapping[str, DomainDef],
+        statuses: Mapping[str, Mapping[str, object]],
+        autostart: frozenset[str],
+        bindings: BindingLookup,
+        *,
+        take_over: bool = True,
+    ) -> None:
         """Take over the persistent definitions and runtime status of this
-        type, find running guests again and re-apply their filters."""
-        self._binding_lookup = bindings
+        type, find running guests again and re-apply their filters.
+
+        With `take_over=False` (queries only) both are just read: guests
+        are asked whether they are alive and nothing else, no binding is
+        created or deleted and no file is written.  A definition or status
+        that cannot be loaded is logged and skipped."""
         for name, definition in sorted(configs.items()):
-            self.names.claim_domain(name, definition.uuid, self.type)
-            obj, _ = self.domains.add(definition, persistent=True)
-            obj.autostart = name in autostart
-            obj.end_api()
-        for name, status in sorted(statuses.items()):
             try:
-                self._reconnect(name, status, bindings)
+                self._load_config(definition, name in autostart, save=take_over)
+            except NwfilterError as exc:
+                log.error("skipping domain definition '%s': %s", name, exc)
+        for name, raw in sorted(statuses.items()):
+            try:
+                status = _read_status(name, raw)
+                if take_over:
+                    self._reconnect(name, status, bindings)
+                else:
+                    self._load_status(name, status)
             except NwfilterError as exc:
                 log.error("domain '%s': cannot take over its running state: %s", name, exc)
 
-    def _reconnect(self, name: str, status: Mapping[str, object],
-                   bindings: BindingLookup) -> None:
-        live = _parse(str(status["xml"]))
-        raw_ports = status.get("ports")
-        ports = tuple(
-            PortPlan(int(p["index"]), str(p["portdev"]), str(p["mac"]),
-                     None if p.get("bridge") is None else str(p["bridge"]), bool(p["filtered"]))
-            for p in (raw_ports if isinstance(raw_ports, list) else [])
-        )
-        persistent = bool(status.get("persistent", True)) and name in {
-            n for n, _ in self.names.domain_names()
-        }
+    def _load_config(self, definition: DomainDef, autostart: bool, *, save: bool) -> None:
+        name = definition.name
+        self.names.claim_domain(name, definition.uuid, self.type)
+        # A definition written by hand may lack MACs: generate them once and
+        # (when allowed to write) keep them, so they stay the same next time.
+        full = self.with_macs(definition)
+        if save and full is not definition:
+            try:
+                self._save_config(full)
+            except NwfilterError as exc:
+                log.error("domain '%s': cannot store its generated MACs: %s", name, exc)
+        try:
+            obj, _ = self.domains.add(full, persistent=True)
+        except NwfilterError:
+            self._release_name_if_unused(name)
+            raise
+        obj.autostart = autostart
+        obj.end_api()
+
+    def _persistent_name(self, name: str) -> bool:
+        return name in {n for n, _ in self.names.domain_names()}
+
+    def _adopt(self, obj: DomainObj, status: _Status) -> None:
+        """Make `obj` (locked) active with the state its status file records."""
+        if obj.persistent:
+            obj.new_def = obj.definition if obj.definition != status.live else None
+        obj.definition = status.live
+        obj.id = status.id if status.id is not None else self.names.new_id()
+        self.names.seen_id(obj.id)
+        obj.set_state(status.state, status.reason)
+        obj.ports = status.ports
+
+    def _load_status(self, name: str, status: _Status) -> None:
+        """Queries only: show an active domain as its status file says, or
+        shut off if its guest is gone; change nothing."""
+        persistent = status.persistent and self._persistent_name(name)
+        alive = self.hypervisor.is_alive(status.live)
+        if not alive and not persistent:
+            return  # a transient domain whose guest is gone no longer exists
+        self.names.claim_domain(name, status.live.uuid, self.type)
+        obj, _ = self.domains.add(status.live, persistent=persistent)
+        try:
+            if alive:
+                self._adopt(obj, status)
+            else:
+                obj.set_state(DomainState.SHUTOFF, "crashed")
+        finally:
+            obj.end_api()
+
+    def _reconnect(self, name: str, status: _Status, bindings: BindingLookup) -> None:
+        live, ports = status.live, status.ports
+        persistent = status.persistent and self._persistent_name(name)
         self.names.claim_domain(name, live.uuid, self.type)
         obj, _ = self.domains.add(live, persistent=persistent)
         try:
-            if obj.persistent:
-                obj.new_def = obj.definition if obj.definition != live else None
-            obj.definition = live
             bound = [p.portdev for p in ports if p.filtered]
             if not self.hypervisor.is_alive(live):
                 log.warning("domain '%s' is gone; removing its filters", name)
+                if obj.persistent:
+                    obj.new_def = obj.definition if obj.definition != live else None
+                obj.definition = live
                 obj.unlock()
                 try:
                     with self.lock:
@@ -708,12 +833,7 @@ class DomainDriver:
                     self.names.release_domain(name)
                 return
             self.names.reserve_ports(name, [p.portdev for p in ports])
-            domid = status.get("id")
-            obj.id = int(domid) if isinstance(domid, int) and domid > 0 else self.names.new_id()
-            self.names.seen_id(obj.id)
-            state = DomainState[str(status.get("state", "RUNNING"))]
-            obj.set_state(state, str(status.get("reason", "unknown")))
-            obj.ports = ports
+            self._adopt(obj, status)
             obj.unlock()
             try:
                 self._rebind(live, ports, bindings)
@@ -771,7 +891,11 @@ class DomainManager:
         self._given = dict(hypervisors or {})
         self._bindings: BindingLookup = bindings or (lambda portdev: None)
         self._drivers: dict[str, DomainDriver] = {}
-        self._drivers_lock = threading.Lock()  # leaf: guards the dict only
+        # Guards the dict.  It is held while a new driver registers with the
+        # coordinator (whose own mutex is taken under it), so one type never
+        # registers twice; nothing else is taken under it.
+        self._drivers_lock = threading.Lock()
+        self._query_only = False
 
     @classmethod
     def for_engine(
@@ -810,7 +934,9 @@ class DomainManager:
                 return found
         hypervisor = self._given.get(dtype)
         if hypervisor is None:
-            run_dir = ensure_dir(self.paths.hypervisor_dir(dtype))
+            run_dir = self.paths.hypervisor_dir(dtype)
+            if not self._query_only:
+                ensure_dir(run_dir)
             hypervisor = load_hypervisor(dtype, HypervisorEnv(run_dir, self.netns))
         with self._drivers_lock:
             found = self._drivers.get(dtype)
@@ -822,13 +948,17 @@ class DomainManager:
                 mac_source=self.mac_source,
             )
             if self.coordinator is not None:
-                # registration order is the order the filter-change path
-                # takes the driver locks in; it becomes the lock's rank
-                driver.lock.rank = self.coordinator.register_driver(
-                    f"domain-{dtype}:{id(self):x}",
-                    driver.lock.acquire,
-                    driver.lock.release,
-                    driver.rebuild_domains,
+                lock = driver.lock
+
+                def set_rank(rank: int) -> None:
+                    lock.rank = rank
+
+                # The registration order is the order the filter-change path
+                # takes the driver locks in, and becomes the lock's rank; the
+                # coordinator sets it before a filter change can see the lock.
+                self.coordinator.register_driver(
+                    f"domain-{dtype}:{id(self):x}", lock.acquire, lock.release,
+                    set_rank=set_rank,
                 )
             self._drivers[dtype] = driver
         return driver
@@ -842,11 +972,21 @@ class DomainManager:
 
     # -- start-up ----------------------------------------------------------------
 
-    def start(self, *, autostart: bool = False) -> None:
+    def start(self, autostart: bool = False, *, take_over: bool = True) -> None:
         """Load definitions and runtime status, find running domains again,
-        re-apply their filters; with `autostart`, start the marked ones."""
-        for directory in (self.paths.config_dir, self.paths.status_dir):
-            ensure_dir(directory)
+        re-apply their filters; with `autostart`, start the marked ones.
+
+        With `take_over=False` everything is loaded for queries only (list,
+        state, XML, interfaces): running guests are only asked whether they
+        are alive, the engine's bindings are neither created nor deleted (so
+        a read-only engine will do), no file is written, and every call that
+        would change a domain raises `StateError`."""
+        if autostart and not take_over:
+            raise ValueError("autostart needs take_over")
+        self._query_only = not take_over
+        if take_over:
+            for directory in (self.paths.config_dir, self.paths.status_dir):
+                ensure_dir(directory)
         for dtype in sorted(self._given):
             self.driver(dtype)
         configs: dict[str, dict[str, DomainDef]] = {}
@@ -864,7 +1004,7 @@ class DomainManager:
             try:
                 status = json.loads(path.read_text(encoding="utf-8"))
                 statuses.setdefault(str(status["type"]), {})[str(status["name"])] = status
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("skipping domain status '%s': %s", path, exc)
         marks = frozenset(p.name for p in self.paths.autostart_dir.glob("*")) if (
             self.paths.autostart_dir.is_dir()) else frozenset()
@@ -874,7 +1014,8 @@ class DomainManager:
             except NwfilterError as exc:
                 log.error("domains of type '%s' are unavailable: %s", dtype, exc)
                 continue
-            driver.load(configs.get(dtype, {}), statuses.get(dtype, {}), marks, self._bindings)
+            driver.load(configs.get(dtype, {}), statuses.get(dtype, {}), marks, self._bindings,
+                        take_over=take_over)
         if autostart:
             for name in sorted(marks):
                 try:
@@ -886,32 +1027,45 @@ class DomainManager:
 
     # -- the API -------------------------------------------------------------------
 
+    def _writable(self) -> None:
+        if self._query_only:
+            raise StateError("the domains were loaded for queries only; they cannot be changed")
+
     def define_xml(self, xml: str) -> DomainDef:
+        self._writable()
         definition = _parse(xml)
         return self.driver(definition.type).define(definition)
 
     def define(self, definition: DomainDef) -> DomainDef:
+        self._writable()
         return self.driver(definition.type).define(definition)
 
     def undefine(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).undefine(name)
 
     def start_domain(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).start(name)
 
     def shutdown(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).stop(name, reason="shutdown")
 
     def destroy(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).stop(name, reason="destroyed")
 
     def suspend(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).suspend(name)
 
     def resume(self, name: str) -> None:
+        self._writable()
         self._driver_of(name).resume(name)
 
     def set_autostart(self, name: str, enable: bool) -> None:
+        self._writable()
         self._driver_of(name).set_autostart(name, enable)
 
     def list_domains(self, *, all_domains: bool = False) -> list[DomainSummary]:
@@ -944,7 +1098,7 @@ class DomainManager:
     def binding_defs(self) -> list[BindingDef]:
         out: list[BindingDef] = []
         for driver in self.drivers():
-            out.extend(driver.binding_defs(list_locked=False))
+            out.extend(driver.binding_defs())
         return sorted(out, key=lambda b: b.portdev)
 
     def stop_all(self) -> None:
@@ -952,6 +1106,17 @@ class DomainManager:
         for row in self.list_domains():
             with contextlib.suppress(NotFoundError, StateError):
                 self.destroy(row.name)
+
+
+def _set_shutoff(obj: DomainObj, reason: str) -> None:
+    """Mark `obj` (locked) inactive; the next persistent definition becomes
+    the current one."""
+    obj.id = -1
+    obj.ports = ()
+    obj.set_state(DomainState.SHUTOFF, reason)
+    if obj.new_def is not None:
+        obj.definition = obj.new_def
+        obj.new_def = None
 
 
 def _interface_row(iface: InterfaceDef, port: PortPlan | None) -> InterfaceRow:

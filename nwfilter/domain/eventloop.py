@@ -15,6 +15,11 @@ rules keep objects alive and callbacks harmless:
   own lock, so a release callback may take any lock.
 * Callbacks run with no loop lock held, so they may add, update or remove
   watches, including their own.
+* A watched fd that was closed (poll reports POLLNVAL) is reported to its
+  callback once as `EVENT_ERROR`, as libvirt does; then the loop stops
+  polling it until its owner updates or removes the watch, so a closed fd
+  cannot make the loop spin.
+* A stopped loop can be started again.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ EVENT_READABLE = select.POLLIN
 EVENT_WRITABLE = select.POLLOUT
 EVENT_ERROR = select.POLLERR
 EVENT_HANGUP = select.POLLHUP
+_POLL_INVALID = select.POLLNVAL
 
 
 class Referenced(Protocol):
@@ -65,6 +71,7 @@ class _Handle(_Watch):
     fd: int = -1
     events: int = 0
     callback: HandleCallback | None = None
+    invalid: bool = False  # its fd was reported closed; not polled until updated
 
 
 @dataclass
@@ -93,9 +100,12 @@ class EventLoop:
     def start(self) -> None:
         if self._thread is not None:
             raise StateError("event loop already started")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        with self._lock:
+            self._wake_r, self._wake_w = wake_r, wake_w
+            self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nwfilter-eventloop", daemon=True)
         self._thread.start()
 
@@ -114,8 +124,11 @@ class EventLoop:
         thread.join()
         self._thread = None
         self._cleanup()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._lock:
+            wake_r, wake_w = self._wake_r, self._wake_w
+            self._wake_r, self._wake_w = -1, -1
+        os.close(wake_r)
+        os.close(wake_w)
 
     def __enter__(self) -> EventLoop:
         self.start()
@@ -148,6 +161,7 @@ class EventLoop:
             if handle is None or handle.deleted:
                 raise StateError(f"no fd watch {watch}")
             handle.events = events
+            handle.invalid = False
         self._wake()
 
     def remove_handle(self, watch: int) -> None:
@@ -200,9 +214,12 @@ class EventLoop:
     # -- the loop ------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._wake_w >= 0:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wake_w, b"x")
+        # Under the lock, so stop() cannot close the pipe in between (and
+        # the fd number be reused) after it was read; the write never blocks.
+        with self._lock:
+            if self._wake_w >= 0:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
         self.loop_thread_id = threading.get_ident()
@@ -214,7 +231,7 @@ class EventLoop:
                 poller.register(self._wake_r, select.POLLIN)
                 fds: dict[int, list[_Handle]] = {}
                 for handle in self._handles.values():
-                    if not handle.deleted and handle.events:
+                    if not handle.deleted and not handle.invalid and handle.events:
                         fds.setdefault(handle.fd, []).append(handle)
                 for fd, handles in fds.items():
                     mask = 0
@@ -270,8 +287,14 @@ class EventLoop:
             picked: list[tuple[_Handle, int]] = []
             for fd, revents in ready:
                 for handle in self._handles.values():
-                    if handle.fd == fd and not handle.deleted:
+                    if handle.fd == fd and not handle.deleted and not handle.invalid:
                         got = revents & (handle.events | EVENT_ERROR | EVENT_HANGUP)
+                        if revents & _POLL_INVALID:
+                            # The fd was closed under the watch: poll would
+                            # report it again at once on every round.
+                            log.warning("fd watch %d: fd %d is not open", handle.ident, fd)
+                            handle.invalid = True
+                            got |= EVENT_ERROR
                         if got:
                             handle.dispatching += 1
                             picked.append((handle, got))

@@ -20,8 +20,11 @@ qemu-threads.rst, src/hypervisor/domain_job.c):
   BeginJobNowait), for callers that only want to look.
 * While a monitor (or agent) command runs, the domain lock is released
   (`enter_monitor()` / `exit_monitor()`); the job keeps other writers out.
-  After re-locking, the caller re-checks that the domain is still active,
-  since a destroy allowed by an async job's mask may have run meanwhile.
+  After re-locking, `exit_monitor()` re-checks that the domain is still
+  active, since a destroy allowed by an async job's mask may have run
+  meanwhile.
+* A thread waiting for the job of a domain that is removed gives up with
+  `NotFoundError` as soon as it is woken, even while the job is still held.
 * Query-only calls (list, state, XML) take no job at all: they read the
   object under its lock and never wait for a job.
 """
@@ -32,7 +35,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -86,19 +88,6 @@ class JobOwner(Protocol):
     def is_active(self) -> bool: ...
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """A snapshot of the job slots, for diagnostics and tests."""
-
-    active: JobKind
-    active_api: str | None
-    agent: AgentJobKind
-    agent_api: str | None
-    async_job: AsyncJobKind
-    async_api: str | None
-    in_monitor: bool
-
-
 class DomainJobs:
     """The job slots of one domain object.  Every method expects the
     object's mutex to be held by the caller."""
@@ -132,17 +121,6 @@ class DomainJobs:
     def can_set(self, kind: JobKind, agent: AgentJobKind) -> bool:
         return (kind is JobKind.NONE or self.active is JobKind.NONE) and (
             agent is AgentJobKind.NONE or self.agent_active is AgentJobKind.NONE
-        )
-
-    def info(self) -> JobInfo:
-        return JobInfo(
-            self.active,
-            self.owner_api,
-            self.agent_active,
-            self.agent_api,
-            self.async_job,
-            self.async_api,
-            self.in_monitor,
         )
 
     # -- begin / end -------------------------------------------------------
@@ -198,10 +176,6 @@ class DomainJobs:
             False,
         )
 
-    def set_mask(self, kinds: frozenset[JobKind]) -> None:
-        if self.async_job is not AsyncJobKind.NONE:
-            self.mask = kinds | {JobKind.DESTROY}
-
     def _begin(
         self,
         kind: JobKind,
@@ -218,22 +192,26 @@ class DomainJobs:
         slot = JobKind.MODIFY if kind is JobKind.ASYNC else kind
         self.waiters += 1
         try:
+            # `removing` is checked after every wake-up: a removed domain's
+            # job may stay held for a while, and its waiters must not sit
+            # out their whole timeout for an object nobody can find any more.
             while True:
+                self._check_not_removed()
                 while not nested and not self._async_free_for(kind):
                     if nowait:
                         return False
                     if not self._async_cond.wait_until(deadline, what):
                         self._timeout(kind, agent, async_kind, api, timeout)
+                    self._check_not_removed()
                 while not self.can_set(slot, agent):
                     if nowait:
                         return False
                     if not self._cond.wait_until(deadline, what):
                         self._timeout(kind, agent, async_kind, api, timeout)
+                    self._check_not_removed()
                 # an async job may have started while we slept on `_cond`
                 if nested or self._async_free_for(kind):
                     break
-            if self._owner.removing:
-                raise NotFoundError(f"domain '{self._owner.name}' no longer exists")
         finally:
             self.waiters -= 1
         now = time.monotonic()
@@ -254,6 +232,10 @@ class DomainJobs:
             self.agent_api = api
             self.agent_started = now
         return True
+
+    def _check_not_removed(self) -> None:
+        if self._owner.removing:
+            raise NotFoundError(f"domain '{self._owner.name}' no longer exists")
 
     def _async_free_for(self, kind: JobKind) -> bool:
         if kind is JobKind.ASYNC:
@@ -343,22 +325,32 @@ class DomainJobs:
         self.in_monitor = True
         self._owner.mutex.release()
 
-    def exit_monitor(self, *, require_active: bool = True) -> None:
-        """Re-lock the domain; with `require_active`, raise `StateError` (the
-        domain stays locked) if it stopped while the command ran."""
-        self._owner.mutex.acquire()
-        self.in_monitor = False
-        if require_active and not self._owner.is_active():
-            raise StateError(f"domain '{self._owner.name}' is no longer running")
+    def exit_monitor(self) -> None:
+        """Re-lock the domain; raise `StateError` (the domain stays locked)
+        if it stopped while the command ran."""
+        self._relock()
+        self._check_active()
 
     @contextmanager
     def monitor(self, *, require_active: bool = True) -> Iterator[None]:
+        """`enter_monitor()` … `exit_monitor()` around the body.  Without
+        `require_active` the domain is only re-locked, not re-checked: for a
+        start, where the domain becomes active only afterwards, and for a
+        stop, which marks it inactive itself."""
         self.enter_monitor()
         try:
             yield
         finally:
-            self.exit_monitor(require_active=False)
-        if require_active and not self._owner.is_active():
+            self._relock()
+        if require_active:
+            self._check_active()
+
+    def _relock(self) -> None:
+        self._owner.mutex.acquire()
+        self.in_monitor = False
+
+    def _check_active(self) -> None:
+        if not self._owner.is_active():
             raise StateError(f"domain '{self._owner.name}' is no longer running")
 
     @contextmanager

@@ -15,19 +15,22 @@ and resuming sets them up again; addresses and their on-link routes survive.
 A bridge that does not exist is created and marked with an interface alias
 (kept by the kernel, so it survives a restart of the engine); `stop` deletes
 a bridge it created once no port is left on it, never one it did not create.
+Guests are started and stopped concurrently, so "make sure the bridge exists,
+then enslave the ports" and "find the bridge empty, then delete it" each run
+under one lock.
 The host ports of each guest are recorded in the run directory because the
 driver may have generated their names and `stop` must find them again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
 from nwfilter.errors import (
     BackendError,
     ConflictError,
+    NwfilterError,
     StateError,
     StorageError,
     UnavailableError,
@@ -137,6 +141,11 @@ class NsHypervisor:
         self.prefix = DEFAULT_PREFIX if host_netns is None else f"{host_netns}.vm."
         self._run = runner if runner is not None else _default_runner
         self._netns_dir = netns_dir
+        # A leaf: only `ip` commands run under it.  Held from checking that
+        # a bridge exists to enslaving the ports, and from finding a bridge
+        # empty to deleting it, so a stop never deletes the bridge a start
+        # has just found, and two starts never both try to create it.
+        self._bridge_lock = threading.Lock()
 
     # -- names -----------------------------------------------------------
     def netns_of(self, name: str) -> str:
@@ -197,7 +206,10 @@ class NsHypervisor:
         try:
             self._prepare(netns, plan)
         except BaseException:
-            self._stop(dom.name)
+            try:
+                self._stop(dom.name)
+            except NwfilterError as exc:
+                log.error("ns guest '%s': undoing a failed prepare failed: %s", dom.name, exc)
             raise
 
     def launch(self, dom: DomainDef) -> None:
@@ -267,8 +279,6 @@ class NsHypervisor:
     def _prepare(
         self, netns: str, plan: list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]]
     ) -> None:
-        for bridge in sorted({g.bridge for g, _ in plan if g.bridge is not None}):
-            self._ensure_bridge(bridge)
         self._ip(None, "netns", "add", netns)
         self._ip(netns, "link", "set", "lo", "up")
         for guest, (port, iface) in plan:
@@ -279,8 +289,6 @@ class NsHypervisor:
                 "type", "veth", "peer", "name", guest.guest_if, "address", mac,
                 "netns", netns,
             )
-            if guest.bridge is not None:
-                self._ip(self.host_netns, "link", "set", guest.portdev, "master", guest.bridge)
             for ip in iface.ips:
                 six = ip.family == "ipv6" or ":" in ip.address
                 prefix = ip.prefix if ip.prefix is not None else (64 if six else 24)
@@ -291,6 +299,16 @@ class NsHypervisor:
                     argv.append("nodad")
                 self._ip(netns, *argv)
             self._ip(netns, "link", "set", guest.guest_if, "up")
+        bridges = sorted({g.bridge for g, _ in plan if g.bridge is not None})
+        if not bridges:
+            return
+        with self._bridge_lock:
+            for bridge in bridges:
+                self._ensure_bridge(bridge)
+            for guest, _ in plan:
+                if guest.bridge is not None:
+                    self._ip(self.host_netns, "link", "set", guest.portdev, "master",
+                             guest.bridge)
 
     def _wait_running(self, netns: str, ports: Sequence[GuestPort]) -> None:
         # The kernel activates a device's queue only when its link watcher
@@ -315,6 +333,7 @@ class NsHypervisor:
         return info is not None and info.get("operstate") == "UP"
 
     def _ensure_bridge(self, bridge: str) -> None:
+        """Create `bridge` unless it exists (`_bridge_lock` held)."""
         if self._link_exists(self.host_netns, bridge):
             return
         # STP off and no forward delay: otherwise a new port spends its first
@@ -326,29 +345,74 @@ class NsHypervisor:
         log.info("created bridge %s for ns guests", bridge)
 
     def _stop(self, name: str) -> None:
+        """Best effort: every step runs even if an earlier one failed, the
+        guest namespace is always deleted, and the first error is raised at
+        the end.  The record is kept while something it names may be left,
+        so that stopping again finishes the job."""
         netns = self.netns_of(name)
-        ports = self._load_ports(name) or []
-        if self._netns_exists(netns):
-            self._kill_guest_processes(netns)
+        errors: list[NwfilterError] = []
+        keep_record = False
+        try:
+            ports = self._load_ports(name) or []
+        except NwfilterError as exc:
+            # Unreadable, so the host ends are unknown; they die with the
+            # namespace once it is deleted below.
+            errors.append(exc)
+            ports = []
+        try:
+            if self._netns_exists(netns):
+                self._kill_guest_processes(netns)
+        except NwfilterError as exc:
+            errors.append(exc)
         for port in ports:
             # A veth pair dies with its namespace, but only once nothing holds
             # the namespace any more; deleting the host end is immediate.
-            if self._is_veth(self.host_netns, port.portdev):
-                self._ip(self.host_netns, "link", "del", port.portdev)
-        if self._netns_exists(netns):
-            self._ip(None, "netns", "del", netns)
-        for bridge in sorted({p.bridge for p in ports if p.bridge is not None}):
-            self._remove_bridge_if_ours_and_empty(bridge)
-        atomic_remove(self._record(name))
+            try:
+                if self._is_veth(self.host_netns, port.portdev):
+                    self._ip(self.host_netns, "link", "del", port.portdev)
+            except NwfilterError as exc:
+                errors.append(exc)
+                keep_record = True
+        try:
+            if self._netns_exists(netns):
+                self._ip(None, "netns", "del", netns)
+        except NwfilterError as exc:
+            errors.append(exc)
+            keep_record = True
+        bridges = sorted({p.bridge for p in ports if p.bridge is not None})
+        if bridges:
+            with self._bridge_lock:
+                for bridge in bridges:
+                    try:
+                        self._remove_bridge_if_ours_and_empty(bridge)
+                    except NwfilterError as exc:
+                        errors.append(exc)
+                        keep_record = True
+        if not keep_record:
+            try:
+                atomic_remove(self._record(name))
+            except NwfilterError as exc:
+                errors.append(exc)
+        if errors:
+            for later in errors[1:]:
+                log.error("stopping ns guest '%s': %s", name, later)
+            raise errors[0]
 
     def _kill_guest_processes(self, netns: str) -> None:
         proc = self._run(["ip", "netns", "pids", netns])
         for word in proc.stdout.split():
             if word.isdigit() and int(word) != os.getpid():
-                with contextlib.suppress(ProcessLookupError):
+                try:
                     os.kill(int(word), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                except OSError as exc:
+                    raise BackendError(
+                        f"cannot kill process {word} of '{netns}': {exc.strerror}"
+                    ) from exc
 
     def _remove_bridge_if_ours_and_empty(self, bridge: str) -> None:
+        """Delete `bridge` if we made it and no port is left (`_bridge_lock` held)."""
         info = self._link_info(self.host_netns, bridge)
         if info is None or info.get("ifalias") != BRIDGE_ALIAS:
             return

@@ -77,7 +77,6 @@ class DomainObj:
         self._refs = 1
         self._refs_lock = threading.Lock()  # leaf: guards only the counter
         self._on_release = on_release
-        self.released = False
 
     # -- reference counting -------------------------------------------------
 
@@ -92,10 +91,8 @@ class DomainObj:
         with self._refs_lock:
             self._refs -= 1
             last = self._refs == 0
-        if last:
-            self.released = True
-            if self._on_release is not None:
-                self._on_release(self)
+        if last and self._on_release is not None:
+            self._on_release(self)
 
     @property
     def refs(self) -> int:
@@ -254,11 +251,9 @@ class DomainObjList:
         """The object called `name`, unreferenced and unlocked (driver lock held)."""
         return self._by_name.get(name)
 
-    def snapshot(self, *, list_locked: bool = False) -> list[DomainObj]:
+    def snapshot(self) -> list[DomainObj]:
         """Every object, referenced and unlocked, sorted by name; the caller
         unrefs each."""
-        if list_locked:
-            return [obj.ref() for _, obj in sorted(self._by_name.items())]
         with self.lock:
             return [obj.ref() for _, obj in sorted(self._by_name.items())]
 

@@ -4,9 +4,10 @@ checked with real pings (no filters: this is about the plumbing)."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -178,4 +179,46 @@ def test_failed_prepare_leaves_nothing(lab: Lab) -> None:
     with pytest.raises(BackendError):
         lab.hv.prepare(bad, _ports(bad, "vnet-c"))
     assert not lab.hv.is_alive(dom)
+    assert set(lab.links(lab.host)) == {"lo"}
+
+
+def test_guests_starting_and_stopping_together_keep_their_bridge(lab: Lab) -> None:
+    hv = lab.hv
+    doms = [_domain(f"g{i}", f"52:54:00:00:01:{i:02x}", f"10.9.1.{i + 10}") for i in range(6)]
+    errors: list[BaseException] = []
+
+    def together(*jobs: Callable[[], None]) -> None:
+        barrier = threading.Barrier(len(jobs))
+
+        def run(job: Callable[[], None]) -> None:
+            barrier.wait(10)
+            try:
+                job()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(job,), daemon=True) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    def start(dom: DomainDef) -> Callable[[], None]:
+        return lambda: hv.prepare(dom, _ports(dom, f"vnet-{dom.name}"))
+
+    # all of them need br0, which does not exist yet
+    together(*(start(d) for d in doms[:3]))
+    assert errors == []
+    # one guest leaves (br0 is not empty) while others join
+    together(lambda: hv.stop(doms[0]), *(start(d) for d in doms[3:]))
+    assert errors == []
+    links = lab.links(lab.host)
+    for dom in doms[1:]:
+        assert "master br0" in links[f"vnet-{dom.name}"], dom.name
+    # the last ones leave while a new one joins: it must find br0 (again)
+    late = _domain("late", "52:54:00:00:01:ff", "10.9.1.99")
+    together(*(lambda d=d: hv.stop(d) for d in doms[1:]), start(late))
+    assert errors == []
+    assert "master br0" in lab.links(lab.host)["vnet-late"]
+    hv.stop(late)
     assert set(lab.links(lab.host)) == {"lo"}

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from nwfilter.conf.model import BindingDef
+from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.errors import JobTimeoutError, LockOrderError
 from nwfilter.locks import CHECKER, Level, LevelledLock, RWLock
+from nwfilter.rebuild import RebuildCoordinator
 from tests.unit.domain.conftest import World, domain_xml, filter_xml, make_world
 
 
@@ -100,15 +104,17 @@ HANG = 3.0  # a thread still blocked after this long is deadlocked
 
 def _naive_filter_update(world: World, hold: float, lock_timeout: float) -> None:
     """The update path before the fix: filter (pool) → driver → domain."""
+    names = [name for name, _ in world.manager.names.domain_names()]
     with world.engine.pool.lock.write():
         time.sleep(hold)
         for driver in world.manager.drivers():
             driver.lock.acquire(timeout=lock_timeout)  # gives up so the test can end
             try:
-                for obj in driver.domains.snapshot(list_locked=True):
-                    with obj.mutex:
-                        pass
-                    obj.unref()
+                for name in names:
+                    obj = driver.domains.find_locked(name)
+                    if obj is not None:
+                        with obj.mutex:
+                            pass
             finally:
                 driver.lock.release()
 
@@ -183,3 +189,45 @@ def test_our_order_completes_the_same_race(tmp_path: Path) -> None:
     assert stuck == [] and failed == []
     assert time.monotonic() - began < 2
     assert "443" in world.backend.read_back("vnet0")
+
+
+def test_driver_lock_has_its_rank_before_a_filter_change_can_take_it(tmp_path: Path) -> None:
+    class Bindings:
+        def create_bindings(self, defs: Sequence[BindingDef]) -> object:
+            return None
+
+        def delete_binding(self, portdev: str) -> object:
+            return None
+
+    coordinator = RebuildCoordinator()
+    register = coordinator.register_driver
+    seen: list[tuple[int, tuple[str, ...], int | None]] = []
+
+    def spy(
+        name: str, lock: Callable[[], None], unlock: Callable[[], None], *,
+        set_rank: Callable[[int], None] | None = None,
+    ) -> int:
+        def recording(rank: int) -> None:
+            assert set_rank is not None
+            set_rank(rank)
+            # runs under the coordinator's mutex: which drivers could a
+            # filter change take right now, and what rank has the new lock?
+            visible = tuple(d.name for d in coordinator._drivers)
+            taken_by = getattr(lock, "__self__", None)
+            assert isinstance(taken_by, LevelledLock)
+            seen.append((rank, visible, taken_by.rank))
+
+        return register(name, lock, unlock, set_rank=recording)
+
+    hv_a, hv_b = TestHypervisor(), TestHypervisor()
+    hv_b.name = "ns"
+    manager = DomainManager(tmp_path, Bindings(), coordinator,
+                            hypervisors={"test": hv_a, "ns": hv_b})
+    coordinator.register_driver = spy  # type: ignore[method-assign]
+    first = manager.driver("test")
+    second = manager.driver("ns")
+    assert [(r, v) for r, v, _ in seen] == [(1, ()), (2, (coordinator.drivers()[0].name,))]
+    assert [rank for _, _, rank in seen] == [1, 2]  # set before the lock became visible
+    assert (first.lock.rank, second.lock.rank) == (1, 2)
+    with coordinator.filter_change() as taken:
+        assert len(taken) == 2 and first.lock.locked() and second.lock.locked()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nwfilter.domain.eventloop import EVENT_READABLE, EventLoop
+from nwfilter.domain.eventloop import EVENT_ERROR, EVENT_READABLE, EventLoop
 
 
 class Counted:
@@ -141,3 +141,37 @@ def test_stop_releases_everything() -> None:
     loop.add_timeout(10, lambda tid, op: None, None, free=freed.append)
     loop.stop()
     assert obj.refs == 1 and freed == [None]
+
+
+def test_closed_fd_is_reported_once_and_the_loop_does_not_spin(loop: EventLoop) -> None:
+    r, w = os.pipe()
+    try:
+        obj = Counted()
+        events: list[int] = []
+        watch = loop.add_handle(r, EVENT_READABLE, lambda wid, fd, ev, op: events.append(ev),
+                                obj)
+        obj.unref()
+        os.close(r)  # behind the watch's back
+        loop.add_timeout(-1, lambda tid, op: None)  # wakes the loop, which polls the closed fd
+        assert wait_for(lambda: events == [EVENT_ERROR])
+        cpu = time.process_time()
+        time.sleep(0.3)
+        assert time.process_time() - cpu < 0.15, "the loop spins on the closed fd"
+        assert events == [EVENT_ERROR]
+        loop.remove_handle(watch)
+        assert wait_for(lambda: obj.freed.is_set())
+    finally:
+        os.close(w)
+
+
+def test_a_stopped_loop_starts_again() -> None:
+    loop = EventLoop()
+    loop.start()
+    loop.stop()
+    loop.start()
+    try:
+        ticks: list[int] = []
+        loop.add_timeout(0.01, lambda tid, op: ticks.append(tid))
+        assert wait_for(lambda: len(ticks) >= 2)
+    finally:
+        loop.stop()

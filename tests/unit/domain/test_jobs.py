@@ -256,3 +256,42 @@ def test_removed_domain_fails_waiters_with_not_found() -> None:
         obj.job.end()
     thread.join(5)
     assert errors
+
+
+@pytest.mark.parametrize("holder", ["normal", "async"])
+def test_waiter_gives_up_once_the_domain_is_removed_while_the_job_is_held(holder: str) -> None:
+    obj = make_obj()
+    with obj.locked():
+        if holder == "async":
+            obj.job.begin_async(AsyncJobKind.SAVE, "save")
+        else:
+            obj.job.begin(JobKind.MODIFY, "undefine")
+    errors: list[Exception] = []
+
+    def waiter() -> None:
+        with obj.locked():
+            try:
+                obj.job.begin(JobKind.MODIFY, "start", timeout=5)
+            except (NotFoundError, JobTimeoutError) as exc:
+                errors.append(exc)
+
+    thread = in_thread(waiter)
+    deadline = time.monotonic() + 3
+    while True:
+        with obj.locked():
+            if obj.job.waiters:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    began = time.monotonic()
+    with obj.locked():
+        obj.removing = True
+        obj.job.wake_all()  # what DomainObjList.remove() does; the job stays held
+    thread.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], NotFoundError)
+    assert time.monotonic() - began < 1
+    with obj.locked():
+        if holder == "async":
+            obj.job.end_async()
+        else:
+            obj.job.end()
