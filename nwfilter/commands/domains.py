@@ -61,11 +61,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=cmd_autostart)
 
 
-def _manager(ctx: Context) -> DomainManager:
+def _manager(ctx: Context, *, query: bool = False) -> DomainManager:
+    """The domain manager on this root.  A `query` one reads the recorded
+    state only: no kernel rule, guest or file is touched."""
     from nwfilter.domain.driver import DomainManager
 
-    manager = DomainManager.for_engine(ctx.engine(), netns=ctx.netns)
-    manager.start(autostart=False)
+    manager = DomainManager.for_engine(ctx.engine(read_only=query), netns=ctx.netns)
+    manager.start(autostart=False, take_over=not query)
     return manager
 
 
@@ -116,21 +118,21 @@ def cmd_resume(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     rows = [
         ("-" if r.id < 0 else str(r.id), r.name, r.state.value)
-        for r in _manager(ctx).list_domains(all_domains=args.all)
+        for r in _manager(ctx, query=True).list_domains(all_domains=args.all)
     ]
     sys.stdout.write(format_table(("Id", "Name", "State"), rows) + "\n")
     return 0
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
-    sys.stdout.write(_manager(ctx).dumpxml(args.domain, inactive=args.inactive))
+    sys.stdout.write(_manager(ctx, query=True).dumpxml(args.domain, inactive=args.inactive))
     return 0
 
 
 def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
     rows = [
         (r.interface, r.type, r.source, r.model, r.mac)
-        for r in _manager(ctx).interfaces(args.domain)
+        for r in _manager(ctx, query=True).interfaces(args.domain)
     ]
     headers = ("Interface", "Type", "Source", "Model", "MAC")
     sys.stdout.write(format_table(headers, rows) + "\n")
@@ -138,7 +140,7 @@ def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_domstate(args: argparse.Namespace, ctx: Context) -> int:
-    summary = _manager(ctx).state(args.domain)
+    summary = _manager(ctx, query=True).state(args.domain)
     text = summary.state.value + (f" ({summary.reason})" if args.reason else "")
     print(text + "\n")
     return 0
