@@ -9,11 +9,11 @@ what `clean-traffic` promises, edits a filter while the guests run, shows
 the rules and the traffic change without a restart, puts the filter back,
 and removes everything it made.
 
-Frames are built here byte by byte and sent on raw `AF_PACKET` sockets
-opened inside the guests' namespaces (the calling thread enters a namespace
-only to open a socket; the socket stays bound to it).  A probe counts as
-*passed* when the receiving guest saw the frame, recognised by a random
-token carried in its payload (or, for ARP, in the frame's padding).
+Frames are built here byte by byte, then sent and captured on raw
+`AF_PACKET` sockets inside the guests' namespaces (`nwfilter.frames`).  A
+probe counts as *passed* when the receiving guest saw the frame, recognised
+by a random token carried in its payload (or, for ARP, in the frame's
+padding).
 
 Every namespace is named with one unique prefix (`nwsb-<hex>`), so nothing
 outside the lab is touched and teardown is "delete what carries my prefix";
@@ -30,12 +30,10 @@ import logging
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -47,7 +45,9 @@ from types import FrameType
 from typing import Protocol, TextIO
 
 from nwfilter.errors import NwfilterError
-from nwfilter.netlab import NETNS_DIR, NetLab, in_netns
+from nwfilter.frames import FrameCapture, send_frames
+from nwfilter.netlab import NetLab
+from nwfilter.netns import NETNS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,9 @@ SUBNET = "10.88.0"
 FORGED_MAC = "52:54:00:66:66:66"
 FORGED_IP = f"{SUBNET}.66"
 
-ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
-PACKET_OUTGOING = 4
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 # How long a receiver keeps listening after the last probe of a round: the
 # frames cross two veths and a bridge, which takes microseconds; this is
@@ -142,51 +140,16 @@ def ipv6_frame(*, eth_src: str, eth_dst: str, ip_src: str, ip_dst: str, token: b
     return ethernet(eth_dst, eth_src, ETH_P_IPV6, header + token)
 
 
-def send_frame(netns: str, ifname: str, frame: bytes) -> None:
-    """Send one raw frame out of `ifname` inside namespace `netns`."""
-    with in_netns(netns):
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        with sock:
-            sock.bind((ifname, 0))
-            sock.send(frame)
-
-
-class Receiver:
-    """A raw socket on a guest interface that remembers the tokens it saw."""
-
-    def __init__(self, netns: str, ifname: str) -> None:
-        with in_netns(netns):
-            self._sock = socket.socket(
-                socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
-            )
-            try:
-                self._sock.bind((ifname, 0))
-            except OSError:
-                self._sock.close()
-                raise
-        self._sock.setblocking(False)
-
-    def collect(self, tokens: Sequence[bytes], seconds: float) -> set[bytes]:
-        """The tokens seen in incoming frames within `seconds`."""
-        seen: set[bytes] = set()
-        deadline = time.monotonic() + seconds
-        while len(seen) < len(tokens):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select([self._sock], [], [], left)
-            if not ready:
-                break
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    data, addr = self._sock.recvfrom(65535)
-                    if addr[2] == PACKET_OUTGOING:
-                        continue  # the guest's own replies carry the token too
-                    seen.update(t for t in tokens if t in data)
+def tokens_seen(capture: FrameCapture, tokens: Sequence[bytes], seconds: float) -> set[bytes]:
+    """The `tokens` found in frames arriving at `capture` within `seconds`."""
+    seen: set[bytes] = set()
+    if not tokens:
         return seen
-
-    def close(self) -> None:
-        self._sock.close()
+    for frame in capture.incoming(seconds):
+        seen.update(t for t in tokens if t in frame)
+        if len(seen) == len(tokens):
+            break
+    return seen
 
 
 # --------------------------------------------------------------------------
@@ -294,11 +257,8 @@ class Lab:
     def build_host(self) -> str:
         self.host = self.netlab.add_ns("host")
         self.netlab.add_bridge(self.host, BRIDGE)
-        # Bridged IPv4/IPv6 frames must also pass the ip/ip6 hooks, where the
-        # layer-3 rules live; the keys exist only once br_netfilter is loaded.
-        for key in ("call-iptables", "call-ip6tables", "call-arptables"):
-            self.netlab.run(self.host, ["sysctl", "-q", "-w", f"net.bridge.bridge-nf-{key}=1"],
-                            check=False)
+        # Without br_netfilter the keys are missing; the nft backend's probe reports that.
+        self.netlab.enable_bridge_netfilter(self.host, check=False)
         return self.host
 
     def guest_netns(self) -> list[str]:
@@ -315,11 +275,6 @@ class Lab:
         except FileNotFoundError:
             return []
 
-    def ping(self, netns: str, address: str) -> bool:
-        proc = self.netlab.run(netns, ["ping", "-n", "-q", "-c", "1", "-W", "1", address],
-                               timeout=10, check=False)
-        return proc.returncode == 0
-
     def nft_ruleset(self) -> str:
         proc = self.netlab.run(self.host, ["nft", "list", "ruleset"], check=False)
         return proc.stdout if proc.returncode == 0 else ""
@@ -331,13 +286,7 @@ class Lab:
     def close(self) -> None:
         # Guests still present (a failed stop) go first, by our prefix only.
         for name in self.guest_netns():
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                      text=True, check=False).stdout.split()
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-                subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+            self.netlab.remove_ns(name)
         self.netlab.close()
 
 
@@ -346,22 +295,24 @@ def run_round(lab: Lab, guest_ns: Callable[[Guest], str], round_probes: Sequence
     """Send every probe and report which arrived."""
     raw = [p for p in round_probes if p.frame is not None]
     receivers = {p.receiver.name: p.receiver for p in raw}
-    listening = {name: Receiver(guest_ns(g), "eth0") for name, g in receivers.items()}
+    listening: dict[str, FrameCapture] = {}
     try:
+        for name, guest in receivers.items():
+            listening[name] = FrameCapture(guest_ns(guest), "eth0")
         for probe in raw:
             assert probe.frame is not None
-            send_frame(guest_ns(probe.sender), "eth0", probe.frame(probe.token))
+            send_frames(guest_ns(probe.sender), "eth0", [probe.frame(probe.token)])
         seen: set[bytes] = set()
-        for name, receiver in listening.items():
+        for name, capture in listening.items():
             tokens = [p.token for p in raw if p.receiver.name == name]
-            seen |= receiver.collect(tokens, SETTLE_SECONDS)
+            seen |= tokens_seen(capture, tokens, SETTLE_SECONDS)
     finally:
-        for receiver in listening.values():
-            receiver.close()
+        for capture in listening.values():
+            capture.close()
     outcomes = []
     for probe in round_probes:
         if probe.frame is None:
-            passed = lab.ping(guest_ns(probe.sender), probe.receiver.ip)
+            passed = lab.netlab.ping(guest_ns(probe.sender), probe.receiver.ip)
         else:
             passed = probe.token in seen
         outcomes.append(Outcome(probe, passed))

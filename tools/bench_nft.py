@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nwfilter.backends.nft import NftBackend
 from nwfilter.ir import Changes, Ruleset
-from nwfilter.netlab import NetLab, in_netns
+from nwfilter.netlab import NetLab
+from nwfilter.netns import in_netns
 from tests.nft_rulesets import clean_traffic
 
 

@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,16 +42,20 @@ from nwfilter.errors import (
     NwfilterError,
     StateError,
     StorageError,
-    UnavailableError,
     ValidationError,
 )
 from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.netns import (
+    NETNS_DIR,
+    NETNS_NAME_MAX,
+    Iproute2,
+    Runner,
+    check_ifname,
+    check_netns_name,
+)
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-
-NETNS_DIR = Path("/run/netns")
 DEFAULT_PREFIX = "nwvm-"
 # The kernel keeps an interface alias across restarts of the engine, which
 # makes it the record of "this bridge is ours to delete".
@@ -62,23 +63,8 @@ BRIDGE_ALIAS = "nwfilter-ns-bridge"
 
 # Dots are left out of domain names so that `<netns>.vm.<name>` is unambiguous.
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_MAX_NETNS_LEN = 63  # what `nwfilter.netlab.in_netns` accepts
-_TIMEOUT = 15.0
 _OPER_UP_WAIT = 3.0
-
-
-def _default_runner(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=_TIMEOUT, check=False
-        )
-    except FileNotFoundError as exc:
-        raise UnavailableError(f"'{argv[0]}' is not installed (Debian package iproute2)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise BackendError(f"'{' '.join(argv)}' did not finish in {_TIMEOUT:.0f} s") from exc
 
 
 @dataclass(frozen=True)
@@ -101,14 +87,8 @@ class GuestPort:
             raise StorageError("malformed ns guest record: port without names")
         if bridge is not None and not isinstance(bridge, str):
             raise StorageError("malformed ns guest record: bad bridge")
-        return cls(_check_ifname(portdev), _check_ifname(guest_if),
-                   None if bridge is None else _check_ifname(bridge))
-
-
-def _check_ifname(name: str) -> str:
-    if not _IFNAME_RE.match(name):
-        raise ValidationError(f"invalid interface name '{name}' (1-15 of A-Z a-z 0-9 _ . -)")
-    return name
+        return cls(check_ifname(portdev), check_ifname(guest_if),
+                   None if bridge is None else check_ifname(bridge))
 
 
 def host_mac(guest_mac: str) -> str:
@@ -134,12 +114,12 @@ class NsHypervisor:
         runner: Runner | None = None,
         netns_dir: Path = NETNS_DIR,
     ) -> None:
-        if host_netns is not None and not _NETNS_RE.match(host_netns):
-            raise ValidationError(f"invalid network namespace name '{host_netns}'")
+        if host_netns is not None:
+            check_netns_name(host_netns)
         self.run_dir = run_dir
         self.host_netns = host_netns
         self.prefix = DEFAULT_PREFIX if host_netns is None else f"{host_netns}.vm."
-        self._run = runner if runner is not None else _default_runner
+        self._iproute = Iproute2(runner)
         self._netns_dir = netns_dir
         # A leaf: only `ip` commands run under it.  Held from checking that
         # a bridge exists to enslaving the ports, and from finding a bridge
@@ -156,10 +136,10 @@ class NsHypervisor:
                 "(letters, digits, '_' and '-' only, starting with a letter or digit)"
             )
         full = self.prefix + name
-        if len(full) > _MAX_NETNS_LEN:
+        if len(full) > NETNS_NAME_MAX:
             raise ValidationError(
                 f"domain name '{name}' is too long for an ns guest "
-                f"(at most {_MAX_NETNS_LEN - len(self.prefix)} characters here)"
+                f"(at most {NETNS_NAME_MAX - len(self.prefix)} characters here)"
             )
         return full
 
@@ -221,7 +201,7 @@ class NsHypervisor:
         netns = self._alive_or_fail(dom)
         ports = self._ports_or_fail(dom)
         for port in ports:
-            self._ip(self.host_netns, "link", "set", port.portdev, "up")
+            self._iproute.set_up(self.host_netns, port.portdev)
         self._wait_running(netns, ports)
 
     def stop(self, dom: DomainDef) -> None:
@@ -231,13 +211,13 @@ class NsHypervisor:
     def suspend(self, dom: DomainDef) -> None:
         netns = self._alive_or_fail(dom)
         for port in self._ports_or_fail(dom):
-            self._ip(netns, "link", "set", port.guest_if, "down")
+            self._iproute.set_up(netns, port.guest_if, up=False)
 
     def resume(self, dom: DomainDef) -> None:
         netns = self._alive_or_fail(dom)
         ports = self._ports_or_fail(dom)
         for port in ports:
-            self._ip(netns, "link", "set", port.guest_if, "up")
+            self._iproute.set_up(netns, port.guest_if)
         self._wait_running(netns, ports)
 
     def is_alive(self, dom: DomainDef) -> bool:
@@ -263,12 +243,12 @@ class NsHypervisor:
                     f"domain '{dom.name}': port {port.portdev} names interface "
                     f"{port.index}, which does not exist"
                 )
-            _check_ifname(port.portdev)
+            check_ifname(port.portdev)
             if port.portdev in seen:
                 raise ValidationError(f"domain '{dom.name}': port {port.portdev} given twice")
             seen.add(port.portdev)
             if port.bridge is not None:
-                _check_ifname(port.bridge)
+                check_ifname(port.bridge)
             if not _MAC_RE.match(port.mac.lower()):
                 raise ValidationError(f"domain '{dom.name}': invalid MAC '{port.mac}'")
             iface = dom.interfaces[port.index]
@@ -279,26 +259,18 @@ class NsHypervisor:
     def _prepare(
         self, netns: str, plan: list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]]
     ) -> None:
-        self._ip(None, "netns", "add", netns)
-        self._ip(netns, "link", "set", "lo", "up")
+        ipr = self._iproute
+        ipr.add_netns(netns)
         for guest, (port, iface) in plan:
             mac = port.mac.lower()
             # A new link starts down; it stays down until launch().
-            self._ip(
-                self.host_netns, "link", "add", guest.portdev, "address", host_mac(mac),
-                "type", "veth", "peer", "name", guest.guest_if, "address", mac,
-                "netns", netns,
-            )
+            ipr.add_veth(self.host_netns, guest.portdev, netns, guest.guest_if,
+                         mac=host_mac(mac), peer_mac=mac)
             for ip in iface.ips:
                 six = ip.family == "ipv6" or ":" in ip.address
                 prefix = ip.prefix if ip.prefix is not None else (64 if six else 24)
-                argv = ["addr", "add", f"{ip.address}/{prefix}", "dev", guest.guest_if]
-                if six:
-                    # Duplicate address detection would hold the address
-                    # 'tentative' (unusable) for a second or more.
-                    argv.append("nodad")
-                self._ip(netns, *argv)
-            self._ip(netns, "link", "set", guest.guest_if, "up")
+                ipr.add_address(netns, guest.guest_if, f"{ip.address}/{prefix}")
+            ipr.set_up(netns, guest.guest_if)
         bridges = sorted({g.bridge for g, _ in plan if g.bridge is not None})
         if not bridges:
             return
@@ -307,8 +279,7 @@ class NsHypervisor:
                 self._ensure_bridge(bridge)
             for guest, _ in plan:
                 if guest.bridge is not None:
-                    self._ip(self.host_netns, "link", "set", guest.portdev, "master",
-                             guest.bridge)
+                    ipr.set_master(self.host_netns, guest.portdev, guest.bridge)
 
     def _wait_running(self, netns: str, ports: Sequence[GuestPort]) -> None:
         # The kernel activates a device's queue only when its link watcher
@@ -336,12 +307,7 @@ class NsHypervisor:
         """Create `bridge` unless it exists (`_bridge_lock` held)."""
         if self._link_exists(self.host_netns, bridge):
             return
-        # STP off and no forward delay: otherwise a new port spends its first
-        # seconds listening and learning, and the guest's first frames vanish.
-        self._ip(self.host_netns, "link", "add", bridge, "type", "bridge",
-                 "stp_state", "0", "forward_delay", "0")
-        self._ip(self.host_netns, "link", "set", bridge, "alias", BRIDGE_ALIAS)
-        self._ip(self.host_netns, "link", "set", bridge, "up")
+        self._iproute.add_bridge(self.host_netns, bridge, alias=BRIDGE_ALIAS)
         log.info("created bridge %s for ns guests", bridge)
 
     def _stop(self, name: str) -> None:
@@ -359,23 +325,18 @@ class NsHypervisor:
             # namespace once it is deleted below.
             errors.append(exc)
             ports = []
-        try:
-            if self._netns_exists(netns):
-                self._kill_guest_processes(netns)
-        except NwfilterError as exc:
-            errors.append(exc)
         for port in ports:
             # A veth pair dies with its namespace, but only once nothing holds
             # the namespace any more; deleting the host end is immediate.
             try:
                 if self._is_veth(self.host_netns, port.portdev):
-                    self._ip(self.host_netns, "link", "del", port.portdev)
+                    self._iproute.ip(self.host_netns, "link", "del", port.portdev)
             except NwfilterError as exc:
                 errors.append(exc)
                 keep_record = True
         try:
             if self._netns_exists(netns):
-                self._ip(None, "netns", "del", netns)
+                self._iproute.delete_netns(netns)
         except NwfilterError as exc:
             errors.append(exc)
             keep_record = True
@@ -398,19 +359,6 @@ class NsHypervisor:
                 log.error("stopping ns guest '%s': %s", name, later)
             raise errors[0]
 
-    def _kill_guest_processes(self, netns: str) -> None:
-        proc = self._run(["ip", "netns", "pids", netns])
-        for word in proc.stdout.split():
-            if word.isdigit() and int(word) != os.getpid():
-                try:
-                    os.kill(int(word), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    raise BackendError(
-                        f"cannot kill process {word} of '{netns}': {exc.strerror}"
-                    ) from exc
-
     def _remove_bridge_if_ours_and_empty(self, bridge: str) -> None:
         """Delete `bridge` if we made it and no port is left (`_bridge_lock` held)."""
         info = self._link_info(self.host_netns, bridge)
@@ -419,7 +367,7 @@ class NsHypervisor:
         proc = self._ip_json(self.host_netns, "link", "show", "master", bridge)
         if proc:
             return
-        self._ip(self.host_netns, "link", "del", bridge)
+        self._iproute.ip(self.host_netns, "link", "del", bridge)
         log.info("removed bridge %s, no ns guest uses it any more", bridge)
 
     def _alive_or_fail(self, dom: DomainDef) -> str:
@@ -473,8 +421,7 @@ class NsHypervisor:
         self, netns: str | None, ifname: str, *, details: bool = False
     ) -> dict[str, object] | None:
         opts = ("-j", "-d") if details else ("-j",)
-        argv = self._ip_argv(netns, *opts, "link", "show", "dev", ifname)
-        proc = self._run(argv)
+        proc = self._iproute.query(netns, *opts, "link", "show", "dev", ifname)
         if proc.returncode != 0:
             return None
         try:
@@ -486,28 +433,12 @@ class NsHypervisor:
         return None
 
     def _ip_json(self, netns: str | None, *args: str) -> list[object]:
-        proc = self._run(self._ip_argv(netns, "-j", *args))
-        if proc.returncode != 0:
-            raise BackendError(
-                f"ip {' '.join(args)} failed in {netns or 'the host namespace'}: "
-                f"{proc.stderr.strip()}"
-            )
+        proc = self._iproute.ip(netns, "-j", *args)
         try:
             data = json.loads(proc.stdout or "[]")
         except ValueError as exc:
             raise BackendError(f"ip {' '.join(args)}: unreadable output") from exc
         return data if isinstance(data, list) else []
-
-    def _ip_argv(self, netns: str | None, *args: str) -> list[str]:
-        if netns is None or args[:1] == ("netns",):
-            return ["ip", *args]
-        return ["ip", "-n", netns, *args]
-
-    def _ip(self, netns: str | None, *args: str) -> None:
-        proc = self._run(self._ip_argv(netns, *args))
-        if proc.returncode != 0:
-            where = netns or "the host namespace"
-            raise BackendError(f"ip {' '.join(args)} failed in {where}: {proc.stderr.strip()}")
 
 
 def make_hypervisor(env: HypervisorEnv) -> NsHypervisor:

@@ -1,54 +1,36 @@
 """Packet tools for integration tests: raw frames and TCP probes inside namespaces.
 
 Everything runs in the calling process with the thread moved into the
-guest's namespace (`in_netns`), so no traffic ever leaves the lab.
+guest's namespace (`in_netns`), so no traffic ever leaves the lab.  Raw
+frames go through `nwfilter.frames`.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 
-from nwfilter.netlab import in_netns
+from nwfilter.frames import FrameCapture, send_frames
+from nwfilter.netns import in_netns
 
-ETH_P_ALL = 0x0003
-
-
-def send_frames(ns: str, ifname: str, frames: list[bytes]) -> None:
-    with in_netns(ns), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-        sock.bind((ifname, 0))
-        for frame in frames:
-            sock.send(frame)
+__all__ = ["FrameCatcher", "send_frames", "tcp_connect", "tcp_server"]
 
 
 class FrameCatcher:
     """Collects frames arriving on an interface that satisfy a predicate."""
 
     def __init__(self, ns: str, ifname: str, predicate: Callable[[bytes], bool]) -> None:
-        with in_netns(ns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-        self.sock.settimeout(0.05)
+        self._capture = FrameCapture(ns, ifname)
         self.predicate = predicate
         self.frames: list[bytes] = []
 
     def collect(self, duration: float) -> list[bytes]:
-        end = time.monotonic() + duration
-        while time.monotonic() < end:
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            if addr[2] == socket.PACKET_OUTGOING:
-                continue
-            if self.predicate(data):
-                self.frames.append(data)
+        self.frames += filter(self.predicate, self._capture.incoming(duration))
         return self.frames
 
     def close(self) -> None:
-        self.sock.close()
+        self._capture.close()
 
 
 def tcp_server(

@@ -13,7 +13,7 @@ import pytest
 from nwfilter.backends.nft import NftBackend
 from nwfilter.conf.model import BindingDef, FilterRef
 from nwfilter.engine import Engine
-from nwfilter.netlab import in_netns
+from nwfilter.netns import in_netns
 from tests.integration.conftest import BridgeLab
 from tests.integration.nettools import tcp_server
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nwfilter.errors import ValidationError
-from nwfilter.netlab import NetLab, in_netns
+from nwfilter.netlab import NetLab
+from nwfilter.netns import in_netns
 from tests.integration.conftest import HOST_IP, BridgeLab, build_bridge_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]

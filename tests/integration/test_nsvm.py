@@ -14,9 +14,10 @@ import pytest
 
 from nwfilter.conf.model import DomainDef, InterfaceDef, IPSpec
 from nwfilter.domain.hypervisor import HypervisorEnv, PortPlan, load_hypervisor
-from nwfilter.domain.nsvm import BRIDGE_ALIAS, NETNS_DIR, NsHypervisor, host_mac
+from nwfilter.domain.nsvm import BRIDGE_ALIAS, NsHypervisor, host_mac
 from nwfilter.errors import BackendError, ConflictError, StateError, ValidationError
 from nwfilter.netlab import NetLab
+from nwfilter.netns import NETNS_DIR
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -42,10 +43,7 @@ class Lab:
         # A guest that tried to talk while cut off holds an unresolved
         # neighbour entry until its ARP retransmission timer (one second)
         # fires, so a reply may take a little over a second.
-        proc = self.netlab.run(self.hv.netns_of(dom.name),
-                               ["ping", "-c", "1", "-W", str(wait), "-n", "-q", address],
-                               check=False)
-        return proc.returncode == 0
+        return self.netlab.ping(self.hv.netns_of(dom.name), address, wait=wait)
 
     def cut_off(self, dom: DomainDef, address: str) -> bool:
         return not self.ping(dom, address, wait=1)
@@ -73,7 +71,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
                 hv.stop(DomainDef(type="ns", name=name, uuid=uuid.uuid4()))
             for left in NETNS_DIR.glob(f"{netlab.prefix}*"):
                 if left.name not in netlab.namespaces:
-                    subprocess.run(["ip", "netns", "del", left.name], check=False)
+                    netlab.remove_ns(left.name)
 
 
 def test_names_are_prefixed_and_validated(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from scapy.packet import Raw
 from nwfilter.backends.nft import NftBackend
 from nwfilter.conf import parse_binding, parse_filter
 from nwfilter.engine import Engine
-from nwfilter.netlab import NetLab, in_netns
+from nwfilter.netlab import NetLab
+from nwfilter.netns import in_netns
 from tests.integration.conftest import BridgeLab, build_bridge_lab
 from tests.integration.nettools import FrameCatcher, send_frames, tcp_server
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nwfilter.netlab import NETNS_DIR
+from nwfilter.netns import NETNS_DIR
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -9,7 +9,7 @@ drop and recreate the tables (`replace_all`, `reinstall`) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
 All kernel access happens with the calling thread inside the backend's
-network namespace (`nwfilter.netlab.in_netns`) and under the backend
+network namespace (`nwfilter.netns.in_netns`) and under the backend
 transaction lock (`Level.BACKEND`).  The libnftables context is created
 inside the namespace on first use by an injected factory.
 """
@@ -30,7 +30,7 @@ from nwfilter.errors import BackendError, UnavailableError
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.locks import Level, LevelledLock
-from nwfilter.netlab import in_netns
+from nwfilter.netns import in_netns
 
 from . import render
 from .render import BRIDGE, INET, TABLE, Batch, Capabilities, PortRecord

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nwfilter.backends.nft.render import IPSET_PREFIX
-from nwfilter.netlab import in_netns
+from nwfilter.netns import in_netns
 
 if TYPE_CHECKING:
     from nwfilter.backends.nft.backend import NftBackend
