@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nwfilter.commands.inputs import input_source, read_input
@@ -22,23 +23,33 @@ if TYPE_CHECKING:
     from nwfilter.domain.driver import DomainManager
 
 
+# command, help, the manager's call, what virsh prints after the name
+_LIFECYCLE: tuple[tuple[str, str, Callable[[DomainManager, str], object], str], ...] = (
+    ("undefine", "undefine a domain", lambda m, n: m.undefine(n), "has been undefined"),
+    ("start", "start a defined domain (its filters are applied first)",
+     lambda m, n: m.start_domain(n), "started"),
+    ("shutdown", "gracefully shut a domain down", lambda m, n: m.shutdown(n),
+     "is being shutdown"),
+    ("destroy", "stop a domain at once", lambda m, n: m.destroy(n), "destroyed"),
+    ("suspend", "pause a domain", lambda m, n: m.suspend(n), "suspended"),
+    ("resume", "continue a paused domain", lambda m, n: m.resume(n), "resumed"),
+)
+_LIFECYCLE_BY_NAME = {entry[0]: entry for entry in _LIFECYCLE}
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("define", help="define or update a domain from an XML file")
     p.add_argument("file", metavar="FILE", help="file holding the domain's XML ('-': stdin)")
     p.set_defaults(handler=cmd_define)
 
-    for name, helptext, handler in (
-        ("undefine", "undefine a domain", cmd_undefine),
-        ("start", "start a defined domain (its filters are applied first)", cmd_start),
-        ("shutdown", "gracefully shut a domain down", cmd_shutdown),
-        ("destroy", "stop a domain at once", cmd_destroy),
-        ("suspend", "pause a domain", cmd_suspend),
-        ("resume", "continue a paused domain", cmd_resume),
-        ("domiflist", "list a domain's interfaces", cmd_domiflist),
-    ):
+    for name, helptext, _verb, _done in _LIFECYCLE:
         p = subparsers.add_parser(name, help=helptext)
         p.add_argument("domain", metavar="NAME")
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=cmd_lifecycle)
+
+    p = subparsers.add_parser("domiflist", help="list a domain's interfaces")
+    p.add_argument("domain", metavar="NAME")
+    p.set_defaults(handler=cmd_domiflist)
 
     p = subparsers.add_parser("list", help="list domains (active ones unless --all)")
     p.add_argument("--all", action="store_true", help="include inactive domains")
@@ -79,39 +90,11 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).undefine(args.domain)
-    print(f"Domain '{args.domain}' has been undefined\n")
-    return 0
-
-
-def cmd_start(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).start_domain(args.domain)
-    print(f"Domain '{args.domain}' started\n")
-    return 0
-
-
-def cmd_shutdown(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).shutdown(args.domain)
-    print(f"Domain '{args.domain}' is being shutdown\n")
-    return 0
-
-
-def cmd_destroy(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).destroy(args.domain)
-    print(f"Domain '{args.domain}' destroyed\n")
-    return 0
-
-
-def cmd_suspend(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).suspend(args.domain)
-    print(f"Domain '{args.domain}' suspended\n")
-    return 0
-
-
-def cmd_resume(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).resume(args.domain)
-    print(f"Domain '{args.domain}' resumed\n")
+def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
+    """undefine, start, shutdown, destroy, suspend, resume: one call each."""
+    _name, _help, call, done = _LIFECYCLE_BY_NAME[args.command]
+    call(_manager(ctx), args.domain)
+    print(f"Domain '{args.domain}' {done}\n")
     return 0
 
 

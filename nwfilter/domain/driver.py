@@ -59,6 +59,7 @@ from nwfilter.errors import (
 )
 from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
 from nwfilter.locks import Level, LevelledLock
+from nwfilter.rebuild import RebuildCoordinator
 
 if TYPE_CHECKING:
     from nwfilter.engine import Engine
@@ -75,19 +76,6 @@ class FilterEngine(Protocol):
     def create_bindings(self, defs: Sequence[BindingDef]) -> object: ...
 
     def delete_binding(self, portdev: str) -> object: ...
-
-
-class Coordinator(Protocol):
-    """What the driver needs of the rebuild coordinator."""
-
-    def register_driver(
-        self,
-        name: str,
-        lock: Callable[[], None],
-        unlock: Callable[[], None],
-        *,
-        set_rank: Callable[[int], None] | None = None,
-    ) -> int: ...
 
 
 BindingLookup = Callable[[str], BindingDef | None]
@@ -873,7 +861,7 @@ class DomainManager:
         self,
         root: Path,
         engine: FilterEngine,
-        coordinator: Coordinator | None = None,
+        coordinator: RebuildCoordinator | None = None,
         *,
         hypervisors: Mapping[str, Hypervisor] | None = None,
         netns: str | None = None,
