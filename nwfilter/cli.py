@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from nwfilter.commands import command_modules
 from nwfilter.commands.context import DEFAULT_ROOT, Context
 from nwfilter.errors import NwfilterError
+from nwfilter.printable import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        logging.WARNING - 10 * min(args.verbose, 2), "%(levelname)s %(name)s: %(message)s"
     )
     ctx = Context(root=args.root, backend=args.backend, netns=args.netns)
     try:

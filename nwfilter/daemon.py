@@ -28,6 +28,7 @@ from nwfilter.conf import format_binding, format_filter, parse_binding
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.printable import configure_logging
 from nwfilter.render_text import render_text
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO - 10 * min(args.verbose, 1),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        logging.INFO - 10 * min(args.verbose, 1), "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         server = serve(

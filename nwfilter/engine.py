@@ -36,6 +36,7 @@ from nwfilter.errors import (
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
+from nwfilter.printable import printable
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
 from nwfilter.rootlock import RootLock
@@ -69,10 +70,10 @@ class DefineOutcome:
         """A human-readable summary (the plan, for a dry run)."""
         verb = "would be" if self.dry_run else "was"
         if not self.changed:
-            head = f"Network filter {self.name} is unchanged; no port needs rebuilding"
+            head = f"Network filter {printable(self.name)} is unchanged; no port needs rebuilding"
             return head + "\n"
         kind = "defined" if self.created else "redefined"
-        lines = [f"Network filter {self.name} {verb} {kind}"]
+        lines = [f"Network filter {printable(self.name)} {verb} {kind}"]
         if not self.rebuilt:
             lines.append("No bound port uses it.")
         else:
@@ -87,7 +88,7 @@ class DefineOutcome:
             lines.append(f"  {diff.portdev}:")
             lines.extend(f"    - {line}" for line in diff.removed)
             lines.extend(f"    + {line}" for line in diff.added)
-        lines.extend(f"warning: {w}" for w in self.warnings)
+        lines.extend(f"warning: {printable(w)}" for w in self.warnings)
         return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from nwfilter.printable import printable
+
 
 class ErrorCode(Enum):
     """Stable identifiers of error kinds; the value is the wire name."""
@@ -32,11 +34,16 @@ class ErrorCode(Enum):
 
 
 class NwfilterError(Exception):
-    """Base of all errors the engine raises on purpose."""
+    """Base of all errors the engine raises on purpose.
+
+    The message is kept on one line: control characters in the names, file
+    names and document content it quotes are escaped here, once for every
+    place that prints, logs or sends it."""
 
     code: ErrorCode = ErrorCode.INTERNAL
 
     def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -11,6 +11,7 @@ from nwfilter.commands.inputs import input_source, read_input
 from nwfilter.commands.table import format_table
 from nwfilter.conf.binding_xml import format_binding, parse_binding
 from nwfilter.conf.model import BindingDef
+from nwfilter.printable import printable
 from nwfilter.render_text import render_text
 
 
@@ -44,13 +45,13 @@ def create_handler(args: argparse.Namespace, ctx: Context) -> int:
     ]
     ctx.engine().create_bindings(defs)
     for binding in defs:
-        print(f"Network filter binding on {binding.portdev} created")
+        print(f"Network filter binding on {printable(binding.portdev)} created")
     return 0
 
 
 def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
     ctx.engine().delete_binding(args.portdev)
-    print(f"Network filter binding on {args.portdev} deleted")
+    print(f"Network filter binding on {printable(args.portdev)} deleted")
     return 0
 
 

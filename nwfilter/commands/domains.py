@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from nwfilter.commands.inputs import input_source, read_input
 from nwfilter.commands.table import format_table
 from nwfilter.conf import parse_domain
+from nwfilter.printable import printable
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
@@ -86,7 +87,7 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     # Parsed here, from the bytes, so encoding errors name the file.
     parsed = parse_domain(read_input(args.file), source=input_source(args.file))
     definition = _manager(ctx).define(parsed)
-    print(f"Domain '{definition.name}' defined from {args.file}\n")
+    print(f"Domain '{printable(definition.name)}' defined from {printable(args.file)}\n")
     return 0
 
 
@@ -94,7 +95,7 @@ def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
     """undefine, start, shutdown, destroy, suspend, resume: one call each."""
     _name, _help, call, done = _LIFECYCLE_BY_NAME[args.command]
     call(_manager(ctx), args.domain)
-    print(f"Domain '{args.domain}' {done}\n")
+    print(f"Domain '{printable(args.domain)}' {done}\n")
     return 0
 
 
@@ -124,7 +125,7 @@ def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_domstate(args: argparse.Namespace, ctx: Context) -> int:
     summary = _manager(ctx, query=True).state(args.domain)
-    text = summary.state.value + (f" ({summary.reason})" if args.reason else "")
+    text = summary.state.value + (f" ({printable(summary.reason)})" if args.reason else "")
     print(text + "\n")
     return 0
 
@@ -132,5 +133,5 @@ def cmd_domstate(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_autostart(args: argparse.Namespace, ctx: Context) -> int:
     _manager(ctx).set_autostart(args.domain, not args.disable)
     verb = "unmarked" if args.disable else "marked"
-    print(f"Domain '{args.domain}' {verb} as autostarted\n")
+    print(f"Domain '{printable(args.domain)}' {verb} as autostarted\n")
     return 0

@@ -21,6 +21,7 @@ from nwfilter.commands.inputs import input_source, read_input
 from nwfilter.commands.table import format_table
 from nwfilter.conf import format_filter
 from nwfilter.errors import NwfilterError, StorageError, ValidationError
+from nwfilter.printable import printable
 from nwfilter.protocol import filter_rows
 
 if TYPE_CHECKING:
@@ -73,20 +74,21 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     xml = read_input(args.file)
     service = _service(ctx, read_only=args.dry_run)
     result = service.define_filter(xml, source=input_source(args.file), dry_run=args.dry_run)
+    done = f"Network filter {printable(result.name)} defined from {printable(args.file)}"
     if args.dry_run:
         sys.stdout.write(_with_newline(result.describe()))
     elif not result.changed:
-        print(f"Network filter {result.name} defined from {args.file} (unchanged)")
+        print(f"{done} (unchanged)")
     else:
         rebuilt = len(result.rebuilt)
         note = f"; {rebuilt} port{'s' if rebuilt != 1 else ''} rebuilt" if rebuilt else ""
-        print(f"Network filter {result.name} defined from {args.file}{note}")
+        print(f"{done}{note}")
     return 0
 
 
 def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
     name = _service(ctx).undefine_filter(args.filter).name
-    print(f"Network filter {name} undefined")
+    print(f"Network filter {printable(name)} undefined")
     return 0
 
 
@@ -151,7 +153,9 @@ def edit_filter(
             except (OSError, UnicodeDecodeError) as exc:
                 raise StorageError(f"cannot read the edited file '{tmp}': {exc}") from exc
             if edited == original:
-                stdout.write(f"Network filter {fdef.name} XML configuration not changed.\n")
+                stdout.write(
+                    f"Network filter {printable(fdef.name)} XML configuration not changed.\n"
+                )
                 return 0
             try:
                 result = service.define_filter(edited, source=f"edited filter '{fdef.name}'")
@@ -161,9 +165,11 @@ def edit_filter(
                     continue
                 return exc.exit_status
             if not result.changed:
-                stdout.write(f"Network filter {result.name} XML configuration not changed.\n")
+                stdout.write(
+                    f"Network filter {printable(result.name)} XML configuration not changed.\n"
+                )
             else:
-                stdout.write(f"Network filter {result.name} XML configuration edited.\n")
+                stdout.write(f"Network filter {printable(result.name)} XML configuration edited.\n")
             return 0
     finally:
         tmp.unlink(missing_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nwfilter.printable import printable
+
 
 def format_table(
     headers: Sequence[str],
@@ -11,7 +13,9 @@ def format_table(
     min_widths: Sequence[int] = (),
 ) -> str:
     """A leading space, columns three spaces apart, a dashed rule as wide as
-    the table; a column is at least as wide as its `min_widths` entry."""
+    the table; a column is at least as wide as its `min_widths` entry.
+    Control characters in cells are escaped (`nwfilter.printable`)."""
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for i, minimum in enumerate(min_widths):
         widths[i] = max(widths[i], minimum)
