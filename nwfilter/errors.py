@@ -69,6 +69,10 @@ class ValidationError(NwfilterError):
     code = ErrorCode.INVALID
 
 
+class DepthError(ValidationError):
+    """Filter references nest deeper than the documented limit (no loop)."""
+
+
 class NotFoundError(NwfilterError):
     code = ErrorCode.NOT_FOUND
 

@@ -42,6 +42,7 @@ from nwfilter.conf.model import (
     VarRef,
 )
 from nwfilter.errors import (
+    DepthError,
     LoopError,
     NwfilterError,
     UnresolvedError,
@@ -76,7 +77,13 @@ ValueParser = Callable[[str, str, str], object]
 Learnt = Mapping[str, Sequence[str]]
 
 ROOT = "root"
-MAX_DEPTH = 64
+
+#: The most filters one chain of references may hold, the binding's own
+#: filter included.  libvirt sets no limit (its instantiation recurses until
+#: the C stack runs out); real trees nest a handful deep (the stock
+#: `clean-traffic` three).  The walk below is iterative, so the limit bounds
+#: the work and the size of an error message, not Python's recursion limit.
+MAX_REFERENCE_DEPTH = 1000
 
 # libvirt picks a sub-chain's protocol by name prefix, in this order
 # (ebtablesGetProtoIdxByFiltername); the jump from root is restricted to it.
@@ -341,26 +348,29 @@ class Compiler:
             raise UnresolvedError(f"the binding's filter '{root}' is not defined")
         sites: list[_Site] = []
         names: set[str] = set()
-        self._walk(fdef, (), (root,), sites, names)
+        self._walk(fdef, sites, names)
         for site in sites:
             _prepare(site)
         return _layout(root, sites, frozenset(names))
 
-    def _walk(
-        self,
-        fdef: FilterDef,
-        path: tuple[FilterRef, ...],
-        stack: tuple[str, ...],
-        sites: list[_Site],
-        names: set[str],
-    ) -> None:
-        names.add(fdef.name)
-        chain = fdef.chain or ROOT
-        chain_priority = schema.chain_priority(fdef)
-        for index, entry in enumerate(fdef.entries, start=1):
+    def _walk(self, top: FilterDef, sites: list[_Site], names: set[str]) -> None:
+        """Collect the rule sites of `top`'s tree in document (depth-first)
+        order; an explicit stack of frames, so depth costs no recursion."""
+        frames = [_Frame(top, ())]
+        on_stack = {top.name}
+        names.add(top.name)
+        while frames:
+            frame = frames[-1]
+            step = next(frame.entries, None)
+            if step is None:
+                on_stack.discard(frames.pop().fdef.name)
+                continue
+            index, entry = step
+            fdef = frame.fdef
             if isinstance(entry, Rule):
                 sites.append(
-                    _Site(fdef, entry, index, chain, chain_priority, path, len(sites))
+                    _Site(fdef, entry, index, frame.chain, frame.chain_priority, frame.path,
+                          len(sites))
                 )
                 continue
             child = self._filters.get(entry.filter)
@@ -369,11 +379,43 @@ class Compiler:
                     f"filter '{entry.filter}' referenced by filter '{fdef.name}'"
                     f" (entry {index}) is not defined"
                 )
-            if entry.filter in stack or len(stack) >= MAX_DEPTH:
-                raise LoopError(
-                    "filter reference loop: " + " -> ".join((*stack, entry.filter))
+            if entry.filter in on_stack:
+                chain = [f.fdef.name for f in frames] + [entry.filter]
+                start = chain.index(entry.filter)
+                raise LoopError("filter reference loop: " + " -> ".join(chain[start:]))
+            if len(frames) >= MAX_REFERENCE_DEPTH:
+                chain = [f.fdef.name for f in frames] + [entry.filter]
+                raise DepthError(
+                    f"filter references nest deeper than {MAX_REFERENCE_DEPTH} filters"
+                    f" (the limit): {_abbreviated(chain)}"
                 )
-            self._walk(child, (*path, entry), (*stack, entry.filter), sites, names)
+            frames.append(_Frame(child, (*frame.path, entry)))
+            on_stack.add(child.name)
+            names.add(child.name)
+
+
+class _Frame:
+    """One filter on the walk's stack: where its entries stand."""
+
+    __slots__ = ("chain", "chain_priority", "entries", "fdef", "path")
+
+    def __init__(self, fdef: FilterDef, path: tuple[FilterRef, ...]) -> None:
+        self.fdef = fdef
+        self.path = path
+        self.chain = fdef.chain or ROOT
+        self.chain_priority = schema.chain_priority(fdef)
+        self.entries = iter(enumerate(fdef.entries, start=1))
+
+
+def _abbreviated(chain: Sequence[str], ends: int = 3) -> str:
+    """`a -> b -> c -> ... (N more) ... -> x -> y -> z` for a long chain."""
+    if len(chain) <= 2 * ends + 1:
+        return " -> ".join(chain)
+    hidden = len(chain) - 2 * ends
+    return (
+        " -> ".join(chain[:ends]) + f" -> ... ({hidden} more) ... -> "
+        + " -> ".join(chain[-ends:])
+    )
 
 
 _MISSING = object()
