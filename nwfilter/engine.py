@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import UUID
 
 from nwfilter.backends.base import Backend
 from nwfilter.bindings import BindingTable, validate_portdev
@@ -42,6 +43,9 @@ from nwfilter.render_text import render_lines
 from nwfilter.rootlock import RootLock
 
 log = logging.getLogger(__name__)
+
+#: who holds a host port (a domain's name and UUID), or None
+PortHolder = Callable[[str], "tuple[str, UUID] | None"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ class Engine:
         self._started = False  # set by start(), cleared by close()
         self._read_only = False
         self.pool.set_usage_provider(self._usage)
+        self._port_holders: list[PortHolder] = []
 
     # ------------------------------------------------------------ life cycle
 
@@ -384,6 +389,7 @@ class Engine:
             return
         with self.pool.lock.read(), self.bindings.lock:
             for binding in defs:
+                self._check_port_holder(binding)
                 existing = self.bindings.get(binding.portdev)
                 if existing is not None:
                     raise ConflictError(
@@ -401,6 +407,19 @@ class Engine:
             for rs in new:
                 self._applied[rs.port.portdev] = rs
         log.info("bound %d port(s)", len(defs))
+
+    def add_port_holder(self, holder: PortHolder) -> None:
+        """Let `holder` (the domains) say who holds a port: `create_bindings`
+        then refuses a binding of that port for any other owner."""
+        self._port_holders.append(holder)
+
+    def _check_port_holder(self, binding: BindingDef) -> None:
+        for holder_of in self._port_holders:
+            holder = holder_of(binding.portdev)
+            if holder is not None and holder != (binding.owner_name, binding.owner_uuid):
+                raise ConflictError(
+                    f"port '{binding.portdev}' is used by domain '{holder[0]}'"
+                )
 
     def delete_binding(self, portdev: str) -> None:
         """Remove a port's rules and forget its binding."""

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from nwfilter.commands.context import Context
+from nwfilter.commands.domains import domain_manager
 from nwfilter.commands.inputs import input_source, read_input
 from nwfilter.commands.table import format_table
 from nwfilter.conf.binding_xml import format_binding, parse_binding
@@ -43,7 +44,11 @@ def create_handler(args: argparse.Namespace, ctx: Context) -> int:
     defs: list[BindingDef] = [
         parse_binding(read_input(name), source=input_source(name)) for name in args.files
     ]
-    ctx.engine().create_bindings(defs)
+    engine = ctx.engine()
+    # The running domains hold their ports; with them loaded the engine
+    # refuses a binding on one of them, as the daemon does.
+    domain_manager(ctx)
+    engine.create_bindings(defs)
     for binding in defs:
         print(f"Network filter binding on {printable(binding.portdev)} created")
     return 0

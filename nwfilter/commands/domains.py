@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=cmd_autostart)
 
 
-def _manager(ctx: Context, *, query: bool = False) -> DomainManager:
+def domain_manager(ctx: Context, *, query: bool = False) -> DomainManager:
     """The domain manager on this root.  A `query` one reads the recorded
     state only: no kernel rule, guest or file is touched."""
     from nwfilter.domain.driver import DomainManager
@@ -86,7 +86,7 @@ def _manager(ctx: Context, *, query: bool = False) -> DomainManager:
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
     # Parsed here, from the bytes, so encoding errors name the file.
     parsed = parse_domain(read_input(args.file), source=input_source(args.file))
-    definition = _manager(ctx).define(parsed)
+    definition = domain_manager(ctx).define(parsed)
     print(f"Domain '{printable(definition.name)}' defined from {printable(args.file)}\n")
     return 0
 
@@ -94,7 +94,7 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
     """undefine, start, shutdown, destroy, suspend, resume: one call each."""
     _name, _help, call, done = _LIFECYCLE_BY_NAME[args.command]
-    call(_manager(ctx), args.domain)
+    call(domain_manager(ctx), args.domain)
     print(f"Domain '{printable(args.domain)}' {done}\n")
     return 0
 
@@ -102,21 +102,21 @@ def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     rows = [
         ("-" if r.id < 0 else str(r.id), r.name, r.state.value)
-        for r in _manager(ctx, query=True).list_domains(all_domains=args.all)
+        for r in domain_manager(ctx, query=True).list_domains(all_domains=args.all)
     ]
     sys.stdout.write(format_table(("Id", "Name", "State"), rows) + "\n")
     return 0
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
-    sys.stdout.write(_manager(ctx, query=True).dumpxml(args.domain, inactive=args.inactive))
+    sys.stdout.write(domain_manager(ctx, query=True).dumpxml(args.domain, inactive=args.inactive))
     return 0
 
 
 def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
     rows = [
         (r.interface, r.type, r.source, r.model, r.mac)
-        for r in _manager(ctx, query=True).interfaces(args.domain)
+        for r in domain_manager(ctx, query=True).interfaces(args.domain)
     ]
     headers = ("Interface", "Type", "Source", "Model", "MAC")
     sys.stdout.write(format_table(headers, rows) + "\n")
@@ -124,14 +124,14 @@ def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_domstate(args: argparse.Namespace, ctx: Context) -> int:
-    summary = _manager(ctx, query=True).state(args.domain)
+    summary = domain_manager(ctx, query=True).state(args.domain)
     text = summary.state.value + (f" ({printable(summary.reason)})" if args.reason else "")
     print(text + "\n")
     return 0
 
 
 def cmd_autostart(args: argparse.Namespace, ctx: Context) -> int:
-    _manager(ctx).set_autostart(args.domain, not args.disable)
+    domain_manager(ctx).set_autostart(args.domain, not args.disable)
     verb = "unmarked" if args.disable else "marked"
     print(f"Domain '{printable(args.domain)}' {verb} as autostarted\n")
     return 0

@@ -91,6 +91,22 @@ def validate_domain_name(name: str) -> str:
     return name
 
 
+def check_target_devs(dom: DomainDef) -> None:
+    """Refuse a definition that gives one target device to two interfaces:
+    the second would share the first one's port and its rules."""
+    first: dict[str, int] = {}
+    for index, iface in enumerate(dom.interfaces):
+        dev = iface.target_dev
+        if dev is None:
+            continue
+        if dev in first:
+            raise ValidationError(
+                f"domain '{dom.name}': interfaces {first[dev]} and {index} both have"
+                f" target dev '{dev}'"
+            )
+        first[dev] = index
+
+
 def random_mac() -> str:
     """A MAC in QEMU's locally administered range 52:54:00:xx:xx:xx."""
     tail = secrets.token_bytes(3)
@@ -149,18 +165,36 @@ class SharedNames:
         with self._lock:
             return sorted((n, t) for n, (t, _) in self._domains.items())
 
-    def reserve_ports(self, owner: str, wanted: Sequence[str | None]) -> list[str]:
+    def reserve_ports(
+        self, owner: str, wanted: Sequence[str | None], bound: BindingLookup | None = None
+    ) -> list[str]:
         """Reserve host port names for `owner`: the given ones, or the lowest
-        free `vnetN` for `None`.  All or nothing."""
+        free `vnetN` for `None`.  All or nothing.
+
+        A name is taken once; one held by another domain, or bound (per
+        `bound`, which must take no lock) for another owner, is refused, and
+        a generated name skips it."""
         with self._lock:
             taken = dict(self._ports)
             out: list[str] = []
             for name in wanted:
                 if name is not None:
+                    if name in out:
+                        raise ValidationError(
+                            f"domain '{owner}': target dev '{name}' is given to more than"
+                            " one interface"
+                        )
                     holder = taken.get(name)
                     if holder is not None and holder != owner:
                         raise ConflictError(
-                            f"interface '{name}' is already used by domain '{holder}'"
+                            f"domain '{owner}': interface '{name}' is already used by"
+                            f" domain '{holder}'"
+                        )
+                    binding = bound(name) if bound is not None else None
+                    if binding is not None and binding.owner_name != owner:
+                        raise ConflictError(
+                            f"domain '{owner}': interface '{name}' is already bound to filter"
+                            f" '{binding.filterref.filter}' for '{binding.owner_name}'"
                         )
                     taken[name] = owner
                     out.append(name)
@@ -171,13 +205,24 @@ class SharedNames:
                 if name is not None:
                     result.append(next(explicit))
                     continue
-                while f"{_PORTDEV_PREFIX}{counter}" in taken:
+                while f"{_PORTDEV_PREFIX}{counter}" in taken or (
+                    bound is not None and bound(f"{_PORTDEV_PREFIX}{counter}") is not None
+                ):
                     counter += 1
                 generated = f"{_PORTDEV_PREFIX}{counter}"
                 taken[generated] = owner
                 result.append(generated)
             self._ports = taken
             return result
+
+    def port_holder(self, portdev: str) -> tuple[str, UUID] | None:
+        """The name and UUID of the domain that holds `portdev`, if any."""
+        with self._lock:
+            owner = self._ports.get(portdev)
+            if owner is None:
+                return None
+            have = self._domains.get(owner)
+            return None if have is None else (owner, have[1])
 
     def release_ports(self, owner: str, names: Iterable[str]) -> None:
         with self._lock:
@@ -326,8 +371,10 @@ class DomainDriver:
         rank: int = 0,
         job_timeout: float = JOB_WAIT_TIME,
         mac_source: Callable[[], str] = random_mac,
+        bindings: BindingLookup | None = None,
     ) -> None:
         self.type = dtype
+        self.bindings = bindings
         self.hypervisor = hypervisor
         self.engine = engine
         self.paths = paths
@@ -383,6 +430,7 @@ class DomainDriver:
 
     def define(self, definition: DomainDef) -> DomainDef:
         validate_domain_name(definition.name)
+        check_target_devs(definition)
         definition = self.with_macs(definition)
         self.names.claim_domain(definition.name, definition.uuid, self.type)
         try:
@@ -469,7 +517,10 @@ class DomainDriver:
             if iface.mac is None:
                 raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
             macs.append(iface.mac)
-        portdevs = self.names.reserve_ports(dom.name, [i.target_dev for i in dom.interfaces])
+        check_target_devs(dom)  # a definition stored before the check existed
+        portdevs = self.names.reserve_ports(
+            dom.name, [i.target_dev for i in dom.interfaces], self.bindings
+        )
         return [
             PortPlan(index, portdev, mac, iface.source_bridge, iface.filterref is not None)
             for index, (iface, portdev, mac) in enumerate(
@@ -896,8 +947,9 @@ class DomainManager:
         mac_source: Callable[[], str] = random_mac,
     ) -> DomainManager:
         """The domains of `engine`'s state root, wired to its coordinator
-        and binding table."""
-        return cls(
+        and binding table; the engine refuses to bind by hand a port one of
+        them holds."""
+        manager = cls(
             engine.root,
             engine,
             engine.coordinator,
@@ -907,6 +959,8 @@ class DomainManager:
             bindings=engine.bindings.get,
             mac_source=mac_source,
         )
+        engine.add_port_holder(manager.names.port_holder)
+        return manager
 
     # -- drivers ---------------------------------------------------------------
 
@@ -933,7 +987,7 @@ class DomainManager:
             driver = DomainDriver(
                 dtype, hypervisor, self.engine, self.paths, self.names,
                 rank=len(self._drivers), job_timeout=self.job_timeout,
-                mac_source=self.mac_source,
+                mac_source=self.mac_source, bindings=self._bindings,
             )
             if self.coordinator is not None:
                 lock = driver.lock
