@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from nwfilter.commands import command_modules
 from nwfilter.commands.context import DEFAULT_ROOT, Context
@@ -40,20 +41,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("NWFILTER_NETNS") or None,
         help="network namespace whose kernel rules the backend manages",
     )
+    parser.add_argument(
+        "-c", "--connect", default=os.environ.get("NWFILTER_SOCKET") or None, metavar="SOCKET",
+        help="nwfilterd socket to use (default: the root's, when a daemon serves it)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print results only, no messages about what was done")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in command_modules():
         module.register(sub)
     return parser
 
 
+def version_text() -> str:
+    try:
+        ours = metadata.version("nwfilter")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        ours = "unknown"
+    return f"nwfilter {ours}"
+
+
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse, reporting an unknown option with the usage of the subcommand
+    it was given to rather than the top level's."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = _subparser(parser, args.command)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _subparser(
+    parser: argparse.ArgumentParser, command: str | None
+) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     configure_logging(
         logging.WARNING - 10 * min(args.verbose, 2), "%(levelname)s %(name)s: %(message)s"
     )
-    ctx = Context(root=args.root, backend=args.backend, netns=args.netns)
+    ctx = Context(
+        root=args.root, backend=args.backend, netns=args.netns, connect=args.connect,
+        quiet=args.quiet,
+    )
     try:
         status: int = args.handler(args, ctx)
     except NwfilterError as exc:

@@ -15,103 +15,45 @@ import signal
 import socketserver
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nwfilter import protocol
+from nwfilter import api, protocol
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.commands.context import DEFAULT_ROOT
-from nwfilter.conf import format_binding, format_filter, parse_binding
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
-from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.errors import NwfilterError
 from nwfilter.printable import configure_logging
-from nwfilter.render_text import render_text
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Engine, dict[str, Any]], Any]
+class DaemonContext:
+    """What the API's handlers work on in the daemon: its engine and domains."""
+
+    def __init__(self, engine: Engine, manager: DomainManager) -> None:
+        self._engine = engine
+        self._manager = manager
+
+    def engine(self) -> Engine:
+        return self._engine
+
+    def domains(self) -> DomainManager:
+        return self._manager
 
 
-def _str(params: dict[str, Any], key: str) -> str:
-    value = params.get(key)
-    if not isinstance(value, str):
-        raise ValidationError(f"parameter '{key}' must be a string")
-    return value
-
-
-def _filter_define(engine: Engine, params: dict[str, Any]) -> Any:
-    outcome = engine.define_filter(
-        _str(params, "xml"), source="<request>", dry_run=bool(params.get("dry_run", False))
-    )
-    return {"summary": outcome.describe()}
-
-
-def _filter_undefine(engine: Engine, params: dict[str, Any]) -> Any:
-    engine.undefine_filter(_str(params, "name"))
-    return None
-
-
-def _filter_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return protocol.filter_rows(engine.pool.list_info())
-
-
-def _filter_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
-    return format_filter(engine.pool.lookup(_str(params, "name")))
-
-
-def _binding_create(engine: Engine, params: dict[str, Any]) -> Any:
-    xmls = params.get("xml")
-    if not isinstance(xmls, list) or not all(isinstance(x, str) for x in xmls):
-        raise ValidationError("parameter 'xml' must be a list of strings")
-    engine.create_bindings([parse_binding(x, source="<request>") for x in xmls])
-    return None
-
-
-def _binding_delete(engine: Engine, params: dict[str, Any]) -> Any:
-    engine.delete_binding(_str(params, "portdev"))
-    return None
-
-
-def _binding_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return [{"portdev": b.portdev, "filter": b.filterref.filter} for b in engine.list_bindings()]
-
-
-def _binding_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
-    portdev = _str(params, "portdev")
-    result = {"xml": format_binding(engine.binding(portdev))}
-    if params.get("rules"):
-        result["rules"] = render_text(engine.ruleset(portdev))
-    return result
-
-
-METHODS: dict[str, Handler] = {
-    "filter.define": _filter_define,
-    "filter.undefine": _filter_undefine,
-    "filter.list": _filter_list,
-    "filter.dumpxml": _filter_dumpxml,
-    "binding.create": _binding_create,
-    "binding.delete": _binding_delete,
-    "binding.list": _binding_list,
-    "binding.dumpxml": _binding_dumpxml,
-}
-
-
-def dispatch(engine: Engine, request: dict[str, Any]) -> dict[str, Any]:
+def dispatch(
+    context: DaemonContext, request: dict[str, Any], *, read_only: bool = False
+) -> dict[str, Any]:
     """Answer one decoded request; never raises."""
     request_id = request.get("id")
     try:
-        method = request.get("method")
-        handler = METHODS.get(method) if isinstance(method, str) else None
-        if handler is None:
-            raise ValidationError(f"unknown method {method!r}")
-        params = request.get("params", {})
-        if not isinstance(params, dict):
-            raise ValidationError("'params' must be an object")
-        return {"id": request_id, "result": handler(engine, params)}
+        result = api.invoke(context, request.get("method"), request.get("params", {}),
+                            read_only=read_only)
+        return {"id": request_id, "result": result}
     except NwfilterError as exc:
         return protocol.error_reply(request_id, exc)
     except Exception as exc:  # a bug must not kill the connection thread silently
@@ -136,7 +78,7 @@ class _Connection(socketserver.StreamRequestHandler):
                 continue
             if request is None:
                 return
-            self._send(dispatch(self.server.engine, request))
+            self._send(dispatch(self.server.context, request))
 
     def _send(self, reply: dict[str, Any]) -> None:
         self.wfile.write(protocol.encode(reply))
@@ -146,11 +88,12 @@ class _Connection(socketserver.StreamRequestHandler):
 class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, path: Path, engine: Engine, manager: DomainManager) -> None:
         self.engine = engine
+        self.context = DaemonContext(engine, manager)
         self.path = path
         self.monitor: NftMonitor | None = None
-        self.domains: DomainManager | None = None
+        self.domains = manager
         if path.exists() or path.is_symlink():
             path.unlink()
         old_umask = os.umask(0o177)
@@ -174,8 +117,7 @@ def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None)
         raise
     path = socket_path or root / "run" / "nwfilterd.sock"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    server = Server(path, engine)
-    server.domains = manager
+    server = Server(path, engine, manager)
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.

@@ -16,6 +16,7 @@ pool → binding table → backend transaction.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -315,6 +316,15 @@ class Engine:
                 old = {b.portdev: self._applied.get(b.portdev) for b in affected}
                 rebuilt = tuple(b.portdev for b in affected)
                 if dry_run:
+                    # A read-only engine applied nothing itself: what is in
+                    # force is what the current pool compiles to.
+                    before = Compiler(self.pool.snapshot())
+                    for b in affected:
+                        if old[b.portdev] is None:
+                            with contextlib.suppress(NwfilterError):
+                                old[b.portdev] = before.compile(
+                                    b, self._learnt.get(b.portdev)
+                                )
                     diffs = tuple(
                         diff_rulesets(rs.port.portdev, old[rs.port.portdev], rs) for rs in new
                     )
@@ -376,26 +386,43 @@ class Engine:
             raise type(exc)(f"port '{binding.portdev}': {exc.message}", exc.code) from exc
         return rs
 
-    def create_bindings(self, defs: Sequence[BindingDef]) -> None:
-        """Bind ports to filters, all or nothing, in one kernel transaction."""
-        self._check_writable()
+    @staticmethod
+    def _check_new_ports(defs: Sequence[BindingDef]) -> None:
         seen: set[str] = set()
         for binding in defs:
             validate_portdev(binding.portdev)
             if binding.portdev in seen:
                 raise ConflictError(f"port '{binding.portdev}' is given more than once")
             seen.add(binding.portdev)
+
+    def _check_unbound(self, defs: Sequence[BindingDef]) -> None:
+        for binding in defs:
+            self._check_port_holder(binding)
+            existing = self.bindings.get(binding.portdev)
+            if existing is not None:
+                raise ConflictError(
+                    f"port '{binding.portdev}' is already bound to filter"
+                    f" '{existing.filterref.filter}'"
+                )
+
+    def check_bindings(self, defs: Sequence[BindingDef]) -> None:
+        """Everything `create_bindings` checks before it touches the kernel:
+        names, conflicts, compilation and what the backend can express."""
+        self._check_new_ports(defs)
+        with self.pool.lock.read():
+            self._check_unbound(defs)
+            compiler = Compiler(self.pool.snapshot())
+            for binding in defs:
+                self._compile(compiler, binding, {}, check=True)
+
+    def create_bindings(self, defs: Sequence[BindingDef]) -> None:
+        """Bind ports to filters, all or nothing, in one kernel transaction."""
+        self._check_writable()
+        self._check_new_ports(defs)
         if not defs:
             return
         with self.pool.lock.read(), self.bindings.lock:
-            for binding in defs:
-                self._check_port_holder(binding)
-                existing = self.bindings.get(binding.portdev)
-                if existing is not None:
-                    raise ConflictError(
-                        f"port '{binding.portdev}' is already bound to filter"
-                        f" '{existing.filterref.filter}'"
-                    )
+            self._check_unbound(defs)
             compiler = Compiler(self.pool.snapshot())
             new = [self._compile(compiler, b) for b in defs]
             self.backend.apply(Changes(set=tuple(new)))

@@ -30,6 +30,7 @@ class ErrorCode(Enum):
     TIMEOUT = "timeout"  # a job or lock wait timed out
     LOCK_ORDER = "lock-order"  # lock-order checker found an inversion
     STATE = "invalid-state"  # operation not valid in the object's current state
+    DENIED = "permission-denied"  # the caller may not do this
     INTERNAL = "internal-error"
 
 
@@ -127,6 +128,12 @@ class StateError(NwfilterError):
     code = ErrorCode.STATE
 
 
+class PermissionDeniedError(NwfilterError):
+    """A call the caller is not allowed to make (read-only socket, no admin group)."""
+
+    code = ErrorCode.DENIED
+
+
 # --- the edge: exit statuses and wire replies -----------------------------------
 
 EXIT_STATUS: dict[ErrorCode, int] = {
@@ -144,6 +151,7 @@ EXIT_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 8,
     ErrorCode.LOCK_ORDER: 9,
     ErrorCode.STATE: 4,
+    ErrorCode.DENIED: 10,
     ErrorCode.INTERNAL: 1,
 }
 
@@ -163,6 +171,7 @@ ERROR_CLASSES: dict[ErrorCode, type[NwfilterError]] = {
     ErrorCode.TIMEOUT: JobTimeoutError,
     ErrorCode.LOCK_ORDER: LockOrderError,
     ErrorCode.STATE: StateError,
+    ErrorCode.DENIED: PermissionDeniedError,
     ErrorCode.INTERNAL: NwfilterError,
 }
 

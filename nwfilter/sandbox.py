@@ -379,19 +379,47 @@ def clip(text: str, limit: int) -> str:
     return "\n".join(shown)
 
 
+def _chains(ruleset: str) -> dict[str, list[str]]:
+    """The rule lines of every chain of an `nft list ruleset` text, by
+    '<family> <table> <chain>'."""
+    chains: dict[str, list[str]] = {}
+    table = ""
+    current: list[str] | None = None
+    for line in ruleset.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("table "):
+            table = stripped.removeprefix("table ").removesuffix(" {")
+            current = None
+        elif (match := _CHAIN_RE.match(line)) is not None:
+            current = chains.setdefault(f"{table} {match.group(1)}", [])
+        elif stripped == "}":
+            current = None
+        elif current is not None and stripped:
+            current.append(stripped)
+    return chains
+
+
 def ruleset_diff(before: str, after: str, limit: int = 30) -> str:
-    changed = [
-        line for line in difflib.unified_diff(before.splitlines(), after.splitlines(),
-                                              lineterm="", n=0)
-        if line[:1] in "+-" and not line.startswith(("+++", "---"))
-    ]
-    if not changed:
+    """The rules removed and added, once per chain, under the chain's name
+    (which names the port)."""
+    old, new = _chains(before), _chains(after)
+    out: list[str] = []
+    for name in sorted(set(old) | set(new)):
+        changed = [
+            line for line in difflib.unified_diff(old.get(name, []), new.get(name, []),
+                                                  lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        ]
+        if changed:
+            out.append(f"chain {name}:")
+            out.extend("  " + line for line in changed)
+    if not out:
         return "    (no change)"
-    more = len(changed) - limit
-    out = ["    " + line for line in changed[:limit]]
+    more = len(out) - limit
+    shown = ["    " + line for line in out[:limit]]
     if more > 0:
-        out.append(f"    ... ({more} more lines)")
-    return "\n".join(out)
+        shown.append(f"    ... ({more} more lines)")
+    return "\n".join(shown)
 
 
 _CHAIN_RE = re.compile(r"^\s*chain (\S+) \{")
@@ -584,7 +612,7 @@ def _demo_steps(lab: Lab, platform: Platform, out: TextIO) -> int:
     after = lab.nft_ruleset()
     _say(out, f"defined in {took * 1000:.0f} ms, one kernel transaction; the engine reports:")
     _say(out, clip(report, 16))
-    _say(out, "the kernel's ruleset in the host namespace changed by:")
+    _say(out, "the kernel's ruleset in the host namespace changed by (per port chain):")
     _say(out, ruleset_diff(before, after))
     same = all(os.stat(NETNS_DIR / ns).st_ino == inodes[name] for name, ns in netns.items())
     _say(out, "guests kept running (same namespaces, no restart)" if same

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
 from nwfilter.commands.context import Context
-from nwfilter.commands.domains import domain_manager
-from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
-from nwfilter.conf.binding_xml import format_binding, parse_binding
-from nwfilter.conf.model import BindingDef
-from nwfilter.printable import printable
-from nwfilter.render_text import render_text
 
 
 def register(subparsers: Any) -> None:
@@ -23,6 +19,10 @@ def register(subparsers: Any) -> None:
         help="bind ports to filters from <filterbinding> XML files (one transaction)",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="binding XML file ('-': stdin)")
+    p.add_argument(
+        "--validate", action="store_true",
+        help="only check the documents (and that they compile); change nothing",
+    )
     p.set_defaults(handler=create_handler)
 
     p = subparsers.add_parser("nwfilter-binding-delete", help="remove a port's binding and rules")
@@ -30,6 +30,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=delete_handler)
 
     p = subparsers.add_parser("nwfilter-binding-list", help="list the active bindings")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=list_handler)
 
     p = subparsers.add_parser(
@@ -41,37 +42,39 @@ def register(subparsers: Any) -> None:
 
 
 def create_handler(args: argparse.Namespace, ctx: Context) -> int:
-    defs: list[BindingDef] = [
-        parse_binding(read_input(name), source=input_source(name)) for name in args.files
-    ]
-    engine = ctx.engine()
-    # The running domains hold their ports; with them loaded the engine
-    # refuses a binding on one of them, as the daemon does.
-    domain_manager(ctx)
-    engine.create_bindings(defs)
-    for binding in defs:
-        print(f"Network filter binding on {printable(binding.portdev)} created")
+    params = {
+        "xml": [read_document(name) for name in args.files],
+        "sources": [input_source(name) for name in args.files],
+    }
+    if args.validate:
+        for portdev in ctx.call("binding.validate", params)["valid"]:
+            ctx.info(f"Network filter binding on {portdev} is valid")
+        return 0
+    for portdev in ctx.call("binding.create", params)["created"]:
+        ctx.info(f"Network filter binding on {portdev} created")
     return 0
 
 
 def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
-    ctx.engine().delete_binding(args.portdev)
-    print(f"Network filter binding on {printable(args.portdev)} deleted")
+    ctx.call("binding.delete", {"portdev": args.portdev})
+    ctx.info(f"Network filter binding on {args.portdev} deleted")
     return 0
 
 
 def list_handler(args: argparse.Namespace, ctx: Context) -> int:
-    bindings = ctx.engine(read_only=True).list_bindings()
-    rows = [(b.portdev, b.filterref.filter) for b in bindings]
-    sys.stdout.write(format_table(("Port Dev", "Filter"), rows) + "\n")
+    rows = ctx.call("binding.list")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [(row["portdev"], row["filter"]) for row in rows]
+    sys.stdout.write(format_table(("Port Dev", "Filter"), table) + "\n")
     return 0
 
 
 def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
-    engine = ctx.engine(read_only=True)
-    binding = engine.binding(args.portdev)
-    text = format_binding(binding)
+    result = ctx.call("binding.dumpxml", {"portdev": args.portdev, "rules": args.rules})
+    text = result["xml"]
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.rules:
-        sys.stdout.write(render_text(engine.ruleset(args.portdev)))
+        sys.stdout.write(result["rules"])
     return 0

@@ -1,41 +1,38 @@
-"""The domain subcommands, named and worded like virsh's (embedded mode).
+"""The domain subcommands, named and worded like virsh's.
 
 `define`, `undefine`, `start`, `shutdown`, `destroy`, `suspend`, `resume`,
-`list`, `dumpxml`, `domiflist`, `domstate` and `autostart`.  Each call
-builds the engine of the state root (which re-applies every binding), then
-the domain manager, which finds running domains again; guests of the `test`
-type keep their records under the state root, so they outlive the command.
+`list`, `dominfo`, `domid`, `domuuid`, `domname`, `dumpxml`, `domiflist`,
+`domstate` and `autostart`.  Each is one API call (`ctx.call`), answered by
+nwfilterd or the embedded engine.  A domain is named by its name, the id of
+a running domain, or its UUID, as virsh allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
-from nwfilter.conf import parse_domain
 from nwfilter.printable import printable
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
-    from nwfilter.domain.driver import DomainManager
 
+_DOMAIN_HELP = "domain name, id or UUID"
 
-# command, help, the manager's call, what virsh prints after the name
-_LIFECYCLE: tuple[tuple[str, str, Callable[[DomainManager, str], object], str], ...] = (
-    ("undefine", "undefine a domain", lambda m, n: m.undefine(n), "has been undefined"),
-    ("start", "start a defined domain (its filters are applied first)",
-     lambda m, n: m.start_domain(n), "started"),
-    ("shutdown", "gracefully shut a domain down", lambda m, n: m.shutdown(n),
-     "is being shutdown"),
-    ("destroy", "stop a domain at once", lambda m, n: m.destroy(n), "destroyed"),
-    ("suspend", "pause a domain", lambda m, n: m.suspend(n), "suspended"),
-    ("resume", "continue a paused domain", lambda m, n: m.resume(n), "resumed"),
+# command, help, what virsh prints after the name
+_LIFECYCLE: tuple[tuple[str, str, str], ...] = (
+    ("undefine", "undefine a domain", "has been undefined"),
+    ("start", "start a defined domain (its filters are applied first)", "started"),
+    ("shutdown", "gracefully shut a domain down", "is being shutdown"),
+    ("destroy", "stop a domain at once", "destroyed"),
+    ("suspend", "pause a domain", "suspended"),
+    ("resume", "continue a paused domain", "resumed"),
 )
-_LIFECYCLE_BY_NAME = {entry[0]: entry for entry in _LIFECYCLE}
+_DONE = {name: done for name, _help, done in _LIFECYCLE}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,95 +40,173 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("file", metavar="FILE", help="file holding the domain's XML ('-': stdin)")
     p.set_defaults(handler=cmd_define)
 
-    for name, helptext, _verb, _done in _LIFECYCLE:
+    for name, helptext, _done in _LIFECYCLE:
         p = subparsers.add_parser(name, help=helptext)
-        p.add_argument("domain", metavar="NAME")
+        p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
         p.set_defaults(handler=cmd_lifecycle)
 
     p = subparsers.add_parser("domiflist", help="list a domain's interfaces")
-    p.add_argument("domain", metavar="NAME")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_domiflist)
 
     p = subparsers.add_parser("list", help="list domains (active ones unless --all)")
-    p.add_argument("--all", action="store_true", help="include inactive domains")
+    p.add_argument("--all", action="store_true", help="active and inactive domains")
+    p.add_argument("--inactive", action="store_true", help="inactive domains only")
+    p.add_argument("--state-running", action="store_true", help="running domains only")
+    p.add_argument("--state-paused", action="store_true", help="paused domains only")
+    p.add_argument("--state-shutoff", action="store_true", help="shut off domains only")
+    p.add_argument("--autostart", action="store_true", help="domains marked autostart only")
+    p.add_argument("--no-autostart", action="store_true", help="domains not marked autostart")
+    p.add_argument("--name", action="store_true", help="print names only")
+    p.add_argument("--uuid", action="store_true", help="print UUIDs only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_list)
 
+    p = subparsers.add_parser("dominfo", help="print a domain's basic information")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_dominfo)
+
+    for name, helptext, key in (
+        ("domid", "print a domain's id ('-' when inactive)", "id"),
+        ("domuuid", "print a domain's UUID", "uuid"),
+        ("domname", "print a domain's name", "name"),
+    ):
+        p = subparsers.add_parser(name, help=helptext)
+        p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
+        p.set_defaults(handler=cmd_domfield, field=key)
+
     p = subparsers.add_parser("dumpxml", help="print a domain's XML")
-    p.add_argument("domain", metavar="NAME")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
     p.add_argument("--inactive", action="store_true",
                    help="the persistent definition, not the running one")
     p.set_defaults(handler=cmd_dumpxml)
 
     p = subparsers.add_parser("domstate", help="print a domain's state")
-    p.add_argument("domain", metavar="NAME")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
     p.add_argument("--reason", action="store_true", help="also print the reason")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_domstate)
 
     p = subparsers.add_parser("autostart", help="start a domain when the daemon starts")
-    p.add_argument("domain", metavar="NAME")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
     p.add_argument("--disable", action="store_true", help="do not autostart it any more")
     p.set_defaults(handler=cmd_autostart)
 
 
-def domain_manager(ctx: Context, *, query: bool = False) -> DomainManager:
-    """The domain manager on this root.  A `query` one reads the recorded
-    state only: no kernel rule, guest or file is touched."""
-    from nwfilter.domain.driver import DomainManager
-
-    manager = DomainManager.for_engine(ctx.engine(read_only=query), netns=ctx.netns)
-    manager.start(autostart=False, take_over=not query)
-    return manager
-
-
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
-    # Parsed here, from the bytes, so encoding errors name the file.
-    parsed = parse_domain(read_input(args.file), source=input_source(args.file))
-    definition = domain_manager(ctx).define(parsed)
-    print(f"Domain '{printable(definition.name)}' defined from {printable(args.file)}\n")
+    result = ctx.call(
+        "domain.define", {"xml": read_document(args.file), "source": input_source(args.file)}
+    )
+    ctx.info(f"Domain '{result['name']}' defined from {args.file}\n")
     return 0
 
 
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
     """undefine, start, shutdown, destroy, suspend, resume: one call each."""
-    _name, _help, call, done = _LIFECYCLE_BY_NAME[args.command]
-    call(domain_manager(ctx), args.domain)
-    print(f"Domain '{printable(args.domain)}' {done}\n")
+    name = ctx.call(f"domain.{args.command}", {"domain": args.domain})["name"]
+    ctx.info(f"Domain '{name}' {_DONE[args.command]}\n")
     return 0
 
 
+def select_domains(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """virsh's list filters: active ones by default, --all, --inactive,
+    state and autostart filters (each group ORs within, ANDs across)."""
+    out = []
+    states = {
+        s for s, flag in (("running", args.state_running), ("paused", args.state_paused),
+                          ("shut off", args.state_shutoff)) if flag
+    }
+    for row in rows:
+        active = row["id"] is not None
+        if args.inactive and active:
+            continue
+        if not (args.all or args.inactive or states) and not active:
+            continue
+        if states and row["state"] not in states:
+            continue
+        if args.autostart and not row["autostart"]:
+            continue
+        if args.no_autostart and row["autostart"]:
+            continue
+        out.append(row)
+    return out
+
+
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    rows = [
-        ("-" if r.id < 0 else str(r.id), r.name, r.state.value)
-        for r in domain_manager(ctx, query=True).list_domains(all_domains=args.all)
-    ]
-    sys.stdout.write(format_table(("Id", "Name", "State"), rows) + "\n")
+    rows = select_domains(ctx.call("domain.list"), args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.name or args.uuid:
+        for row in rows:
+            print(" ".join(printable(row[k]) for k, flag in (("uuid", args.uuid),
+                                                                ("name", args.name)) if flag))
+        print()
+    else:
+        table = [("-" if r["id"] is None else str(r["id"]), r["name"], r["state"]) for r in rows]
+        sys.stdout.write(format_table(("Id", "Name", "State"), table) + "\n")
+    return 0
+
+
+def cmd_dominfo(args: argparse.Namespace, ctx: Context) -> int:
+    row = ctx.call("domain.info", {"domain": args.domain})
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    fields = (
+        ("Id", "-" if row["id"] is None else str(row["id"])),
+        ("Name", row["name"]),
+        ("UUID", row["uuid"]),
+        ("Type", row["type"]),
+        ("State", row["state"]),
+        ("Persistent", "yes" if row["persistent"] else "no"),
+        ("Autostart", "enable" if row["autostart"] else "disable"),
+    )
+    for label, value in fields:
+        print(f"{label + ':':<16}{printable(value)}")
+    print()
+    return 0
+
+
+def cmd_domfield(args: argparse.Namespace, ctx: Context) -> int:
+    row = ctx.call("domain.info", {"domain": args.domain})
+    value = row[args.field]
+    print(f"{'-' if value is None else printable(str(value))}\n")
     return 0
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
-    sys.stdout.write(domain_manager(ctx, query=True).dumpxml(args.domain, inactive=args.inactive))
+    sys.stdout.write(
+        ctx.call("domain.dumpxml", {"domain": args.domain, "inactive": args.inactive})
+    )
     return 0
 
 
 def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
-    rows = [
-        (r.interface, r.type, r.source, r.model, r.mac)
-        for r in domain_manager(ctx, query=True).interfaces(args.domain)
-    ]
+    rows = ctx.call("domain.iflist", {"domain": args.domain})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [(r["interface"], r["type"], r["source"], r["model"], r["mac"]) for r in rows]
     headers = ("Interface", "Type", "Source", "Model", "MAC")
-    sys.stdout.write(format_table(headers, rows) + "\n")
+    sys.stdout.write(format_table(headers, table) + "\n")
     return 0
 
 
 def cmd_domstate(args: argparse.Namespace, ctx: Context) -> int:
-    summary = domain_manager(ctx, query=True).state(args.domain)
-    text = summary.state.value + (f" ({printable(summary.reason)})" if args.reason else "")
-    print(text + "\n")
+    row = ctx.call("domain.info", {"domain": args.domain})
+    if args.json:
+        print(json.dumps({"state": row["state"], "reason": row["reason"]}, indent=2))
+        return 0
+    print(row["state"] + (f" ({printable(row['reason'])})" if args.reason else "") + "\n")
     return 0
 
 
 def cmd_autostart(args: argparse.Namespace, ctx: Context) -> int:
-    domain_manager(ctx).set_autostart(args.domain, not args.disable)
+    name = ctx.call("domain.autostart", {"domain": args.domain, "enable": not args.disable})[
+        "name"
+    ]
     verb = "unmarked" if args.disable else "marked"
-    print(f"Domain '{printable(args.domain)}' {verb} as autostarted\n")
+    ctx.info(f"Domain '{name}' {verb} as autostarted\n")
     return 0

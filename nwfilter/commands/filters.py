@@ -1,8 +1,9 @@
 """The filter subcommands, named and worded like virsh's.
 
 `nwfilter-define`, `nwfilter-undefine`, `nwfilter-list`, `nwfilter-dumpxml`
-and `nwfilter-edit`.  Changes go through the engine (`ctx.engine()`), which
-rebuilds the bindings a changed filter reaches; reads use its pool.
+and `nwfilter-edit`.  Each is one or two API calls (`ctx.call`), answered
+by nwfilterd or the embedded engine, which rebuilds the bindings a changed
+filter reaches.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from nwfilter.commands.inputs import input_source, read_input
+from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
-from nwfilter.conf import format_filter
+from nwfilter.conf import parse_filter
 from nwfilter.errors import NwfilterError, StorageError, ValidationError
 from nwfilter.printable import printable
-from nwfilter.protocol import filter_rows
 
 if TYPE_CHECKING:
+    from nwfilter.api import Caller
     from nwfilter.commands.context import Context
-    from nwfilter.engine import Engine
 
 _UUID_WIDTH = len("00000000-0000-0000-0000-000000000000")
 
@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--dry-run",
         action="store_true",
         help="validate and report what would change, change nothing",
+    )
+    p.add_argument(
+        "--validate", action="store_true", help="only check the document; change nothing"
     )
     p.set_defaults(handler=cmd_define)
 
@@ -66,38 +69,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=cmd_edit)
 
 
-def _service(ctx: Context, *, read_only: bool = False) -> Engine:
-    return ctx.engine(read_only=read_only)
-
-
 def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
-    xml = read_input(args.file)
-    service = _service(ctx, read_only=args.dry_run)
-    result = service.define_filter(xml, source=input_source(args.file), dry_run=args.dry_run)
-    done = f"Network filter {printable(result.name)} defined from {printable(args.file)}"
+    xml = read_document(args.file)
+    source = input_source(args.file)
+    if args.validate:
+        result = ctx.call("filter.validate", {"xml": xml, "source": source})
+        ctx.info(f"Network filter {result['name']} in {args.file} is valid")
+        return 0
+    result = ctx.call(
+        "filter.define", {"xml": xml, "source": source, "dry_run": args.dry_run}
+    )
     if args.dry_run:
-        sys.stdout.write(_with_newline(result.describe()))
-    elif not result.changed:
-        print(f"{done} (unchanged)")
+        sys.stdout.write(_with_newline(result["summary"]))
+    elif not result["changed"]:
+        ctx.info(f"Network filter {result['name']} defined from {args.file} (unchanged)")
     else:
-        rebuilt = len(result.rebuilt)
+        rebuilt = len(result["rebuilt"])
         note = f"; {rebuilt} port{'s' if rebuilt != 1 else ''} rebuilt" if rebuilt else ""
-        print(f"{done}{note}")
+        ctx.info(f"Network filter {result['name']} defined from {args.file}{note}")
     return 0
 
 
 def cmd_undefine(args: argparse.Namespace, ctx: Context) -> int:
-    name = _service(ctx).undefine_filter(args.filter).name
-    print(f"Network filter {printable(name)} undefined")
+    name = ctx.call("filter.undefine", {"name": args.filter})["name"]
+    ctx.info(f"Network filter {name} undefined")
     return 0
 
 
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    infos = _service(ctx, read_only=True).pool.list_info()
+    rows = ctx.call("filter.list")
     if args.json:
-        print(json.dumps(filter_rows(infos), indent=2))
+        print(json.dumps(rows, indent=2))
         return 0
-    print(format_list_table([(str(info.uuid), info.name) for info in infos]), end="")
+    print(format_list_table([(row["uuid"], row["name"]) for row in rows]), end="")
     return 0
 
 
@@ -107,8 +111,7 @@ def format_list_table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_dumpxml(args: argparse.Namespace, ctx: Context) -> int:
-    fdef = _service(ctx, read_only=True).pool.lookup(args.filter)
-    sys.stdout.write(_with_newline(format_filter(fdef)))
+    sys.stdout.write(_with_newline(ctx.call("filter.dumpxml", {"name": args.filter})))
     return 0
 
 
@@ -118,7 +121,7 @@ def _with_newline(text: str) -> str:
 
 def cmd_edit(args: argparse.Namespace, ctx: Context) -> int:
     return edit_filter(
-        _service(ctx), args.filter, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr
+        ctx.caller(), args.filter, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr
     )
 
 
@@ -131,7 +134,7 @@ def editor_command() -> list[str]:
 
 
 def edit_filter(
-    service: Engine,
+    service: Caller,
     name_or_uuid: str,
     *,
     stdin: TextIO,
@@ -139,8 +142,8 @@ def edit_filter(
     stderr: TextIO,
 ) -> int:
     """virsh's edit loop: edit a copy, define it if valid, offer a retry if not."""
-    fdef = service.pool.lookup(name_or_uuid)
-    original = _with_newline(format_filter(fdef))
+    original = _with_newline(service.call("filter.dumpxml", {"name": name_or_uuid}))
+    name = parse_filter(original).name
     fd, tmp_name = tempfile.mkstemp(prefix="nwfilter-edit-", suffix=".xml")
     tmp = Path(tmp_name)
     try:
@@ -153,23 +156,25 @@ def edit_filter(
             except (OSError, UnicodeDecodeError) as exc:
                 raise StorageError(f"cannot read the edited file '{tmp}': {exc}") from exc
             if edited == original:
-                stdout.write(
-                    f"Network filter {printable(fdef.name)} XML configuration not changed.\n"
-                )
+                stdout.write(f"Network filter {printable(name)} XML configuration not changed.\n")
                 return 0
             try:
-                result = service.define_filter(edited, source=f"edited filter '{fdef.name}'")
+                result = service.call(
+                    "filter.define", {"xml": edited, "source": f"edited filter '{name}'"}
+                )
             except NwfilterError as exc:
                 stderr.write(f"error: {exc.message}\n")
                 if _ask_retry(stdin, stdout):
                     continue
                 return exc.exit_status
-            if not result.changed:
+            if not result["changed"]:
                 stdout.write(
-                    f"Network filter {printable(result.name)} XML configuration not changed.\n"
+                    f"Network filter {printable(result['name'])} XML configuration not changed.\n"
                 )
             else:
-                stdout.write(f"Network filter {printable(result.name)} XML configuration edited.\n")
+                stdout.write(
+                    f"Network filter {printable(result['name'])} XML configuration edited.\n"
+                )
             return 0
     finally:
         tmp.unlink(missing_ok=True)

@@ -35,3 +35,14 @@ def read_input(name: str) -> bytes:
     if len(data) > MAX_INPUT_BYTES:
         raise XMLError(f"{input_source(name)}: document is larger than {MAX_INPUT_BYTES} bytes")
     return data
+
+
+def read_document(name: str) -> str:
+    """The document in file `name` ('-': standard input) as text, for an
+    API call; the parsers accept UTF-8 only, so other bytes are refused here
+    with the same words."""
+    data = read_input(name)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise XMLError(f"{input_source(name)}: document is not valid UTF-8") from None

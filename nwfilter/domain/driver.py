@@ -286,6 +286,14 @@ class DomainPaths:
     def status(self, name: str) -> Path:
         return self.status_dir / f"{validate_domain_name(name)}.json"
 
+    @property
+    def shutoff_dir(self) -> Path:
+        return self.root / "run" / "domains" / "shutoff"
+
+    def shutoff(self, name: str) -> Path:
+        """Why a persistent domain last shut off (libvirt's state reason)."""
+        return self.shutoff_dir / validate_domain_name(name)
+
 
 def _parse(xml: str) -> DomainDef:
     from nwfilter.conf import parse_domain
@@ -472,6 +480,7 @@ class DomainDriver:
                     raise StateError(f"cannot undefine transient domain '{name}'")
                 atomic_remove(self.paths.config(name))
                 atomic_remove(self.paths.autostart(name))
+                atomic_remove(self.paths.shutoff(name))
                 obj.autostart = False
                 if obj.is_active():
                     # stays until it stops, then goes (libvirt: becomes transient)
@@ -689,6 +698,14 @@ class DomainDriver:
     def _mark_shutoff(self, obj: DomainObj, reason: str) -> None:
         _set_shutoff(obj, reason)
         atomic_remove(self.paths.status(obj.name))
+        if obj.persistent:
+            # The reason outlives this process, so `domstate --reason` tells
+            # a destroyed domain from one shut down in the next command too.
+            try:
+                ensure_dir(self.paths.shutoff_dir)
+                atomic_write(self.paths.shutoff(obj.name), reason + "\n")
+            except NwfilterError as exc:
+                log.warning("domain '%s': cannot record why it shut off: %s", obj.name, exc)
 
     def suspend(self, name: str) -> None:
         self._pause(name, suspend=True)
@@ -814,6 +831,12 @@ class DomainDriver:
             self._release_name_if_unused(name)
             raise
         obj.autostart = autostart
+        try:
+            reason = self.paths.shutoff(name).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            reason = ""
+        if reason in ("shutdown", "destroyed", "crashed", "failed", "saved", "migrated"):
+            obj.set_state(DomainState.SHUTOFF, reason)
         obj.end_api()
 
     def _persistent_name(self, name: str) -> bool:
@@ -1072,6 +1095,24 @@ class DomainManager:
     def _writable(self) -> None:
         if self._query_only:
             raise StateError("the domains were loaded for queries only; they cannot be changed")
+
+    def resolve(self, ref: str) -> str:
+        """The name of the domain `ref` names: a name, an active domain's id,
+        or a UUID (virsh's lookup order)."""
+        if self.names.domain_type(ref) is not None:
+            return ref
+        rows = [r for d in self.drivers() for r in d.summaries()]
+        if ref.isdigit():
+            for row in rows:
+                if row.id >= 0 and str(row.id) == ref:
+                    return row.name
+        with contextlib.suppress(ValueError):
+            wanted = UUID(ref)
+            for row in rows:
+                if row.uuid == wanted:
+                    return row.name
+        validate_domain_name(ref)
+        raise NotFoundError(f"domain not found: no domain with matching name '{ref}'")
 
     def define_xml(self, xml: str) -> DomainDef:
         self._writable()

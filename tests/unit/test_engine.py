@@ -333,3 +333,19 @@ def test_an_engine_that_is_not_started_changes_nothing(tmp_path: Path) -> None:
     engine = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK)
     with pytest.raises(StateError, match="not started"):
         engine.create_bindings([make("vnet0")])
+
+
+def test_dry_run_of_a_read_only_engine_shows_removed_rules(engine: Engine, tmp_path: Path) -> None:
+    engine.define_filter(SPOOF)
+    engine.create_bindings([make("vnet1", "10.0.0.1")])
+    engine.close()
+    reader = Engine(tmp_path, MemoryBackend(), stock_dir=STOCK)
+    reader.start(read_only=True)
+    try:
+        changed = SPOOF.replace("<ip srcipaddr='$IP'/>", "<ip srcipaddr='$IP' srcipmask='24'/>")
+        outcome = reader.define_filter(changed, dry_run=True)
+        (diff,) = outcome.diffs
+        assert len(diff.removed) == 1 and len(diff.added) == 1
+        assert "10.0.0.1" in diff.removed[0] and "10.0.0.0/24" in diff.added[0]
+    finally:
+        reader.close()

@@ -1,0 +1,398 @@
+"""The API: every operation of nwfilter as one table of methods.
+
+A method has a wire name (`filter.define`), typed parameters, a flag saying
+whether it changes anything, and a handler that takes an `ApiContext` (the
+engine of a state root and its domain manager) and returns JSON data.
+
+The same table serves both control paths: `nwfilterd` answers it on its
+sockets, and the command line calls it through a `Caller` — the daemon's
+client when a daemon serves the root, `EmbeddedCaller` (the same handlers,
+in process) otherwise.  Results and errors are therefore the same in both
+modes, and so is everything the command line prints from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nwfilter import protocol
+from nwfilter.conf import format_binding, format_filter, parse_binding, parse_domain
+from nwfilter.errors import PermissionDeniedError, ValidationError
+from nwfilter.render_text import render_text
+
+if TYPE_CHECKING:
+    from nwfilter.domain.driver import DomainManager, DomainSummary
+    from nwfilter.engine import DefineOutcome, Engine
+
+log = logging.getLogger(__name__)
+
+Json = Any
+Params = Mapping[str, Any]
+
+
+class Caller(Protocol):
+    """Something that answers API calls: a daemon client or the embedded engine."""
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class ApiContext(Protocol):
+    """What handlers work on: one state root's engine and domains."""
+
+    def engine(self) -> Engine: ...
+
+    def domains(self) -> DomainManager: ...
+
+
+# -- parameters ------------------------------------------------------------------------
+
+_MAX_LIST = 4096
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its name, its JSON type and its default (required if None)."""
+
+    name: str
+    kind: type | tuple[type, ...]
+    default: Any = None
+    required: bool = False
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", bool: "a boolean", int: "an integer", list: "a list of strings"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _check_value(param: Param, value: Any) -> Any:
+    kinds = param.kind if isinstance(param.kind, tuple) else (param.kind,)
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, str):
+            return value
+        if (
+            kind is list
+            and isinstance(value, list)
+            and len(value) <= _MAX_LIST
+            and all(isinstance(item, str) for item in value)
+        ):
+            return value
+    raise ValidationError(f"parameter '{param.name}' must be {_kind_name(param.kind)}")
+
+
+def check_params(method: Method, params: Any) -> dict[str, Any]:
+    """`params` checked against `method`'s parameters: unknown names,
+    missing required ones and values of the wrong JSON type are refused."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValidationError("'params' must be an object")
+    known = {p.name: p for p in method.params}
+    for key in params:
+        if key not in known:
+            raise ValidationError(f"method '{method.name}' takes no parameter {key!r}")
+    out: dict[str, Any] = {}
+    for param in method.params:
+        if param.name in params and params[param.name] is not None:
+            out[param.name] = _check_value(param, params[param.name])
+        elif param.required:
+            raise ValidationError(f"method '{method.name}' needs parameter '{param.name}'")
+        else:
+            out[param.name] = param.default
+    return out
+
+
+# -- the methods --------------------------------------------------------------------------
+
+Handler = Callable[[ApiContext, dict[str, Any]], Json]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    handler: Handler
+    params: tuple[Param, ...] = ()
+    writes: bool = False  # changes state: refused on the read-only socket
+    domains: bool = False  # needs the domain manager
+
+
+def _define_result(outcome: DefineOutcome) -> Json:
+    return {
+        "name": outcome.name,
+        "uuid": outcome.uuid,
+        "created": outcome.created,
+        "changed": outcome.changed,
+        "dry_run": outcome.dry_run,
+        "rebuilt": list(outcome.rebuilt),
+        "summary": outcome.describe(),
+    }
+
+
+def _filter_define(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    outcome = ctx.engine().define_filter(p["xml"], source=p["source"], dry_run=p["dry_run"])
+    return _define_result(outcome)
+
+
+def _filter_validate(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return _define_result(ctx.engine().define_filter(p["xml"], source=p["source"], dry_run=True))
+
+
+def _filter_undefine(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return {"name": ctx.engine().undefine_filter(p["name"]).name}
+
+
+def _filter_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return protocol.filter_rows(ctx.engine().pool.list_info())
+
+
+def _filter_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return format_filter(ctx.engine().pool.lookup(p["name"]))
+
+
+def _parse_bindings(p: dict[str, Any]) -> list[Any]:
+    xmls: list[str] = p["xml"]
+    sources: list[str] = p["sources"] or []
+    if sources and len(sources) != len(xmls):
+        raise ValidationError("parameter 'sources' must name every document of 'xml'")
+    if not xmls:
+        raise ValidationError("parameter 'xml' must hold at least one document")
+    return [
+        parse_binding(x, source=sources[i] if sources else "<request>")
+        for i, x in enumerate(xmls)
+    ]
+
+
+def _binding_create(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    defs = _parse_bindings(p)
+    ctx.engine().create_bindings(defs)
+    return {"created": [b.portdev for b in defs]}
+
+
+def _binding_validate(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    defs = _parse_bindings(p)
+    ctx.engine().check_bindings(defs)
+    return {"valid": [b.portdev for b in defs]}
+
+
+def _binding_delete(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    ctx.engine().delete_binding(p["portdev"])
+    return {"portdev": p["portdev"]}
+
+
+def _binding_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return [
+        {"portdev": b.portdev, "filter": b.filterref.filter,
+         "owner": b.owner_name, "mac": b.mac}
+        for b in ctx.engine().list_bindings()
+    ]
+
+
+def _binding_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    engine = ctx.engine()
+    result: dict[str, Any] = {"xml": format_binding(engine.binding(p["portdev"]))}
+    if p["rules"]:
+        result["rules"] = render_text(engine.ruleset(p["portdev"]))
+    return result
+
+
+def domain_row(summary: DomainSummary) -> dict[str, Any]:
+    return {
+        "id": summary.id if summary.id >= 0 else None,
+        "name": summary.name,
+        "uuid": str(summary.uuid),
+        "type": summary.type,
+        "state": summary.state.value,
+        "reason": summary.reason,
+        "persistent": summary.persistent,
+        "autostart": summary.autostart,
+    }
+
+
+def _domain_define(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    definition = ctx.domains().define(parse_domain(p["xml"], source=p["source"]))
+    return {"name": definition.name, "uuid": str(definition.uuid)}
+
+
+def _lifecycle(verb: str) -> Handler:
+    def handler(ctx: ApiContext, p: dict[str, Any]) -> Json:
+        manager = ctx.domains()
+        name = manager.resolve(p["domain"])
+        calls: dict[str, Callable[[str], object]] = {
+            "undefine": manager.undefine,
+            "start": manager.start_domain,
+            "shutdown": manager.shutdown,
+            "destroy": manager.destroy,
+            "suspend": manager.suspend,
+            "resume": manager.resume,
+        }
+        calls[verb](name)
+        return {"name": name}
+
+    return handler
+
+
+def _domain_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return [domain_row(s) for s in ctx.domains().list_domains(all_domains=True)]
+
+
+def _domain_info(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    manager = ctx.domains()
+    return domain_row(manager.state(manager.resolve(p["domain"])))
+
+
+def _domain_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    manager = ctx.domains()
+    return manager.dumpxml(manager.resolve(p["domain"]), inactive=p["inactive"])
+
+
+def _domain_iflist(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    manager = ctx.domains()
+    return [
+        {"interface": r.interface, "type": r.type, "source": r.source, "model": r.model,
+         "mac": r.mac, "filter": r.filter}
+        for r in manager.interfaces(manager.resolve(p["domain"]))
+    ]
+
+
+def _domain_autostart(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    manager = ctx.domains()
+    name = manager.resolve(p["domain"])
+    manager.set_autostart(name, p["enable"])
+    return {"name": name, "autostart": p["enable"]}
+
+
+_XML = Param("xml", str, required=True)
+_SOURCE = Param("source", str, "<request>")
+_DOMAIN = Param("domain", str, required=True)
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("filter.define", _filter_define,
+               (_XML, _SOURCE, Param("dry_run", bool, False)), writes=True),
+        Method("filter.validate", _filter_validate, (_XML, _SOURCE)),
+        Method("filter.undefine", _filter_undefine, (Param("name", str, required=True),),
+               writes=True),
+        Method("filter.list", _filter_list),
+        Method("filter.dumpxml", _filter_dumpxml, (Param("name", str, required=True),)),
+        # Binding calls load the domains: a port a running domain holds is
+        # refused to a hand-made binding.
+        Method("binding.create", _binding_create,
+               (Param("xml", list, required=True), Param("sources", list)), writes=True,
+               domains=True),
+        Method("binding.validate", _binding_validate,
+               (Param("xml", list, required=True), Param("sources", list)), domains=True),
+        Method("binding.delete", _binding_delete, (Param("portdev", str, required=True),),
+               writes=True),
+        Method("binding.list", _binding_list),
+        Method("binding.dumpxml", _binding_dumpxml,
+               (Param("portdev", str, required=True), Param("rules", bool, False))),
+        Method("domain.define", _domain_define, (_XML, _SOURCE), writes=True, domains=True),
+        *(
+            Method(f"domain.{verb}", _lifecycle(verb), (_DOMAIN,), writes=True, domains=True)
+            for verb in ("undefine", "start", "shutdown", "destroy", "suspend", "resume")
+        ),
+        Method("domain.list", _domain_list, domains=True),
+        Method("domain.info", _domain_info, (_DOMAIN,), domains=True),
+        Method("domain.dumpxml", _domain_dumpxml, (_DOMAIN, Param("inactive", bool, False)),
+               domains=True),
+        Method("domain.iflist", _domain_iflist, (_DOMAIN,), domains=True),
+        Method("domain.autostart", _domain_autostart,
+               (_DOMAIN, Param("enable", bool, True)), writes=True, domains=True),
+    )
+}
+
+
+def method(name: Any) -> Method:
+    """The method called `name`, or ValidationError."""
+    found = METHODS.get(name) if isinstance(name, str) else None
+    if found is None:
+        shown = name if isinstance(name, str) and len(name) <= 64 else "(invalid)"
+        raise ValidationError(f"unknown method {shown!r}")
+    return found
+
+
+def invoke(ctx: ApiContext, name: Any, params: Any, *, read_only: bool = False) -> Json:
+    """Check and run one call; NwfilterError for every refusal."""
+    found = method(name)
+    checked = check_params(found, params)
+    if read_only and found.writes:
+        raise PermissionDeniedError(
+            f"method '{found.name}' changes state; this connection is read-only"
+        )
+    return found.handler(ctx, checked)
+
+
+# -- the embedded control path ------------------------------------------------------------
+
+
+class EmbeddedContext:
+    """An engine (and domain manager) built on demand for one command.
+
+    Calls that change nothing run against a read-only engine, which never
+    touches the kernel; the first call that writes starts a writable one."""
+
+    def __init__(self, factory: Callable[[bool], Engine], netns: str | None) -> None:
+        self._factory = factory
+        self._netns = netns
+        self._engine: Engine | None = None
+        self._manager: DomainManager | None = None
+        self._writable = False
+        self.writes = False  # what the call being served needs
+
+    def engine(self) -> Engine:
+        if self._engine is not None and self.writes and not self._writable:
+            self.close()
+        if self._engine is None:
+            self._engine = self._factory(not self.writes)
+            self._writable = self.writes
+        return self._engine
+
+    def domains(self) -> DomainManager:
+        from nwfilter.domain.driver import DomainManager
+
+        engine = self.engine()
+        if self._manager is None:
+            manager = DomainManager.for_engine(engine, netns=self._netns)
+            manager.start(autostart=False, take_over=self._writable)
+            self._manager = manager
+        return self._manager
+
+    def close(self) -> None:
+        self._manager = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+class EmbeddedCaller:
+    """Answers API calls in this process, as the daemon would."""
+
+    def __init__(self, context: EmbeddedContext) -> None:
+        self._context = context
+
+    def call(self, method_name: str, params: dict[str, Any] | None = None) -> Any:
+        found = method(method_name)
+        self._context.writes = found.writes
+        if found.domains:
+            self._context.domains()
+        result = invoke(self._context, method_name, params or {})
+        # The very JSON the daemon would send: both paths print the same.
+        return protocol.decode(protocol.encode({"result": result}))["result"]
+
+    def close(self) -> None:
+        self._context.close()
+
+
+def known_methods() -> list[str]:
+    return sorted(METHODS)
