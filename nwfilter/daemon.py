@@ -1,179 +1,90 @@
 """`nwfilterd`: the engine behind a UNIX socket.
 
-The server layer is thin: it decodes a request, checks the method and the
-types of its parameters, calls the engine and maps `NwfilterError`s to
-replies by their code.  One thread per connection; the engine does its own
-locking.  The socket is created mode 0600 in the runtime directory.
+This module wires the parts together: the connection layer
+(`nwfilter.connserver`: sockets, limits, workers) serves the method table
+(`nwfilter.methods`) of one engine.  The socket is created mode 0600.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
-import socketserver
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from nwfilter import protocol
+from nwfilter import methods
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.commands.context import DEFAULT_ROOT
-from nwfilter.conf import format_binding, format_filter, parse_binding
+from nwfilter.connserver import (
+    BoundSocket,
+    ConnectionServer,
+    Limits,
+    Peer,
+    bind_unix,
+    raise_nofile_limit,
+)
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
-from nwfilter.errors import NwfilterError, ValidationError
-from nwfilter.render_text import render_text
+from nwfilter.errors import NwfilterError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Engine, dict[str, Any]], Any]
+
+def _answer(
+    engine: Engine, table: methods.MethodTable, line: bytes, peer: Peer
+) -> tuple[bytes, str | None]:
+    return methods.answer(engine, table, line)
 
 
-def _str(params: dict[str, Any], key: str) -> str:
-    value = params.get(key)
-    if not isinstance(value, str):
-        raise ValidationError(f"parameter '{key}' must be a string")
-    return value
+class Server(ConnectionServer):
+    """The connection server of one engine, with what runs beside it."""
 
-
-def _filter_define(engine: Engine, params: dict[str, Any]) -> Any:
-    outcome = engine.define_filter(
-        _str(params, "xml"), source="<request>", dry_run=bool(params.get("dry_run", False))
-    )
-    return {"summary": outcome.describe()}
-
-
-def _filter_undefine(engine: Engine, params: dict[str, Any]) -> Any:
-    engine.undefine_filter(_str(params, "name"))
-    return None
-
-
-def _filter_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return protocol.filter_rows(engine.pool.list_info())
-
-
-def _filter_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
-    return format_filter(engine.pool.lookup(_str(params, "name")))
-
-
-def _binding_create(engine: Engine, params: dict[str, Any]) -> Any:
-    xmls = params.get("xml")
-    if not isinstance(xmls, list) or not all(isinstance(x, str) for x in xmls):
-        raise ValidationError("parameter 'xml' must be a list of strings")
-    engine.create_bindings([parse_binding(x, source="<request>") for x in xmls])
-    return None
-
-
-def _binding_delete(engine: Engine, params: dict[str, Any]) -> Any:
-    engine.delete_binding(_str(params, "portdev"))
-    return None
-
-
-def _binding_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return [{"portdev": b.portdev, "filter": b.filterref.filter} for b in engine.list_bindings()]
-
-
-def _binding_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
-    portdev = _str(params, "portdev")
-    result = {"xml": format_binding(engine.binding(portdev))}
-    if params.get("rules"):
-        result["rules"] = render_text(engine.ruleset(portdev))
-    return result
-
-
-METHODS: dict[str, Handler] = {
-    "filter.define": _filter_define,
-    "filter.undefine": _filter_undefine,
-    "filter.list": _filter_list,
-    "filter.dumpxml": _filter_dumpxml,
-    "binding.create": _binding_create,
-    "binding.delete": _binding_delete,
-    "binding.list": _binding_list,
-    "binding.dumpxml": _binding_dumpxml,
-}
-
-
-def dispatch(engine: Engine, request: dict[str, Any]) -> dict[str, Any]:
-    """Answer one decoded request; never raises."""
-    request_id = request.get("id")
-    try:
-        method = request.get("method")
-        handler = METHODS.get(method) if isinstance(method, str) else None
-        if handler is None:
-            raise ValidationError(f"unknown method {method!r}")
-        params = request.get("params", {})
-        if not isinstance(params, dict):
-            raise ValidationError("'params' must be an object")
-        return {"id": request_id, "result": handler(engine, params)}
-    except NwfilterError as exc:
-        return protocol.error_reply(request_id, exc)
-    except Exception as exc:  # a bug must not kill the connection thread silently
-        log.exception("internal error while serving %r", request.get("method"))
-        return protocol.error_reply(request_id, NwfilterError(f"internal error: {exc}"))
-
-
-class _Connection(socketserver.StreamRequestHandler):
-    server: Server
-
-    def handle(self) -> None:
-        while True:
-            try:
-                request = protocol.read_message(self.rfile)
-            except protocol.MessageTooLargeError as exc:
-                # The rest of the line would be read as requests: answer
-                # once and drop the connection.
-                self._send(protocol.error_reply(None, exc))
-                return
-            except NwfilterError as exc:
-                self._send(protocol.error_reply(None, exc))
-                continue
-            if request is None:
-                return
-            self._send(dispatch(self.server.engine, request))
-
-    def _send(self, reply: dict[str, Any]) -> None:
-        self.wfile.write(protocol.encode(reply))
-        self.wfile.flush()
-
-
-class Server(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, bound: BoundSocket, engine: Engine, limits: Limits | None = None) -> None:
+        super().__init__(limits)
         self.engine = engine
-        self.path = path
+        self.path = bound.path
         self.monitor: NftMonitor | None = None
         self.domains: DomainManager | None = None
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            super().__init__(str(path), _Connection)
-        finally:
-            os.umask(old_umask)
+        self.add_listener(bound, functools.partial(_answer, engine, methods.ADMIN_METHODS))
 
 
-def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None) -> Server:
-    """Start the engine and a server for it; the caller runs `serve_forever`."""
-    engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
-    engine.start()
+def serve(
+    root: Path,
+    backend: str,
+    netns: str | None,
+    socket_path: Path | None,
+    limits: Limits | None = None,
+) -> Server:
+    """Start the engine and a server for it; the caller runs `serve_forever`.
+
+    The socket is claimed first: a path held by a running daemon (or by
+    anything but a stale socket) is refused before the engine touches the
+    kernel or starts a domain.
+    """
+    path = socket_path or root / "run" / "nwfilterd.sock"
+    bound = bind_unix(path, backlog=(limits or Limits()).backlog)
+    try:
+        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
+        engine.start()
+    except BaseException:
+        bound.close()
+        raise
     # Domains that survived a restart are found again (their filters were
     # re-applied by the engine) and the ones marked autostart are started.
     manager = DomainManager.for_engine(engine, netns=netns)
     try:
         manager.start(autostart=True)
+        server = Server(bound, engine, limits)
     except BaseException:
+        bound.close()
         engine.close()
         raise
-    path = socket_path or root / "run" / "nwfilterd.sock"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    server = Server(path, engine)
     server.domains = manager
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
@@ -199,6 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--socket", default=None, help="socket path (default ROOT/run/nwfilterd.sock)"
     )
+    defaults = Limits()
+    parser.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, metavar="N",
+        help="connections held at once (default %(default)s; kept below RLIMIT_NOFILE)",
+    )
+    parser.add_argument(
+        "--max-buffered", type=int, default=defaults.max_buffered, metavar="BYTES",
+        help="bytes of partial requests held over all connections (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, metavar="N",
+        help="requests served at once (default %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -206,15 +130,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        limits = Limits(
+            max_connections=args.max_connections,
+            max_buffered=args.max_buffered,
+            workers=args.workers,
+        )
+        raise_nofile_limit()
         server = serve(
-            Path(args.root), args.backend, args.netns, Path(args.socket) if args.socket else None
+            Path(args.root),
+            args.backend,
+            args.netns,
+            Path(args.socket) if args.socket else None,
+            limits,
         )
     except NwfilterError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_status
 
     def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.request_shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -223,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.serve_forever()
     finally:
         close(server)
-        server.path.unlink(missing_ok=True)
     return 0
 
 
