@@ -2,7 +2,7 @@
 """Flood a throwaway `nwfilterd` (memory backend) and report what it costs.
 
     tools/flood_daemon.py idle --count 20000
-    tools/flood_daemon.py partial --count 150 --size 4194304
+    tools/flood_daemon.py partial --count 150 --size 4194303
     tools/flood_daemon.py concurrent --count 30
 
 `idle` opens COUNT connections that never send; `partial` opens COUNT
@@ -179,7 +179,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["idle", "partial", "concurrent"])
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--size", type=int, default=4 * 1024 * 1024)
+    # 4 MiB - 1: the longest partial line a daemon must hold (4 MiB with
+    # its newline is the line limit)
+    parser.add_argument("--size", type=int, default=4 * 1024 * 1024 - 1)
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--exit-wait", type=float, default=120.0)
     args = parser.parse_args()
