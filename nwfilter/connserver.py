@@ -315,8 +315,11 @@ class ConnectionServer:
         self._results: SimpleQueue[tuple[_Conn, bytes, str | None]] = SimpleQueue()
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="nwfilterd-worker")
         self._stopping = False
+        # `request_shutdown` stays lock-free: it runs in signal handlers.
+        self._state = threading.Lock()
         self._loop_thread: int | None = None
         self._done = threading.Event()
+        self._done.set()
         self._closed = False
         self._refused = _Throttled()
         self._evicted = _Throttled()
@@ -335,8 +338,11 @@ class ConnectionServer:
         return len(self._conns)
 
     def serve_forever(self) -> None:
-        self._loop_thread = threading.get_ident()
-        self._done.clear()
+        with self._state:
+            if self._stopping or self._closed:
+                return  # shut down before it started
+            self._loop_thread = threading.get_ident()
+            self._done.clear()
         try:
             while not self._stopping:
                 self._poll(1.0)
@@ -351,15 +357,21 @@ class ConnectionServer:
         self._wake()
 
     def shutdown(self) -> None:
-        """Stop `serve_forever` and wait until it has returned."""
-        self.request_shutdown()
-        if self._loop_thread is not None and self._loop_thread != threading.get_ident():
+        """Stop `serve_forever` and wait until it has returned (at once if
+        it has not started: it will not start)."""
+        with self._state:
+            self._stopping = True
+            loop = self._loop_thread
+        self._wake()
+        if loop is not None and loop != threading.get_ident():
             self._done.wait()
 
     def server_close(self) -> None:
-        """Close the listening sockets (removing their paths) and the pool."""
+        """Stop serving if need be, then close the listening sockets
+        (removing their paths) and the pool."""
         if self._closed:
             return
+        self.shutdown()
         self._closed = True
         self._close_connections()
         for listening in self._listening:
