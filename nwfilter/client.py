@@ -4,25 +4,60 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 from nwfilter import protocol
 from nwfilter.errors import UnavailableError
 
+# Waits between connect attempts while the daemon's listen queue is full.
+_RETRY_FIRST = 0.005
+_RETRY_MAX = 0.2
+
 
 class Client:
-    def __init__(self, path: Path, *, timeout: float = 60.0) -> None:
+    """One connection to the daemon.
+
+    A connect that finds the daemon's listen queue full (EAGAIN: many
+    clients at once) is retried with growing waits for up to
+    `connect_timeout` seconds; a daemon that is not there (no socket, or
+    nobody listening on it) is reported at once.
+    """
+
+    def __init__(
+        self, path: Path, *, timeout: float = 60.0, connect_timeout: float = 10.0
+    ) -> None:
         self.path = path
         self._ids = itertools.count(1)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(str(path))
+            self._connect(connect_timeout)
         except OSError as exc:
             self._sock.close()
             raise UnavailableError(f"cannot connect to nwfilterd at '{path}': {exc}") from exc
+        except UnavailableError:
+            self._sock.close()
+            raise
         self._reader = self._sock.makefile("rb")
+
+    def _connect(self, connect_timeout: float) -> None:
+        deadline = time.monotonic() + connect_timeout
+        wait = _RETRY_FIRST
+        while True:
+            try:
+                self._sock.connect(str(self.path))
+                return
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UnavailableError(
+                        f"cannot connect to nwfilterd at '{self.path}': its listen queue "
+                        f"stayed full for {connect_timeout:g} s"
+                    ) from None
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, _RETRY_MAX)
 
     def call(self, method: str, params: dict[str, object] | None = None) -> Any:
         request_id = next(self._ids)

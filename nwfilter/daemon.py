@@ -1,35 +1,42 @@
 """`nwfilterd`: the engine behind a UNIX socket.
 
-The server layer is thin: it decodes a request, checks the method and the
-types of its parameters, calls the engine and maps `NwfilterError`s to
-replies by their code.  One thread per connection; the engine does its own
-locking.  The socket is created mode 0600 in the runtime directory.
+This module wires the parts together: the connection layer
+(`nwfilter.connserver`: sockets, limits, workers) serves the API's method
+table (`nwfilter.api`) on one engine and its domains.  The socket is
+created mode 0600.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
-import socketserver
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from nwfilter import api, protocol
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.commands.context import DEFAULT_ROOT
+from nwfilter.connserver import (
+    BoundSocket,
+    ConnectionServer,
+    Limits,
+    Peer,
+    bind_unix,
+    raise_nofile_limit,
+)
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.printable import configure_logging
 
 log = logging.getLogger(__name__)
+
 
 class DaemonContext:
     """What the API's handlers work on in the daemon: its engine and domains."""
@@ -45,79 +52,86 @@ class DaemonContext:
         return self._manager
 
 
-def dispatch(
-    context: DaemonContext, request: dict[str, Any], *, read_only: bool = False
-) -> dict[str, Any]:
-    """Answer one decoded request; never raises."""
-    request_id = request.get("id")
+def answer(
+    context: api.ApiContext, line: bytes, *, read_only: bool = False
+) -> tuple[bytes, str | None]:
+    """The reply line to one request line, and why the request was refused
+    as malformed (None when it was well-formed, even if the engine said no).
+    Never raises: every line gets exactly one reply line."""
     try:
-        result = api.invoke(context, request.get("method"), request.get("params", {}),
-                            read_only=read_only)
-        return {"id": request_id, "result": result}
+        request = protocol.decode_request(line)
+    except protocol.RequestError as exc:
+        return protocol.encode(protocol.error_reply(exc.request_id, exc)), exc.message
+    try:
+        result = api.invoke(context, request.method, request.params, read_only=read_only)
+        reply = {"id": request.id, "result": result}
     except NwfilterError as exc:
-        return protocol.error_reply(request_id, exc)
-    except Exception as exc:  # a bug must not kill the connection thread silently
-        log.exception("internal error while serving %r", request.get("method"))
-        return protocol.error_reply(request_id, NwfilterError(f"internal error: {exc}"))
+        reply = protocol.error_reply(request.id, exc)
+    except Exception as exc:  # a bug must answer, not leave the client waiting
+        log.exception("internal error while serving %r", request.method)
+        reply = protocol.error_reply(request.id, NwfilterError(f"internal error: {exc}"))
+    try:
+        return protocol.encode(reply), None
+    except (TypeError, ValueError) as exc:
+        log.error("reply to %r cannot be encoded: %s", request.method, exc)
+        failure = NwfilterError(f"internal error: reply cannot be encoded: {exc}")
+        return protocol.encode(protocol.error_reply(request.id, failure)), None
 
 
-class _Connection(socketserver.StreamRequestHandler):
-    server: Server
-
-    def handle(self) -> None:
-        while True:
-            try:
-                request = protocol.read_message(self.rfile)
-            except protocol.MessageTooLargeError as exc:
-                # The rest of the line would be read as requests: answer
-                # once and drop the connection.
-                self._send(protocol.error_reply(None, exc))
-                return
-            except NwfilterError as exc:
-                self._send(protocol.error_reply(None, exc))
-                continue
-            if request is None:
-                return
-            self._send(dispatch(self.server.context, request))
-
-    def _send(self, reply: dict[str, Any]) -> None:
-        self.wfile.write(protocol.encode(reply))
-        self.wfile.flush()
+def _answer(context: DaemonContext, line: bytes, peer: Peer) -> tuple[bytes, str | None]:
+    return answer(context, line)
 
 
-class Server(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
+class Server(ConnectionServer):
+    """The connection server of one engine, with what runs beside it."""
 
-    def __init__(self, path: Path, engine: Engine, manager: DomainManager) -> None:
+    def __init__(
+        self,
+        bound: BoundSocket,
+        engine: Engine,
+        manager: DomainManager,
+        limits: Limits | None = None,
+    ) -> None:
+        super().__init__(limits)
         self.engine = engine
-        self.context = DaemonContext(engine, manager)
-        self.path = path
-        self.monitor: NftMonitor | None = None
         self.domains = manager
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            super().__init__(str(path), _Connection)
-        finally:
-            os.umask(old_umask)
+        self.context = DaemonContext(engine, manager)
+        self.path = bound.path
+        self.monitor: NftMonitor | None = None
+        self.add_listener(bound, functools.partial(_answer, self.context))
 
 
-def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None) -> Server:
-    """Start the engine and a server for it; the caller runs `serve_forever`."""
-    engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
-    engine.start()
+def serve(
+    root: Path,
+    backend: str,
+    netns: str | None,
+    socket_path: Path | None,
+    limits: Limits | None = None,
+) -> Server:
+    """Start the engine and a server for it; the caller runs `serve_forever`.
+
+    The socket is claimed first: a path held by a running daemon (or by
+    anything but a stale socket) is refused before the engine touches the
+    kernel or starts a domain.
+    """
+    path = socket_path or root / "run" / "nwfilterd.sock"
+    bound = bind_unix(path, backlog=(limits or Limits()).backlog)
+    try:
+        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
+        engine.start()
+    except BaseException:
+        bound.close()
+        raise
     # Domains that survived a restart are found again (their filters were
     # re-applied by the engine) and the ones marked autostart are started.
     manager = DomainManager.for_engine(engine, netns=netns)
     try:
         manager.start(autostart=True)
+        server = Server(bound, engine, manager, limits)
     except BaseException:
+        bound.close()
         engine.close()
         raise
-    path = socket_path or root / "run" / "nwfilterd.sock"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    server = Server(path, engine, manager)
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.
@@ -142,21 +156,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--socket", default=None, help="socket path (default ROOT/run/nwfilterd.sock)"
     )
+    defaults = Limits()
+    parser.add_argument(
+        "--max-connections", type=int, default=defaults.max_connections, metavar="N",
+        help="connections held at once (default %(default)s; kept below RLIMIT_NOFILE)",
+    )
+    parser.add_argument(
+        "--max-buffered", type=int, default=defaults.max_buffered, metavar="BYTES",
+        help="bytes of partial requests held over all connections (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, metavar="N",
+        help="requests served at once (default %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     configure_logging(
         logging.INFO - 10 * min(args.verbose, 1), "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        limits = Limits(
+            max_connections=args.max_connections,
+            max_buffered=args.max_buffered,
+            workers=args.workers,
+        )
+        raise_nofile_limit()
         server = serve(
-            Path(args.root), args.backend, args.netns, Path(args.socket) if args.socket else None
+            Path(args.root),
+            args.backend,
+            args.netns,
+            Path(args.socket) if args.socket else None,
+            limits,
         )
     except NwfilterError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_status
 
     def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.request_shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -165,7 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.serve_forever()
     finally:
         close(server)
-        server.path.unlink(missing_ok=True)
     return 0
 
 
