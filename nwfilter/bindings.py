@@ -21,22 +21,12 @@ from pathlib import Path
 
 from nwfilter.conf.binding_xml import format_binding, parse_binding
 from nwfilter.conf.model import BindingDef
-from nwfilter.conf.values import check_ifname
-from nwfilter.errors import NwfilterError, ValidationError
+from nwfilter.conf.values import check_port_name
+from nwfilter.errors import NwfilterError
 from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
 from nwfilter.locks import Level, LevelledLock
 
 log = logging.getLogger(__name__)
-
-
-def validate_portdev(portdev: str) -> str:
-    """Return `portdev` if it is a valid interface name and usable as a file name."""
-    check_ifname(portdev, f"port device name {portdev!r}")
-    # `load` skips dot files (atomic_write's temporaries): such a binding
-    # would be written but never read back.
-    if portdev.startswith("."):
-        raise ValidationError(f"port device name {portdev!r} must not start with '.'")
-    return portdev
 
 
 class BindingTable:
@@ -58,7 +48,7 @@ class BindingTable:
                 continue
             try:
                 binding = parse_binding(path.read_bytes(), source=str(path))
-                validate_portdev(binding.portdev)
+                check_port_name(binding.portdev, "port device name")
             except OSError as exc:
                 warnings.append(f"skipping binding file '{path}': {exc.strerror}")
                 continue
@@ -150,7 +140,7 @@ class BindingTable:
         return old
 
     def _path(self, portdev: str) -> Path:
-        return self.run_dir / f"{validate_portdev(portdev)}.xml"
+        return self.run_dir / f"{check_port_name(portdev, 'port device name')}.xml"
 
 
 def _portdev(binding: BindingDef) -> str:

@@ -25,10 +25,11 @@ from pathlib import Path
 from uuid import UUID
 
 from nwfilter.backends.base import Backend
-from nwfilter.bindings import BindingTable, validate_portdev
+from nwfilter.bindings import BindingTable
 from nwfilter.compile import Compiler, port_of
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterDef
+from nwfilter.conf.values import check_port_name
 from nwfilter.errors import (
     ConflictError,
     NotFoundError,
@@ -390,7 +391,7 @@ class Engine:
     def _check_new_ports(defs: Sequence[BindingDef]) -> None:
         seen: set[str] = set()
         for binding in defs:
-            validate_portdev(binding.portdev)
+            check_port_name(binding.portdev, "port device name")
             if binding.portdev in seen:
                 raise ConflictError(f"port '{binding.portdev}' is given more than once")
             seen.add(binding.portdev)

@@ -22,6 +22,7 @@ from nwfilter.conf.safexml import local_name, parse_xml, serialize_checked
 from nwfilter.conf.values import (
     check_ifname,
     check_object_name,
+    check_port_name,
     parse_unicast_mac,
     parse_uuid_text,
 )
@@ -79,7 +80,7 @@ def parse_binding(data: str | bytes, *, source: str = "") -> BindingDef:
     portdev = lone_attr(seen["portdev"], "name", where)
     linkdev = lone_attr(seen["linkdev"], "name", where) if "linkdev" in seen else None
     try:
-        check_ifname(portdev, f"portdev name {portdev!r}")
+        check_port_name(portdev, "portdev name")
         if linkdev is not None:
             check_ifname(linkdev, f"linkdev name {linkdev!r}")
     except ValidationError as exc:

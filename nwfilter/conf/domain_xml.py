@@ -38,6 +38,7 @@ from nwfilter.conf.safexml import local_name, parse_xml, serialize_checked
 from nwfilter.conf.values import (
     check_ifname,
     check_object_name,
+    check_port_name,
     format_ipv6,
     parse_ipv4,
     parse_ipv6,
@@ -138,7 +139,7 @@ def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
         elif tag == "target":
             target = lone_attr(child, "dev", where)
             try:
-                check_ifname(target, f"target dev {target!r}")
+                check_port_name(target, "target dev")
             except ValidationError as exc:
                 raise fail(where, exc.message) from None
         elif tag == "source":

@@ -561,6 +561,44 @@ def check_ifname(name: str, what: str) -> None:
         raise ValidationError(f"{what} must be printable ASCII without '/', ':' or white space")
 
 
+def check_port_name(name: str, what: str = "port name") -> str:
+    """`name` if it can name a filtered port; raise `ValidationError` otherwise.
+
+    The one rule for the host-side interface of a binding or a domain
+    interface, on every path (binding XML and files, the daemon, domain
+    `<target dev>`, the ns driver, the nft renderer).  On top of the
+    kernel's interface-name rule (`check_ifname`):
+
+    * not starting with '.': the binding is kept in `<name>.xml`, and dot
+      files are temporaries that are never read back;
+    * the name is a key of the nft dispatch maps, and libnftables (1.0.6)
+      reads some strings specially, in JSON as in text: a trailing '*' is an
+      interface wildcard, '\\*' at the end its escape (the backslash is
+      dropped), '*' alone the map's catch-all element that every interface
+      matches, and a leading '@' a set reference;
+    * nft prints keys between double quotes without escaping them, so a '"'
+      would make `nft list ruleset` unloadable.
+
+    Every other printable character is taken verbatim, which the nft backend
+    proves by reading each new key back."""
+    check_ifname(name, f"{what} {name!r}")
+    if name.startswith("."):
+        raise ValidationError(f"{what} {name!r} must not start with '.' (a hidden file)")
+    if name == "*":
+        raise ValidationError(f"{what} {name!r} is nft's catch-all key, which every "
+                              "interface would match")
+    if name.endswith("*"):
+        raise ValidationError(f"{what} {name!r} must not end with '*' (nft reads an "
+                              "interface wildcard or its escape)")
+    if name.startswith("@"):
+        raise ValidationError(f"{what} {name!r} must not start with '@' (nft reads a "
+                              "set reference)")
+    if '"' in name:
+        raise ValidationError(f"{what} {name!r} must not contain '\"' (nft prints keys in "
+                              "double quotes without escaping them)")
+    return name
+
+
 def parse_uuid_text(text: str) -> uuidlib.UUID:
     """A UUID in 8-4-4-4-12 form or 32 hex digits."""
     stripped = text.strip()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nwfilter.conf.model import DomainDef, InterfaceDef
+from nwfilter.conf.values import check_port_name
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
 from nwfilter.errors import (
     BackendError,
@@ -243,7 +244,7 @@ class NsHypervisor:
                     f"domain '{dom.name}': port {port.portdev} names interface "
                     f"{port.index}, which does not exist"
                 )
-            check_ifname(port.portdev)
+            check_port_name(port.portdev, f"domain '{dom.name}': port")
             if port.portdev in seen:
                 raise ValidationError(f"domain '{dom.name}': port {port.portdev} given twice")
             seen.add(port.portdev)

@@ -228,7 +228,7 @@ def test_vmap_dispatch_with_hundreds_of_ports(lab: BridgeLab) -> None:
     assert len(backend.ports()) == 302
     assert lab.ping(g0, g1.ip)
     assert _delivered(lab, g0, g1, [_udp(g0.mac, g1, "10.77.0.99")]) == 0
-    base = lab.run(lab.host, ["nft", "-j", "list", "chain", "bridge", "nwfilter", "pre"]).stdout
+    base = lab.run(lab.host, ["nft", "-j", "list", "chain", "bridge", "nwfilter", "l2_pre"]).stdout
     rules = [x for x in json.loads(base)["nftables"] if "rule" in x]
     assert len(rules) == 2  # mark reset + one vmap lookup, whatever the port count
     elems = lab.run(lab.host, ["nft", "-j", "list", "map", "bridge", "nwfilter",

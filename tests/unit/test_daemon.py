@@ -88,6 +88,11 @@ def test_bindings_and_errors(server: Server) -> None:
         assert err.value.code in (ErrorCode.INVALID, ErrorCode.XML)
         client.call("binding.delete", {"portdev": "vnet0"})
         assert client.call("binding.list") == []
+        for name in ("v\\*", "*"):
+            with pytest.raises(NwfilterError) as err:
+                client.call("binding.create", {"xml": [BINDING.replace("vnet0", name)]})
+            assert err.value.code is ErrorCode.INVALID and repr(name) in err.value.message
+        assert client.call("binding.list") == []
 
 
 def test_daemon_starts_autostart_domains(tmp_path: Path) -> None:

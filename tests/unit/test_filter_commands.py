@@ -267,3 +267,18 @@ def test_binding_errors_name_stdin(
     monkeypatch.setattr(sys, "stdin", stdin)
     status, _, err = cli("nwfilter-binding-create", "-")
     assert status == 2 and err.startswith("error: <stdin>: ")
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("v\\*", "must not end with '*'"), ("v*", "must not end with '*'"), ("*", "catch-all"),
+    ("@v", "set reference"),
+])
+def test_binding_create_refuses_names_nft_reads_specially(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, name: str, why: str
+) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(BINDING.replace("vnet0", name).encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    status, out, err = cli("nwfilter-binding-create", "-")
+    assert (status, out) == (2, "")
+    assert repr(name) in err and why in err
+    assert cli("nwfilter-binding-list")[1] == " Port Dev   Filter\n" + "-" * 20 + "\n\n"

@@ -49,6 +49,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from nwfilter.conf.values import check_port_name
 from nwfilter.errors import UnsupportedError
 from nwfilter.ir import (
     AddrRange,
@@ -84,21 +85,22 @@ CONNLIMIT_PREFIX = "cl"
 IPSET_PREFIX = "ipset"
 
 # Base chains: name, hook, priority, dispatch key, verdict map.
+# Their names are no nft keywords ('fwd' is one), so that what `nft list
+# ruleset` prints of our tables loads back with `nft -f`.
 BRIDGE_BASE = (
-    ("pre", "prerouting", -300, "iifname", "from_vm"),
-    ("fwd", "forward", -200, "oifname", "to_vm"),
-    ("out", "output", -200, "oifname", "to_vm"),
+    ("l2_pre", "prerouting", -300, "iifname", "from_vm"),
+    ("l2_fwd", "forward", -200, "oifname", "to_vm"),
+    ("l2_out", "output", -200, "oifname", "to_vm"),
 )
 INET_BASE = (
-    ("pre", "prerouting", 0, FROM_MASK, "l3_from"),
-    ("fwd", "forward", 0, TO_MASK, "l3_to"),
+    ("l3_pre", "prerouting", 0, FROM_MASK, "l3_from"),
+    ("l3_fwd", "forward", 0, TO_MASK, "l3_to"),
 )
 L2_MAP = {Hook.FROM_VM: "from_vm", Hook.TO_VM: "to_vm"}
 L3_MAP = {Hook.FROM_VM: "l3_from", Hook.TO_VM: "l3_to"}
 HOOK_WORD = {Hook.FROM_VM: "from", Hook.TO_VM: "to"}
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-_IFNAME_BAD = re.compile(r"[/:\s]")
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -226,13 +228,6 @@ def _tag(text: str) -> str:
     if _PLAIN.match(text):
         return text
     return "_" + text.encode().hex()
-
-
-def check_portdev(portdev: str) -> None:
-    if not portdev or len(portdev.encode()) > 15 or portdev in (".", "..") or _IFNAME_BAD.search(
-        portdev
-    ):
-        raise UnsupportedError(f"'{portdev}' is not a valid interface name for a port")
 
 
 def l2_chain_name(portdev: str, hook: Hook, chain: str) -> str:
@@ -474,18 +469,35 @@ def _element(verb: str, family: str, vmap: str, key: str | int, target: str | No
 def _rule(family: str, chain: str, exprs: list[Json], comment: str | None = None) -> Json:
     body: Json = {"family": family, "table": TABLE, "chain": chain, "expr": exprs}
     if comment:
-        body["comment"] = _trim(comment)
+        body["comment"] = comment_text(comment)
     return {"add": {"rule": body}}
 
 
-def _trim(text: str) -> str:
-    # nft stores comments as user data of limited size; cut at a character
-    # boundary so the kernel never holds (and we never print) half a character.
-    out = text.replace("\n", " ")
-    raw = out.encode()
-    if len(raw) <= MAX_COMMENT_BYTES:
-        return out
-    return raw[:MAX_COMMENT_BYTES].decode("utf-8", errors="ignore")
+def comment_text(text: str) -> str:
+    """`text` as a rule comment: printable, valid UTF-8, at most
+    `MAX_COMMENT_BYTES` (nft keeps comments as user data of limited size).
+
+    nft prints a comment between double quotes without escaping it, so a '"'
+    or a line break would make `nft list ruleset` unloadable; a lone
+    surrogate (a byte that was not UTF-8) cannot be encoded at all.  Those
+    and the other control characters become ``\\uXXXX`` and a backslash
+    becomes two, so the escaping is injective; the cut falls between two
+    characters or escapes, never inside one."""
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            piece = "\\\\"
+        elif ch == '"' or code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF:
+            piece = f"\\u{code:04x}"
+        else:
+            piece = ch
+        size += len(piece.encode())
+        if size > MAX_COMMENT_BYTES:
+            break
+        out.append(piece)
+    return "".join(out)
 
 
 def _origin(rule: Rule) -> str:
@@ -515,7 +527,7 @@ def check_ruleset(
     With `rules=False` only the structure is checked (rendering checks each
     rule anyway); chains equal to those of `previous` are not checked again."""
     portdev = ruleset.port.portdev
-    check_portdev(portdev)
+    check_port_name(portdev)
     for hook in (Hook.FROM_VM, Hook.TO_VM):
         chains = ruleset.chains(hook)
         names = [c.name for c in chains]

@@ -110,6 +110,11 @@ def test_memory_units(unit: str | None, amount: str, kib: int) -> None:
         ("</interface>\n    <interface type='network'>",
          "</interface>x<interface type='network'>", "<devices> must not contain text"),
         ("<target dev='vnet0'/>", "<target/>", "<target> needs a dev attribute"),
+        ("dev='vnet0'", "dev='v\\*'", "must not end with '*'"),
+        ("dev='vnet0'", "dev='*'", "catch-all"),
+        ("dev='vnet0'", "dev='@v'", "set reference"),
+        ("dev='vnet0'", "dev='v&quot;x'", "double quotes"),
+        ("dev='vnet0'", "dev='.v'", "must not start with '.'"),
         ("<model type='virtio'/>", "<model type='virtio'><x/></model>", "must be empty"),
     ],
 )
