@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nwfilter import protocol
+from nwfilter import hostrecord, protocol
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
@@ -159,8 +159,12 @@ class Server(socketserver.ThreadingUnixStreamServer):
             os.umask(old_umask)
 
 
-def serve(root: Path, backend: str, netns: str | None, socket_path: Path | None) -> Server:
-    """Start the engine and a server for it; the caller runs `serve_forever`."""
+def serve(
+    root: Path, backend: str | None, netns: str | None, socket_path: Path | None
+) -> Server:
+    """Start the engine and a server for it; the caller runs `serve_forever`.
+    `backend`/`netns` None: the ones the root recorded (`nwfilter.hostrecord`)."""
+    backend, netns = hostrecord.resolve(root, backend, netns)
     engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
     engine.start()
     # Domains that survived a restart are found again (their filters were
@@ -194,7 +198,8 @@ def close(server: Server) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nwfilterd", description="nwfilter API daemon")
     parser.add_argument("--root", default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT))
-    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND", "nft"))
+    # Not given: the root's recorded host (nft in the host's namespace at first use).
+    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND") or None)
     parser.add_argument("--netns", default=os.environ.get("NWFILTER_NETNS") or None)
     parser.add_argument(
         "--socket", default=None, help="socket path (default ROOT/run/nwfilterd.sock)"

@@ -27,7 +27,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("portdev", metavar="PORTDEV")
     p.set_defaults(handler=delete_handler)
 
-    p = subparsers.add_parser("nwfilter-binding-list", help="list the active bindings")
+    p = subparsers.add_parser(
+        "nwfilter-binding-list",
+        help="list the active bindings, and whether their rules are in force now",
+    )
     p.set_defaults(handler=list_handler)
 
     p = subparsers.add_parser(
@@ -42,9 +45,11 @@ def create_handler(args: argparse.Namespace, ctx: Context) -> int:
     defs: list[BindingDef] = [
         parse_binding(read_input(name), source=input_source(name)) for name in args.files
     ]
-    ctx.engine().create_bindings(defs)
+    engine = ctx.engine()
+    engine.create_bindings(defs)
     for binding in defs:
         print(f"Network filter binding on {binding.portdev} created")
+    ctx.warn_unenforced(engine, [b.portdev for b in defs])
     return 0
 
 
@@ -55,9 +60,15 @@ def delete_handler(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def list_handler(args: argparse.Namespace, ctx: Context) -> int:
-    bindings = ctx.engine(read_only=True).list_bindings()
-    rows = [(b.portdev, b.filterref.filter) for b in bindings]
-    sys.stdout.write(format_table(("Port Dev", "Filter"), rows) + "\n")
+    engine = ctx.engine(read_only=True)
+    bindings = engine.list_bindings()
+    unenforced = engine.enforcement() if bindings else {}
+    rows = [
+        (b.portdev, b.filterref.filter, "no" if b.portdev in unenforced else "yes")
+        for b in bindings
+    ]
+    sys.stdout.write(format_table(("Port Dev", "Filter", "Enforced"), rows) + "\n")
+    ctx.warn(f"port {port} is not enforced: {why}" for port, why in sorted(unenforced.items()))
     return 0
 
 
@@ -66,6 +77,7 @@ def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
     binding = engine.binding(args.portdev)
     text = format_binding(binding)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    ctx.warn_unenforced(engine, [args.portdev])
     if args.rules:
         sys.stdout.write(render_text(engine.ruleset(args.portdev)))
     return 0

@@ -77,7 +77,8 @@ def _manager(ctx: Context, *, query: bool = False) -> DomainManager:
     state only: no kernel rule, guest or file is touched."""
     from nwfilter.domain.driver import DomainManager
 
-    manager = DomainManager.for_engine(ctx.engine(read_only=query), netns=ctx.netns)
+    engine = ctx.engine(read_only=query)
+    manager = DomainManager.for_engine(engine, netns=engine.backend.netns)
     manager.start(autostart=False, take_over=not query)
     return manager
 
@@ -93,8 +94,14 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
     """undefine, start, shutdown, destroy, suspend, resume: one call each."""
     _name, _help, call, done = _LIFECYCLE_BY_NAME[args.command]
-    call(_manager(ctx), args.domain)
+    manager = _manager(ctx)
+    call(manager, args.domain)
     print(f"Domain '{args.domain}' {done}\n")
+    if args.command in ("start", "resume"):
+        engine = ctx.engine()
+        ports = [b.portdev for b in engine.list_bindings() if b.owner_name == args.domain]
+        if ports:
+            ctx.warn_unenforced(engine, ports)
     return 0
 
 
