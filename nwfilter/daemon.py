@@ -76,12 +76,23 @@ def _binding_delete(engine: Engine, params: dict[str, Any]) -> Any:
 
 
 def _binding_list(engine: Engine, params: dict[str, Any]) -> Any:
-    return [{"portdev": b.portdev, "filter": b.filterref.filter} for b in engine.list_bindings()]
+    bindings = engine.list_bindings()
+    unenforced = engine.enforcement() if bindings else {}
+    return [
+        {"portdev": b.portdev, "filter": b.filterref.filter,
+         **_enforced(unenforced.get(b.portdev))}
+        for b in bindings
+    ]
+
+
+def _enforced(reason: str | None) -> dict[str, Any]:
+    return {"enforced": True} if reason is None else {"enforced": False, "reason": reason}
 
 
 def _binding_dumpxml(engine: Engine, params: dict[str, Any]) -> Any:
     portdev = _str(params, "portdev")
-    result = {"xml": format_binding(engine.binding(portdev))}
+    result = {"xml": format_binding(engine.binding(portdev)),
+              **_enforced(engine.enforcement([portdev]).get(portdev))}
     if params.get("rules"):
         result["rules"] = render_text(engine.ruleset(portdev))
     return result

@@ -60,7 +60,9 @@ def test_define_list_dump_undefine(server: Server) -> None:
 def test_bindings_and_errors(server: Server) -> None:
     with Client(server.path) as client:
         client.call("binding.create", {"xml": [BINDING]})
-        assert client.call("binding.list") == [{"portdev": "vnet0", "filter": "clean-traffic"}]
+        assert client.call("binding.list") == [
+            {"portdev": "vnet0", "filter": "clean-traffic", "enforced": True}
+        ]
         dumped = client.call("binding.dumpxml", {"portdev": "vnet0", "rules": True})
         assert "52:54:00:00:00:01" in dumped["rules"]
         with pytest.raises(NwfilterError) as err:

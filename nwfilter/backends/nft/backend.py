@@ -275,10 +275,10 @@ class NftBackend:
                                f"{err.strip()}")
 
     def _remark(self, batch: Batch) -> None:
-        """After `_drop_tables()` and `render_base()` in `batch`: put the
-        owner marker back into the recreated tables."""
+        """After `_drop_tables()` in `batch`: recreate the tables with the
+        owner marker first, so it lists first as after a claim."""
         if self._owner is not None:
-            batch.extend(ownership.marker(self._owner, claim=False))
+            batch.extend(ownership.marker(self._owner, claim=True))
 
     # -- Backend protocol ----------------------------------------------------
     def set_owner(self, owner: Owner) -> None:
@@ -394,8 +394,8 @@ class NftBackend:
                 self._claim(ctx)
                 self._ensure_sysctls()
                 batch.extend(_drop_tables())
-                batch.extend(render.render_base())
                 self._remark(batch)
+                batch.extend(render.render_base())
             elif not self._base_ready:
                 self._claim(ctx)
                 self._ensure_sysctls()
@@ -549,8 +549,8 @@ class NftBackend:
             self._claim(ctx)
             batch = Batch()
             batch.extend(_drop_tables())
-            batch.extend(render.render_base())
             self._remark(batch)
+            batch.extend(render.render_base())
             records: dict[str, PortRecord] = {}
             for portdev, ruleset in sorted(self._rulesets.items()):
                 port_id = self._records[portdev].port_id

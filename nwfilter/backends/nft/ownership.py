@@ -24,11 +24,11 @@ OWNER_CHAIN = "owner"
 FAMILIES = (BRIDGE, INET)
 
 
-def marker(owner: Owner, *, claim: bool) -> Batch:
-    """The owner chain and its rule in both tables.  With `claim` the tables
-    are added if missing and the chain is created with `create`, so the
-    batch fails if any owner chain exists already; without it the tables
-    must have been (re)created in the same batch."""
+def marker(owner: Owner, *, claim: bool = True) -> Batch:
+    """The owner chain and its rule in both tables.  The chain is created
+    with `create`, so the batch fails if an owner chain exists already; with
+    `claim` the tables are added first if missing (without it they must
+    exist, or have been added earlier in the same batch)."""
     batch = Batch()
     for family in FAMILIES:
         if claim:
