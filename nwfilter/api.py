@@ -172,10 +172,25 @@ def _parse_bindings(p: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _unenforced(engine: Engine, portdevs: list[str] | None = None) -> list[str]:
+    """Why ports (of `portdevs`, or all) are not enforced now, one line each."""
+    return [
+        f"port {port} is not enforced: {reason}"
+        for port, reason in sorted(engine.enforcement(portdevs).items())
+    ]
+
+
+def _enforced(engine: Engine, portdev: str, unenforced: Mapping[str, str]) -> dict[str, Any]:
+    reason = unenforced.get(portdev)
+    return {"enforced": True} if reason is None else {"enforced": False, "reason": reason}
+
+
 def _binding_create(ctx: ApiContext, p: dict[str, Any]) -> Json:
     defs = _parse_bindings(p)
-    ctx.engine().create_bindings(defs)
-    return {"created": [b.portdev for b in defs]}
+    engine = ctx.engine()
+    engine.create_bindings(defs)
+    ports = [b.portdev for b in defs]
+    return {"created": ports, "warnings": _unenforced(engine, ports)}
 
 
 def _binding_validate(ctx: ApiContext, p: dict[str, Any]) -> Json:
@@ -190,16 +205,23 @@ def _binding_delete(ctx: ApiContext, p: dict[str, Any]) -> Json:
 
 
 def _binding_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    engine = ctx.engine()
+    bindings = engine.list_bindings()
+    unenforced = engine.enforcement() if bindings else {}
     return [
         {"portdev": b.portdev, "filter": b.filterref.filter,
-         "owner": b.owner_name, "mac": b.mac}
-        for b in ctx.engine().list_bindings()
+         "owner": b.owner_name, "mac": b.mac, **_enforced(engine, b.portdev, unenforced)}
+        for b in bindings
     ]
 
 
 def _binding_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
     engine = ctx.engine()
-    result: dict[str, Any] = {"xml": format_binding(engine.binding(p["portdev"]))}
+    portdev = p["portdev"]
+    result: dict[str, Any] = {
+        "xml": format_binding(engine.binding(portdev)),
+        **_enforced(engine, portdev, engine.enforcement([portdev])),
+    }
     if p["rules"]:
         result["rules"] = render_text(engine.ruleset(p["portdev"]))
     return result
@@ -236,7 +258,12 @@ def _lifecycle(verb: str) -> Handler:
             "resume": manager.resume,
         }
         calls[verb](name)
-        return {"name": name}
+        result: dict[str, Any] = {"name": name}
+        if verb in ("start", "resume"):
+            engine = ctx.engine()
+            ports = [b.portdev for b in engine.list_bindings() if b.owner_name == name]
+            result["warnings"] = _unenforced(engine, ports) if ports else []
+        return result
 
     return handler
 

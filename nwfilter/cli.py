@@ -31,15 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT),
         help=f"state root directory (default: $NWFILTER_ROOT or {DEFAULT_ROOT})",
     )
+    # Both default to "not given": the root then uses the host it recorded at
+    # first use, and refuses a given value that differs (see host-move).
     parser.add_argument(
         "--backend",
-        default=os.environ.get("NWFILTER_BACKEND", "nft"),
-        help="firewall backend: nft (default) or memory",
+        default=os.environ.get("NWFILTER_BACKEND") or None,
+        help="firewall backend: nft or memory (default: $NWFILTER_BACKEND, else the "
+        "root's recorded one, else nft)",
     )
     parser.add_argument(
         "--netns",
         default=os.environ.get("NWFILTER_NETNS") or None,
-        help="network namespace whose kernel rules the backend manages",
+        help="network namespace whose kernel rules the backend manages (default: "
+        "$NWFILTER_NETNS, else the root's recorded one, else the host's)",
     )
     parser.add_argument(
         "-c", "--connect", default=os.environ.get("NWFILTER_SOCKET") or None, metavar="SOCKET",

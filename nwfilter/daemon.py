@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nwfilter import api, protocol
+from nwfilter import api, hostrecord, protocol
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
@@ -103,17 +103,19 @@ class Server(ConnectionServer):
 
 def serve(
     root: Path,
-    backend: str,
+    backend: str | None,
     netns: str | None,
     socket_path: Path | None,
     limits: Limits | None = None,
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
+    `backend`/`netns` None: the ones the root recorded (`nwfilter.hostrecord`).
     The socket is claimed first: a path held by a running daemon (or by
     anything but a stale socket) is refused before the engine touches the
     kernel or starts a domain.
     """
+    backend, netns = hostrecord.resolve(root, backend, netns)
     path = socket_path or root / "run" / "nwfilterd.sock"
     bound = bind_unix(path, backlog=(limits or Limits()).backlog)
     try:
@@ -151,7 +153,8 @@ def close(server: Server) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nwfilterd", description="nwfilter API daemon")
     parser.add_argument("--root", default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT))
-    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND", "nft"))
+    # Not given: the root's recorded host (nft in the host's namespace at first use).
+    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND") or None)
     parser.add_argument("--netns", default=os.environ.get("NWFILTER_NETNS") or None)
     parser.add_argument(
         "--socket", default=None, help="socket path (default ROOT/run/nwfilterd.sock)"

@@ -12,6 +12,13 @@ rules are applied again.
 
 Lock order (never upwards): all VM drivers (`RebuildCoordinator`) → filter
 pool → binding table → backend transaction.
+
+Host and ownership: at start the engine checks (and at first use records)
+the host its root manages (`nwfilter.hostrecord`), names its root to the
+backend, and refuses to start when another root owns the kernel objects.
+It never reports a port as filtered while the kernel says otherwise:
+`enforcement()` names, per port, why its rules are not in force (another
+root's tables, a broken layer-3 precondition).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
-from nwfilter.backends.base import Backend
+from nwfilter import hostrecord
+from nwfilter.backends.base import Backend, Owner
 from nwfilter.bindings import BindingTable
 from nwfilter.compile import Compiler, port_of
 from nwfilter.conf import parse_filter
@@ -37,7 +45,7 @@ from nwfilter.errors import (
     StateError,
 )
 from nwfilter.gcpause import gc_paused
-from nwfilter.ir import Changes, Ruleset, drop_all
+from nwfilter.ir import Changes, Hook, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.printable import printable
 from nwfilter.rebuild import RebuildCoordinator
@@ -148,6 +156,7 @@ class Engine:
         self._learnt_generation = 0
         self._started = False  # set by start(), cleared by close()
         self._read_only = False
+        self.owner: Owner | None = None  # this root, as the kernel objects name it
         self.pool.set_usage_provider(self._usage)
         self._port_holders: list[PortHolder] = []
 
@@ -172,6 +181,12 @@ class Engine:
             raise
 
     def _start(self, read_only: bool) -> list[str]:
+        # The host first: a root never touches a namespace it does not manage.
+        record = hostrecord.claim(
+            self.root, self.backend.name, self.backend.netns, write=not read_only
+        )
+        self.owner = record.owner(self.root)
+        self.backend.set_owner(self.owner)
         warnings = self.pool.load()
         warnings.extend(self.bindings.load())
         self._read_only = read_only
@@ -179,14 +194,33 @@ class Engine:
             self._started = True
             return warnings
         self.backend.probe()
+        self.check_owner()
         with self.pool.lock.read(), self.bindings.lock:
             compiler = Compiler(self.pool.snapshot())
             with gc_paused():
                 rulesets, failed = self._compile_start(compiler)
             warnings.extend(failed)
             warnings.extend(self._apply_start(rulesets))
+        broken = self.backend.preconditions(repair=True)
+        if broken:
+            text = "layer-3 rules are not enforced: " + "; ".join(broken)
+            log.warning("%s", text)
+            warnings.append(text)
         self._started = True
         return warnings
+
+    def where(self) -> str:
+        """The backend and namespace this engine manages, for messages."""
+        return hostrecord.describe(self.backend.name, self.backend.netns)
+
+    def check_owner(self) -> None:
+        """Raise `ConflictError` if another root owns the kernel objects."""
+        held = self.backend.owner()
+        if held is not None and self.owner is not None and not held.same_root(self.owner):
+            raise ConflictError(
+                f"the nwfilter tables of {self.where()} are owned by {held.describe()}, "
+                f"not by this root ('{self.root}'); nothing was changed"
+            )
 
     def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
         rulesets: list[Ruleset] = []
@@ -211,6 +245,8 @@ class Engine:
             for rs in rulesets:
                 self._applied[rs.port.portdev] = rs
             return []
+        except ConflictError:
+            raise  # another root took the namespace meanwhile: change nothing
         except NwfilterError as exc:
             warnings = [f"re-applying all bindings at once failed: {exc.message}"]
         # Fail closed first (every port drops), then bring ports up one by one.
@@ -502,3 +538,41 @@ class Engine:
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))
+
+    # ----------------------------------------------------------- enforcement
+
+    def enforcement(self, portdevs: Sequence[str] | None = None) -> dict[str, str]:
+        """Why the rules of bound ports are not in force now, per port (all
+        bound ports, or `portdevs`); a port not in the answer is enforced.
+        Reads the kernel (the owner, the layer-3 preconditions), changes
+        nothing."""
+        wanted = None if portdevs is None else set(portdevs)
+        with self.pool.lock.read(), self.bindings.lock:
+            bindings = [b for b in self.bindings.all() if wanted is None or b.portdev in wanted]
+            if not bindings:
+                return {}
+            applied = {b.portdev: self._applied.get(b.portdev) for b in bindings}
+            snapshot = self.pool.snapshot()
+        try:
+            held = self.backend.owner()
+            broken = self.backend.preconditions()
+        except NwfilterError as exc:
+            return {b.portdev: f"the kernel cannot be read: {exc.message}" for b in bindings}
+        if held is not None and not held.same_root(self.owner):
+            reason = f"the nwfilter tables of {self.where()} belong to {held.describe()}"
+            return {b.portdev: reason for b in bindings}
+        if not broken:
+            return {}
+        reason = "its layer-3 rules are bypassed: " + "; ".join(broken)
+        compiler = Compiler(snapshot)
+        out: dict[str, str] = {}
+        for binding in bindings:
+            rs = applied[binding.portdev]
+            if rs is None:
+                try:
+                    rs = compiler.compile(binding, self._learnt.get(binding.portdev))
+                except NwfilterError:
+                    continue  # it cannot be compiled: at start it drops everything
+            if any(rs.l3_rules(hook) for hook in Hook):
+                out[binding.portdev] = reason
+        return out

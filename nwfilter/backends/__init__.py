@@ -17,7 +17,7 @@ def get_backend(name: str, netns: str | None = None) -> Backend:
     if name == "memory":
         from nwfilter.backends.memory import MemoryBackend
 
-        return MemoryBackend()
+        return MemoryBackend(netns)
     if name == "nft":
         from nwfilter.backends.nft import NftBackend
 

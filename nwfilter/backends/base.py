@@ -7,17 +7,56 @@ A backend only ever touches objects it owns, under names derived from the
 port, so teardown is "delete what I own" and is idempotent.  Every method is
 thread-safe: a backend runs one kernel transaction at a time under its own
 lock (level BACKEND), so callers add no lock of their own around it.
+
+Ownership: one state root owns a namespace's objects, and the kernel objects
+say which (`Owner`).  The engine names its root with `set_owner()` before the
+first transaction; every transaction that creates, drops or recreates the
+backend's tables first reads the owner and refuses (`ConflictError`, nothing
+changed) when another root holds them.  Two roots claiming at once end with
+one owner: the kernel refuses the second claim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from nwfilter.ir import Changes, Ruleset
 
+OWNER_TAG = "nwfilter-owner"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The state root that owns a backend's kernel objects: its absolute
+    path (for people) and its random id (what is compared)."""
+
+    root: str
+    root_id: str
+
+    def same_root(self, other: Owner | None) -> bool:
+        return other is not None and other.root_id == self.root_id
+
+    def describe(self) -> str:
+        return f"root '{self.root}' (id {self.root_id})"
+
+    def label(self, limit: int = 120) -> str:
+        """The one-line form stored in the kernel: tag, id, path, at most
+        `limit` bytes (the path is cut; the id is what counts)."""
+        text = f"{OWNER_TAG} {self.root_id} {self.root}"
+        return text.encode()[:limit].decode(errors="ignore")
+
+    @classmethod
+    def from_label(cls, text: str) -> Owner | None:
+        parts = text.split(" ", 2)
+        if len(parts) < 2 or parts[0] != OWNER_TAG or not parts[1]:
+            return None
+        return cls(parts[2] if len(parts) == 3 else "", parts[1])
+
 
 class Backend(Protocol):
     name: str
+    netns: str | None  # the network namespace it manages (None: the host's)
 
     def probe(self) -> None:
         """Raise `UnavailableError` naming what is missing; change nothing."""
@@ -41,3 +80,17 @@ class Backend(Protocol):
 
     def read_back(self, portdev: str) -> str:
         """A human-readable dump of what the kernel holds for the port."""
+
+    def set_owner(self, owner: Owner) -> None:
+        """Act for `owner` from now on: transactions that create or recreate
+        the tables claim them for it, and refuse if another root holds them."""
+
+    def owner(self) -> Owner | None:
+        """The root whose marker the kernel objects carry now (None: no
+        objects of ours, or none with a marker); a cheap read."""
+
+    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+        """What the layer-3 rules depend on and does not hold now, one
+        sentence each (() when all holds).  With `repair`, restore what the
+        backend may restore (and log a warning); `scan` also looks for other
+        programs' rules that defeat ours (slower: lists foreign tables)."""

@@ -4,15 +4,31 @@ Used by tests and by dry runs.  It keeps the backend contract exactly:
 `apply` is all-or-nothing (a port listed in `fail_on` makes the whole
 transaction fail and nothing changes), and every successful transaction
 is counted so tests can check how many kernel transactions an operation took.
+
+Ownership is kept as a kernel would: a `MemoryHost` stands for one network
+namespace and remembers which root holds it while rules are applied.  Each
+backend gets a private host unless one is shared, so tests can put two roots
+on one "namespace" without root privileges.  `preconditions` reports what a
+test puts in `MemoryHost.broken`.
 """
 
 from __future__ import annotations
 
 import threading
 
-from nwfilter.errors import BackendError
+from nwfilter.backends.base import Owner
+from nwfilter.errors import BackendError, ConflictError
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.render_text import render_text
+
+
+class MemoryHost:
+    """One simulated namespace: who owns it, and what is broken in it."""
+
+    def __init__(self) -> None:
+        self.owner: Owner | None = None
+        self.broken: list[str] = []  # layer-3 preconditions that do not hold
+        self.mutex = threading.Lock()
 
 
 class MemoryBackend:
@@ -20,7 +36,10 @@ class MemoryBackend:
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, netns: str | None = None, *, host: MemoryHost | None = None) -> None:
+        self.netns = netns
+        self.host = host or MemoryHost()
+        self._owner: Owner | None = None
         self.rulesets: dict[str, Ruleset] = {}
         self.fail_on: set[str] = set()  # ports whose apply fails
         self.transactions = 0  # successful apply() calls
@@ -50,19 +69,46 @@ class MemoryBackend:
                 new.pop(portdev, None)
             for rs in changes.set:
                 new[rs.port.portdev] = rs
+            with self.host.mutex:
+                self._check_owner()
+                self.host.owner = self._owner if new else None
             self.rulesets = new
             self.transactions += 1
+
+    def _check_owner(self) -> None:
+        held = self.host.owner
+        if held is not None and self._owner is not None and not held.same_root(self._owner):
+            raise ConflictError(
+                f"namespace {self.netns or 'of the host'} is owned by {held.describe()}; "
+                "nothing was changed"
+            )
 
     def clear(self, portdev: str) -> None:
         with self._mutex:
             if portdev in self.rulesets:
                 new = dict(self.rulesets)
                 del new[portdev]
+                with self.host.mutex:
+                    self._check_owner()
+                    if not new:
+                        self.host.owner = None
                 self.rulesets = new
 
     def clear_all(self) -> None:
         with self._mutex:
+            with self.host.mutex:
+                self._check_owner()
+                self.host.owner = None
             self.rulesets = {}
+
+    def set_owner(self, owner: Owner) -> None:
+        self._owner = owner
+
+    def owner(self) -> Owner | None:
+        return self.host.owner
+
+    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+        return tuple(self.host.broken)
 
     def ports(self) -> tuple[str, ...]:
         return tuple(sorted(self.rulesets))

@@ -50,8 +50,10 @@ def create_handler(args: argparse.Namespace, ctx: Context) -> int:
         for portdev in ctx.call("binding.validate", params)["valid"]:
             ctx.info(f"Network filter binding on {portdev} is valid")
         return 0
-    for portdev in ctx.call("binding.create", params)["created"]:
+    result = ctx.call("binding.create", params)
+    for portdev in result["created"]:
         ctx.info(f"Network filter binding on {portdev} created")
+    ctx.warn(result["warnings"])
     return 0
 
 
@@ -66,8 +68,12 @@ def list_handler(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [(row["portdev"], row["filter"]) for row in rows]
-    sys.stdout.write(format_table(("Port Dev", "Filter"), table) + "\n")
+    table = [(row["portdev"], row["filter"], "yes" if row["enforced"] else "no") for row in rows]
+    sys.stdout.write(format_table(("Port Dev", "Filter", "Enforced"), table) + "\n")
+    ctx.warn(
+        f"port {row['portdev']} is not enforced: {row['reason']}"
+        for row in rows if not row["enforced"]
+    )
     return 0
 
 
@@ -75,6 +81,8 @@ def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
     result = ctx.call("binding.dumpxml", {"portdev": args.portdev, "rules": args.rules})
     text = result["xml"]
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if not result["enforced"]:
+        ctx.warn([f"port {args.portdev} is not enforced: {result['reason']}"])
     if args.rules:
         sys.stdout.write(result["rules"])
     return 0

@@ -3,11 +3,16 @@
 `Context.call` sends an API call (`nwfilter.api`) either to the nwfilterd
 that serves the state root (named with `--connect`, or found at
 ROOT/run/nwfilterd.sock) or, when no daemon answers there, to an engine
-embedded in this process.  Both give the same results and errors.
+embedded in this process.  Both give the same results and errors.  The
+embedded engine manages the backend and namespace the root recorded at its
+first use (`nwfilter.hostrecord`); a `--backend`/`--netns` that differs is
+refused.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,16 +36,26 @@ def default_socket(root: Path) -> Path:
 @dataclass
 class Context:
     root: str
-    backend: str
-    netns: str | None
+    backend: str | None  # None: not given (the root's recorded one)
+    netns: str | None  # None: not given (the root's recorded one)
     connect: str | None = None
     quiet: bool = False
     _caller: Caller | None = field(default=None, init=False)
     _engine: Engine | None = field(default=None, init=False)
+    start_warnings: list[str] = field(default_factory=list, init=False)
 
     @property
     def root_path(self) -> Path:
         return Path(self.root)
+
+    def host(self) -> tuple[str, str | None]:
+        """The backend and namespace this root manages, given or recorded;
+        `ConflictError` if the given ones differ from the record."""
+        from nwfilter import hostrecord
+
+        return hostrecord.resolve(self.root_path, self.backend, self.netns)
+
+    # -- the control path ------------------------------------------------------
 
     def caller(self) -> Caller:
         """The daemon serving this root, or an embedded engine."""
@@ -48,20 +63,8 @@ class Context:
             self._caller = self._remote() or self._embedded()
         return self._caller
 
-    def info(self, text: str) -> None:
-        """An informational message (what was done); `-q` silences it."""
-        if not self.quiet:
-            body = text.rstrip("\n")
-            print(printable(body) + text[len(body):])
-
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return self.caller().call(method, params)
-
-    @property
-    def remote(self) -> bool:
-        from nwfilter.client import Client
-
-        return isinstance(self.caller(), Client)
 
     def _remote(self) -> Caller | None:
         from nwfilter.client import Client
@@ -79,28 +82,44 @@ class Context:
     def _embedded(self) -> Caller:
         from nwfilter.api import EmbeddedCaller, EmbeddedContext
 
-        return EmbeddedCaller(EmbeddedContext(self._start_engine, self.netns))
+        backend, netns = self.host()
+        return EmbeddedCaller(
+            EmbeddedContext(lambda read_only: self._start_engine(backend, netns, read_only),
+                            netns)
+        )
 
-    def _start_engine(self, read_only: bool) -> Engine:
+    def _start_engine(self, backend: str, netns: str | None, read_only: bool) -> Engine:
         from nwfilter.backends import get_backend
         from nwfilter.engine import Engine
 
-        engine = Engine(self.root_path, get_backend(self.backend, self.netns))
-        engine.start(read_only=read_only)
+        engine = Engine(self.root_path, get_backend(backend, netns))
+        engine.start(read_only=read_only)  # its warnings are logged
         return engine
 
-    def engine(self, *, backend: str | None = None, read_only: bool = False) -> Engine:
-        """An embedded engine for commands that need one in process (the
-        sandbox); every other command goes through `call`."""
+    def engine(self, *, read_only: bool = False) -> Engine:
+        """An engine in this process, for the commands that must run one
+        here (moving a root); every other command goes through `call`."""
         if self._engine is None:
             from nwfilter.backends import get_backend
             from nwfilter.engine import Engine
 
-            self._engine = Engine(
-                self.root_path, get_backend(backend or self.backend, self.netns)
-            )
-            self._engine.start(read_only=read_only)
+            backend, netns = self.host()
+            self._engine = Engine(self.root_path, get_backend(backend, netns))
+            self.start_warnings = self._engine.start(read_only=read_only)
         return self._engine
+
+    # -- output ------------------------------------------------------------------
+
+    def info(self, text: str) -> None:
+        """An informational message (what was done); `-q` silences it."""
+        if not self.quiet:
+            body = text.rstrip("\n")
+            print(printable(body) + text[len(body):])
+
+    @staticmethod
+    def warn(lines: Iterable[str]) -> None:
+        for line in lines:
+            print(f"warning: {printable(line)}", file=sys.stderr)
 
     def close(self) -> None:
         if self._caller is not None:

@@ -105,8 +105,9 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
     """undefine, start, shutdown, destroy, suspend, resume: one call each."""
-    name = ctx.call(f"domain.{args.command}", {"domain": args.domain})["name"]
-    ctx.info(f"Domain '{name}' {_DONE[args.command]}\n")
+    result = ctx.call(f"domain.{args.command}", {"domain": args.domain})
+    ctx.info(f"Domain '{result['name']}' {_DONE[args.command]}\n")
+    ctx.warn(result.get("warnings", ()))
     return 0
 
 

@@ -54,7 +54,7 @@ def _explicit_root(args: argparse.Namespace) -> Path | None:
 def cmd_sandbox(args: argparse.Namespace, ctx: Context) -> int:
     from nwfilter.sandbox import SandboxOptions, run_sandbox
 
-    backend = args.sandbox_backend or ctx.backend
+    backend = args.sandbox_backend or ctx.backend or "nft"
     if backend not in _KERNEL_BACKENDS:
         raise ValidationError(
             f"the sandbox needs a backend that programs the kernel "

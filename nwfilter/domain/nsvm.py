@@ -63,8 +63,8 @@ DEFAULT_PREFIX = "nwvm-"
 BRIDGE_ALIAS = "nwfilter-ns-bridge"
 
 # Dots are left out of domain names so that `<netns>.vm.<name>` is unambiguous.
-_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 _OPER_UP_WAIT = 3.0
 
 

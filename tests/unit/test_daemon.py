@@ -73,7 +73,7 @@ def test_bindings_and_errors(server: Server) -> None:
         client.call("binding.create", {"xml": [BINDING]})
         assert client.call("binding.list") == [
             {"portdev": "vnet0", "filter": "clean-traffic", "owner": "vm1",
-             "mac": "52:54:00:00:00:01"}
+             "mac": "52:54:00:00:00:01", "enforced": True}
         ]
         dumped = client.call("binding.dumpxml", {"portdev": "vnet0", "rules": True})
         assert "52:54:00:00:00:01" in dumped["rules"]

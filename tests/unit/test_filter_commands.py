@@ -253,11 +253,14 @@ def test_binding_create_list_delete(
     )
     assert cli("nwfilter-binding-list") == (
         0,
-        " Port Dev   Filter\n" + "-" * 27 + "\n vnet0      clean-traffic\n\n",
+        " Port Dev   Filter          Enforced\n" + "-" * 38
+        + "\n vnet0      clean-traffic   yes\n\n",
         "",
     )
     assert cli("nwfilter-binding-delete", "vnet0")[0] == 0
-    assert cli("nwfilter-binding-list")[1] == " Port Dev   Filter\n" + "-" * 20 + "\n\n"
+    assert cli("nwfilter-binding-list")[1] == (
+        " Port Dev   Filter   Enforced\n" + "-" * 31 + "\n\n"
+    )
 
 
 def test_binding_errors_name_stdin(
@@ -281,4 +284,4 @@ def test_binding_create_refuses_names_nft_reads_specially(
     status, out, err = cli("nwfilter-binding-create", "-")
     assert (status, out) == (2, "")
     assert repr(name) in err and why in err
-    assert cli("nwfilter-binding-list")[1] == " Port Dev   Filter\n" + "-" * 20 + "\n\n"
+    assert cli("nwfilter-binding-list")[1] == " Port Dev   Filter   Enforced\n" + "-" * 31 + "\n\n"

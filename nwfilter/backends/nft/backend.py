@@ -8,6 +8,12 @@ tables are never listed on the apply path.  Only the rare transactions that
 drop and recreate the tables (`replace_all`, `reinstall`) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
+Every transaction that creates, drops or recreates our tables first reads
+their owner (`ownership`) and refuses when another root holds them; a first
+creation claims them with `create`, which the kernel arbitrates.  The
+layer-3 preconditions (`preconditions`) are checked, and the sysctls
+restored, on request.
+
 All kernel access happens with the calling thread inside the backend's
 network namespace (`nwfilter.netns.in_netns`) and under the backend
 transaction lock (`Level.BACKEND`).  The libnftables context is created
@@ -26,26 +32,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from nwfilter.errors import BackendError, UnavailableError
+from nwfilter.backends.base import Owner
+from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.netns import in_netns
 
-from . import render
+from . import ownership, preconditions, render
+from .preconditions import BR_NF_SYSCTLS
 from .render import BRIDGE, INET, TABLE, Batch, Capabilities, PortRecord
 
 log = logging.getLogger(__name__)
 
-# br_netfilter hands bridged IPv4/IPv6 frames to the inet hooks only when
-# these are 1; they are per network namespace on Linux >= 5.3.
-BR_NF_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 # New dispatch elements proven one `get element` each (about 0.1 ms); past
 # this many, one listing per map (about 5 ms with 1,000 ports) is cheaper.
 PROOF_LOOKUPS = 32
 # `get element` prints the element as nft text; keys never hold '"'.
 _ELEMENT_TEXT = re.compile(r'elements = \{ "([^"]*)" : jump (\S+) \}')
-
 
 class NftContext(Protocol):
     """The part of libnftables' Python binding we use."""
@@ -166,6 +170,7 @@ class NftBackend:
         self._base_ready = False
         self._caps: Capabilities | None = None
         self._state_lock = threading.Lock()  # guards the records for readers
+        self._owner: Owner | None = None
 
     # -- plumbing ------------------------------------------------------------
     @contextmanager
@@ -233,7 +238,99 @@ class NftBackend:
                     f"net.bridge.{key} cannot be set (is br_netfilter loaded?): {exc}"
                 ) from exc
 
+    def _where(self) -> str:
+        return f"namespace '{self.netns}'" if self.netns else "the host's namespace"
+
+    def _read_owner(self, ctx: NftContext) -> Owner | None:
+        for family in ownership.FAMILIES:
+            rc, out, _err = ctx.json_cmd(ownership.list_commands(family))
+            found = ownership.owner_in(out) if rc == 0 else None
+            if found is not None:
+                return found
+        return None
+
+    def _refuse(self, held: Owner) -> ConflictError:
+        mine = f" (this is {self._owner.describe()})" if self._owner else ""
+        return ConflictError(
+            f"the nwfilter tables of {self._where()} are owned by {held.describe()}"
+            f"{mine}; nothing was changed"
+        )
+
+    def _claim(self, ctx: NftContext) -> None:
+        """Make sure the tables are ours before creating or recreating them:
+        refuse another root's, claim unowned ones (one transaction that
+        fails if anyone claimed meanwhile).  A backend without an owner
+        (tests, tools) never claims, and still refuses owned tables."""
+        held = self._read_owner(ctx)
+        if held is not None:
+            if self._owner is not None and held.same_root(self._owner):
+                return
+            raise self._refuse(held)
+        if self._owner is None:
+            return
+        rc, err = self._send(ctx, ownership.marker(self._owner, claim=True))
+        if rc == 0:
+            log.info("nft: %s claimed by %s", self._where(), self._owner.describe())
+            return
+        held = self._read_owner(ctx)
+        if held is not None and not held.same_root(self._owner):
+            raise self._refuse(held)
+        if held is None:
+            raise BackendError(f"cannot claim the nwfilter tables of {self._where()}: "
+                               f"{err.strip()}")
+
+    def _remark(self, batch: Batch) -> None:
+        """After `_drop_tables()` in `batch`: recreate the tables with the
+        owner marker first, so it lists first as after a claim."""
+        if self._owner is not None:
+            batch.extend(ownership.marker(self._owner, claim=True))
+
     # -- Backend protocol ----------------------------------------------------
+    def set_owner(self, owner: Owner) -> None:
+        self._owner = owner
+
+    def owner(self) -> Owner | None:
+        with self._kernel() as ctx:
+            return self._read_owner(ctx)
+
+    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+        problems: list[str] = []
+        with self._kernel() as ctx:
+            for key in BR_NF_SYSCTLS:
+                path = Path("/proc/sys/net/bridge") / key
+                try:
+                    value = path.read_text().strip()
+                except OSError:
+                    value = ""
+                problem = preconditions.sysctl_problem(key, value, self._where())
+                if problem is not None and repair and self._manage_sysctls and value:
+                    try:
+                        path.write_text("1\n")
+                        log.warning("%s; set it back to 1", problem)
+                        continue
+                    except OSError as exc:
+                        problem += f" (cannot set it: {exc.strerror})"
+                if problem is not None:
+                    problems.append(problem)
+            if scan:
+                problems.extend(self._mark_writers(ctx))
+        return tuple(problems)
+
+    def _mark_writers(self, ctx: NftContext) -> list[str]:
+        rc, out, err = ctx.json_cmd({"nftables": [{"list": {"tables": None}}]})
+        if rc != 0 or not isinstance(out, dict):
+            return [f"the tables of {self._where()} cannot be listed: {err.strip()}"]
+        found: list[str] = []
+        for item in out.get("nftables", ()):
+            table = item.get("table") if isinstance(item, dict) else None
+            if not isinstance(table, dict) or preconditions.ours(table["family"], table["name"]):
+                continue
+            rc, listing, _err = ctx.json_cmd({"nftables": [{"list": {"table": {
+                "family": table["family"], "name": table["name"]}}}]})
+            if rc == 0 and isinstance(listing, dict):
+                found.extend(preconditions.mark_writers(listing.get("nftables", [])))
+        return found
+
     def probe(self) -> None:
         with self._kernel() as ctx:
             self._caps = self._probe(ctx)
@@ -297,11 +394,15 @@ class NftBackend:
             batch = Batch()
             if fresh:
                 # An earlier process may have left tables we have no record
-                # of: replace them wholesale, atomically, in this transaction.
+                # of: replace them wholesale, atomically, in this transaction
+                # (if they are ours, or nobody's).
+                self._claim(ctx)
                 self._ensure_sysctls()
                 batch.extend(_drop_tables())
+                self._remark(batch)
                 batch.extend(render.render_base())
             elif not self._base_ready:
+                self._claim(ctx)
                 self._ensure_sysctls()
                 batch.extend(render.render_base())
             updates: dict[str, PortRecord | None] = {}  # None: removed
@@ -476,6 +577,9 @@ class NftBackend:
 
     def clear_all(self) -> None:
         with self._kernel() as ctx:
+            held = self._read_owner(ctx)
+            if held is not None and not held.same_root(self._owner):
+                raise self._refuse(held)
             batch = Batch()
             batch.extend(_drop_tables())
             rc, err = self._send(ctx, batch)
@@ -524,6 +628,9 @@ class NftBackend:
         with self._kernel() as ctx:
             if not self._rulesets:
                 return  # nothing of ours should be there
+            # Never "repair" another root's tables away; after a flush the
+            # tables are claimed again first, which another root may win.
+            self._claim(ctx)
             batch, records = self._reinstall_batch(ctx, caps)
             rc, err = self._send(ctx, batch)
             if rc != 0:
@@ -538,6 +645,7 @@ class NftBackend:
         """Both tables as the records say, with the operator's ipset elements."""
         batch = Batch()
         batch.extend(_drop_tables())
+        self._remark(batch)
         batch.extend(render.render_base())
         records: dict[str, PortRecord] = {}
         for portdev, ruleset in sorted(self._rulesets.items()):

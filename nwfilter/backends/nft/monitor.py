@@ -14,7 +14,16 @@ fills those sets (docs/backends.md).  Our own transactions are
 recognised by the committing thread id (a thread of this process), so they
 never trigger a repair.
 
-Cost when nothing happens: one blocked thread; nothing is polled.
+The monitor also keeps watch over what our layer-3 rules depend on
+(`NftBackend.preconditions`): every `watch_interval` (0.5 s) it checks the
+bridge-nf sysctls, which no netlink event reports, and restores them; after
+every foreign transaction on *other* tables it looks for rules that rewrite
+the packet mark our dispatch uses.  Each change in what is broken is logged
+as a warning.  A repair never replaces another root's tables: the backend
+checks the owner first.
+
+Cost when nothing happens: one thread waking every 0.2 s, two sysctl reads
+every 0.5 s.
 """
 
 from __future__ import annotations
@@ -75,16 +84,22 @@ def _attrs(data: bytes) -> dict[int, bytes]:
 
 @dataclass
 class Transaction:
-    """What one committed transaction did to our tables."""
+    """What one committed transaction did to our tables (and which others it touched)."""
 
     touched: list[str] = field(default_factory=list)
+    others: set[str] = field(default_factory=set)  # "family table" of other tables
+
+
+FAMILY_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 
 
 def parse_events(
-    buf: bytes, table: str, pending: Transaction, is_own: Callable[[int], bool]
+    buf: bytes, table: str, pending: Transaction, is_own: Callable[[int], bool],
+    *, report_others: bool = False,
 ) -> list[tuple[Transaction, int, str]]:
     """Feed one datagram; return foreign transactions that touched `table`
-    as (transaction, committing tid, committing command name)."""
+    as (transaction, committing tid, committing command name); with
+    `report_others` also those that touched other tables only."""
     done: list[tuple[Transaction, int, str]] = []
     pos = 0
     while pos + _NLMSG.size <= len(buf):
@@ -101,12 +116,16 @@ def parse_events(
         if kind == NFT_MSG_NEWGEN:
             tid = struct.unpack(">I", attrs.get(NFTA_GEN_PROC_PID, b"\0\0\0\0"))[0]
             comm = _text(attrs.get(NFTA_GEN_PROC_NAME, b""))
-            if pending.touched and not is_own(tid):
-                done.append((Transaction(list(pending.touched)), tid, comm))
+            others = pending.others if report_others else set()
+            if (pending.touched or others) and not is_own(tid):
+                done.append((Transaction(list(pending.touched), set(others)), tid, comm))
             pending.touched.clear()
+            pending.others.clear()
             continue
         name = _text(attrs.get(NFTA_TABLE_NAME, b""))
         if name != table or family not in (NFPROTO_INET, NFPROTO_BRIDGE):
+            if name:
+                pending.others.add(f"{FAMILY_NAMES.get(family, family)} {name}")
             continue
         if (
             kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)
@@ -142,6 +161,8 @@ class NftMonitor:
         settle: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         is_own: Callable[[int], bool] = _thread_of_this_process,
+        watch: Callable[[bool], tuple[str, ...]] | None = None,
+        watch_interval: float = 0.5,
     ) -> None:
         self.netns = netns
         self._repair = repair
@@ -149,6 +170,9 @@ class NftMonitor:
         self._settle = settle
         self._clock = clock
         self._is_own = is_own
+        self._watch = watch
+        self._watch_interval = watch_interval
+        self.broken: tuple[str, ...] = ()  # what the last watch found broken
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -157,8 +181,13 @@ class NftMonitor:
 
     @classmethod
     def for_backend(cls, backend: NftBackend, *, settle: float = 0.05) -> NftMonitor:
-        """A monitor repairing `backend` in its namespace."""
-        return cls(backend.netns, backend.reinstall, settle=settle)
+        """A monitor repairing `backend` in its namespace and watching its
+        layer-3 preconditions."""
+
+        def watch(scan: bool) -> tuple[str, ...]:
+            return backend.preconditions(repair=True, scan=scan)
+
+        return cls(backend.netns, backend.reinstall, settle=settle, watch=watch)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -197,10 +226,17 @@ class NftMonitor:
         pending = Transaction()
         due: float | None = None
         reasons: list[str] = []
+        scan_due: float | None = self._clock()  # scan once at start
+        next_watch = self._clock()
         while not self._stop.is_set():
             try:
                 buf = sock.recv(1 << 20)
-                for txn, tid, comm in parse_events(buf, self._table, pending, self._is_own):
+                for txn, tid, comm in parse_events(buf, self._table, pending, self._is_own,
+                                                   report_others=self._watch is not None):
+                    if txn.others:
+                        scan_due = scan_due or self._clock() + self._settle
+                    if not txn.touched:
+                        continue
                     what = ", ".join(sorted(set(txn.touched)))
                     reasons.append(f"{comm or '?'} (tid {tid}): {what}")
                     due = due or self._clock() + self._settle
@@ -227,3 +263,33 @@ class NftMonitor:
                     log.error("nft repair in %s failed: %s", self.netns or "host", exc)
                 due = None
                 reasons = []
+            now = self._clock()
+            if scan_due is not None and now >= scan_due:
+                self._check(scan=True)
+                scan_due = None
+                next_watch = now + self._watch_interval
+            elif now >= next_watch:
+                self._check(scan=False)
+                next_watch = now + self._watch_interval
+
+    def _check(self, *, scan: bool) -> None:
+        """Check (and restore what can be restored of) the preconditions;
+        warn when what is broken changes.  A sysctl-only check keeps the
+        mark findings of the last scan."""
+        if self._watch is None:
+            return
+        try:
+            found = self._watch(scan)
+        except Exception as exc:  # keep watching
+            self.last_error = exc
+            log.error("nft precondition check in %s failed: %s", self.netns or "host", exc)
+            return
+        if not scan:
+            found = found + tuple(p for p in self.broken if not p.startswith("net.bridge."))
+        if found != self.broken:
+            if found:
+                log.warning("layer-3 rules in %s are not enforced: %s",
+                            self.netns or "host", "; ".join(found))
+            else:
+                log.warning("layer-3 preconditions in %s hold again", self.netns or "host")
+            self.broken = found

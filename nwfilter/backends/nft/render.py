@@ -100,7 +100,7 @@ L2_MAP = {Hook.FROM_VM: "from_vm", Hook.TO_VM: "to_vm"}
 L3_MAP = {Hook.FROM_VM: "l3_from", Hook.TO_VM: "l3_to"}
 HOOK_WORD = {Hook.FROM_VM: "from", Hook.TO_VM: "to"}
 
-_PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
