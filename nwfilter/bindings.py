@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def validate_portdev(portdev: str) -> str:
     """Return `portdev` if it is a valid interface name and usable as a file name."""
     check_ifname(portdev, f"port device name {portdev!r}")
-    # `load` skips dot files (atomic_write's temporaries): such a binding
+    # `load` skips dot files (the temporaries of `SafeDir.write`): such a binding
     # would be written but never read back.
     if portdev.startswith("."):
         raise ValidationError(f"port device name {portdev!r} must not start with '.'")
