@@ -411,7 +411,10 @@ class SafeDir:
 
 class DirHandle:
     """A directory path and the `SafeDir` kept open on it: opened (and
-    checked) on first use, opened again by `reopen` (at each load).  Thread-safe."""
+    checked) on first use, opened again by `reopen` (at each load).
+
+    Thread-safe.  A `SafeDir` that is replaced is not closed here: a thread
+    may still be using it, and it closes itself once nothing refers to it."""
 
     def __init__(self, path: Path | str, what: str) -> None:
         self.path = Path(path)
@@ -422,32 +425,28 @@ class DirHandle:
     def reopen(self) -> SafeDir:
         directory = SafeDir.open(self.path, what=self.what)
         with self._mutex:
-            old, self._dir = self._dir, directory
-        if old is not None:
-            old.close()
+            self._dir = directory
         return directory
 
     def get(self) -> SafeDir:
         with self._mutex:
-            directory = self._dir
-        return directory if directory is not None else self.reopen()
+            if self._dir is not None:
+                return self._dir
+        return self._install(SafeDir.open(self.path, what=self.what))
 
     def existing(self) -> SafeDir | None:
         """The directory if it exists (opened now if needed); creates nothing."""
         with self._mutex:
-            directory = self._dir
-        if directory is not None:
-            return directory
+            if self._dir is not None:
+                return self._dir
         directory = SafeDir.open_existing(self.path, what=self.what)
-        if directory is None:
-            return None
+        return self._install(directory) if directory is not None else None
+
+    def _install(self, directory: SafeDir) -> SafeDir:
         with self._mutex:
             if self._dir is None:
                 self._dir = directory
-                return directory
-            kept = self._dir
-        directory.close()
-        return kept
+            return self._dir  # another thread's, if it was first
 
 
 def _why(exc: OSError) -> str:
