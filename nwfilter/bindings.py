@@ -23,7 +23,7 @@ from nwfilter.conf.binding_xml import format_binding, parse_binding
 from nwfilter.conf.model import BindingDef
 from nwfilter.conf.values import check_port_name
 from nwfilter.errors import NwfilterError
-from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.fileio import DirHandle
 from nwfilter.locks import Level, LevelledLock
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,18 @@ class BindingTable:
         self.lock = LevelledLock("binding-table", Level.BINDING)
         self._bindings: dict[str, BindingDef] = {}
         self.generation = 0  # bumped on every change (see FilterPool.generation)
+        self._dir = DirHandle(self.run_dir, "binding directory")
 
     def load(self) -> list[str]:
         """Read every binding file; return warnings for the ones skipped."""
-        ensure_dir(self.run_dir)
-        warnings: list[str] = []
+        directory = self._dir.reopen()
+        warnings = directory.remove_temporaries()
         loaded: dict[str, BindingDef] = {}
-        for path in sorted(self.run_dir.glob("*.xml")):
-            if path.name.startswith("."):
-                continue
+        for name in directory.names(".xml"):
+            path = directory.path / name
             try:
-                binding = parse_binding(path.read_bytes(), source=str(path))
+                binding = parse_binding(directory.read(name), source=str(path))
                 check_port_name(binding.portdev, "port device name")
-            except OSError as exc:
-                warnings.append(f"skipping binding file '{path}': {exc.strerror}")
-                continue
             except NwfilterError as exc:
                 warnings.append(f"skipping binding file '{path}': {exc.message}")
                 continue
@@ -103,20 +100,20 @@ class BindingTable:
     def put_many_locked(self, bindings: Iterable[BindingDef]) -> None:
         """`put_many` for a caller holding `lock`."""
         items = list(bindings)
-        ensure_dir(self.run_dir)
+        directory = self._dir.get()
         written: list[BindingDef] = []
         try:
             for binding in items:
-                atomic_write(self._path(binding.portdev), format_binding(binding))
+                directory.write(self._file_name(binding.portdev), format_binding(binding))
                 written.append(binding)
         except NwfilterError:
             for binding in written:
                 old = self._bindings.get(binding.portdev)
                 try:
                     if old is None:
-                        atomic_remove(self._path(binding.portdev))
+                        directory.remove(self._file_name(binding.portdev))
                     else:
-                        atomic_write(self._path(binding.portdev), format_binding(old))
+                        directory.write(self._file_name(binding.portdev), format_binding(old))
                 except NwfilterError as exc:
                     log.error("cannot restore binding file of '%s': %s", binding.portdev, exc)
             raise
@@ -134,13 +131,14 @@ class BindingTable:
         old = self._bindings.get(portdev)
         if old is None:
             return None
-        atomic_remove(self._path(portdev))
+        self._dir.get().remove(self._file_name(portdev))
         del self._bindings[portdev]
         self.generation += 1
         return old
 
-    def _path(self, portdev: str) -> Path:
-        return self.run_dir / f"{check_port_name(portdev, 'port device name')}.xml"
+    @staticmethod
+    def _file_name(portdev: str) -> str:
+        return f"{check_port_name(portdev, 'port device name')}.xml"
 
 
 def _portdev(binding: BindingDef) -> str:

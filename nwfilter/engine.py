@@ -187,7 +187,10 @@ class Engine:
         )
         self.owner = record.owner(self.root)
         self.backend.set_owner(self.owner)
-        warnings = self.pool.load()
+        # Safe only now that the lock keeps every other engine out of the root.
+        assert self._root_lock.run_dir is not None
+        warnings = self._root_lock.run_dir.remove_temporaries()
+        warnings.extend(self.pool.load())
         warnings.extend(self.bindings.load())
         self._read_only = read_only
         if read_only:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nwfilter.backends.base import Owner
 from nwfilter.errors import ConflictError, StorageError
-from nwfilter.fileio import atomic_write, ensure_dir
+from nwfilter.fileio import SafeDir
 
 HOST_FILE = "host.json"
 DEFAULT_BACKEND = "nft"
@@ -52,13 +52,13 @@ def record_path(root: Path) -> Path:
 def load(root: Path) -> HostRecord | None:
     """The recorded host of `root`, or None before its first use."""
     path = record_path(root)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(_MAX_BYTES + 1)
-    except FileNotFoundError:
+    directory = SafeDir.open_existing(root, what="state root")
+    if directory is None:
         return None
-    except OSError as exc:
-        raise StorageError(f"cannot read '{path}': {exc.strerror}") from exc
+    with directory:
+        raw = directory.read_if_exists(HOST_FILE)
+    if raw is None:
+        return None
     try:
         data = json.loads(raw) if len(raw) <= _MAX_BYTES else None
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -77,12 +77,12 @@ def load(root: Path) -> HostRecord | None:
 
 
 def save(root: Path, record: HostRecord) -> None:
-    ensure_dir(Path(root))
     text = json.dumps(
         {"backend": record.backend, "netns": record.netns, "root_id": record.root_id},
         sort_keys=True,
     )
-    atomic_write(record_path(root), text + "\n", mode=0o644)
+    with SafeDir.open(root, what="state root") as directory:
+        directory.write(HOST_FILE, text + "\n", mode=0o644)
 
 
 def _refuse(root: Path, record: HostRecord, backend: str | None, netns: str | None) -> None:

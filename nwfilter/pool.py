@@ -49,7 +49,7 @@ from nwfilter.errors import (
     StorageError,
     ValidationError,
 )
-from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.fileio import DirHandle, SafeDir
 from nwfilter.locks import Level, RWLock
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class FilterPool:
         self._graph: nx.DiGraph[str] = nx.DiGraph()
         self._listeners: list[Listener] = []
         self._usage: UsageProvider | None = None
+        self._dir = DirHandle(self.config_dir, "filter directory")
 
     @classmethod
     def for_root(cls, root: Path, *, stock_dir: Path | None = None) -> FilterPool:
@@ -158,17 +159,20 @@ class FilterPool:
         reference loop is skipped with a warning naming it; it is never
         deleted.  Listeners are not called.
         """
-        ensure_dir(self.config_dir)
-        warnings: list[str] = []
-        self._remove_stale_temp_files(warnings)
-        self._seed_stock(warnings)
+        directory = self._dir.reopen()
+        warnings = directory.remove_temporaries()
+        self._seed_stock(directory, warnings)
         loaded: dict[str, FilterDef] = {}
         by_uuid: dict[uuidlib.UUID, str] = {}
         graph: nx.DiGraph[str] = nx.DiGraph()
-        for path in sorted(self.config_dir.glob("*.xml")):
-            if path.name.startswith(".") or not path.is_file():
+        for name in directory.names(".xml"):
+            path = directory.path / name
+            try:
+                data = directory.read(name)
+            except StorageError as exc:
+                self._warn(warnings, f"skipping '{path}': {exc.message}")
                 continue
-            fdef = self._read_file(path, warnings)
+            fdef = self._parse_file(data, path, warnings)
             if fdef is None:
                 continue
             other = by_uuid.get(fdef.uuid)
@@ -198,12 +202,7 @@ class FilterPool:
         log.info("loaded %d filters from %s", len(loaded), self.config_dir)
         return warnings
 
-    def _read_file(self, path: Path, warnings: list[str]) -> FilterDef | None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self._warn(warnings, f"skipping '{path}': cannot read it: {exc.strerror}")
-            return None
+    def _parse_file(self, data: bytes, path: Path, warnings: list[str]) -> FilterDef | None:
         try:
             fdef = parse_filter(data, source=str(path))
         except NwfilterError as exc:
@@ -223,25 +222,10 @@ class FilterPool:
             return None
         return fdef
 
-    def _remove_stale_temp_files(self, warnings: list[str]) -> None:
-        # Left behind by atomic_write when the process died mid-write; the
-        # target file still holds its old content.
-        for path in self.config_dir.glob(".*.tmp"):
-            try:
-                path.unlink()
-                log.info("removed the unfinished write '%s'", path)
-            except OSError as exc:
-                self._warn(warnings, f"cannot remove the unfinished write '{path}': {exc}")
-
-    def _seed_stock(self, warnings: list[str]) -> None:
+    def _seed_stock(self, directory: SafeDir, warnings: list[str]) -> None:
         """Write each stock filter once in the pool's life, unless present."""
-        marker = self.config_dir / STOCK_MARKER
-        try:
-            seeded = set(marker.read_text(encoding="utf-8").split())
-        except FileNotFoundError:
-            seeded = set()
-        except OSError as exc:
-            raise StorageError(f"cannot read '{marker}': {exc.strerror}") from exc
+        marker = directory.read_if_exists(STOCK_MARKER)
+        seeded = set(marker.decode("utf-8", errors="replace").split()) if marker else set()
         if not self.stock_dir.is_dir():
             if not seeded:
                 self._warn(warnings, f"no stock filters: '{self.stock_dir}' is not a directory")
@@ -250,16 +234,23 @@ class FilterPool:
         for path in sorted(self.stock_dir.glob("*.xml")):
             if path.stem in seeded:
                 continue  # a stock file is named after its filter (checked on read)
-            fdef = self._read_file(path, warnings)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                self._warn(warnings, f"skipping '{path}': cannot read it: {exc.strerror}")
+                continue
+            fdef = self._parse_file(data, path, warnings)
             if fdef is None or fdef.name in seeded:
                 continue
-            target = self.config_dir / f"{fdef.name}.xml"
-            if not target.exists():
-                atomic_write(target, self.canonical(fdef)[1])
+            target = f"{fdef.name}.xml"
+            if not directory.exists(target):
+                directory.write(target, self.canonical(fdef)[1])
                 log.info("seeded stock filter '%s'", fdef.name)
             new_names.append(fdef.name)
         if new_names:
-            atomic_write(marker, "".join(f"{n}\n" for n in sorted(seeded | set(new_names))))
+            directory.write(
+                STOCK_MARKER, "".join(f"{n}\n" for n in sorted(seeded | set(new_names)))
+            )
 
     @staticmethod
     def _warn(warnings: list[str], message: str) -> None:
@@ -433,7 +424,7 @@ class FilterPool:
             result = self._check_define(fdef)
             if not result.changed:
                 return result
-            atomic_write(self._path(fdef.name), text)
+            self._dir.get().write(self._file_name(fdef.name), text)
             defs = dict(self._defs)
             defs[fdef.name] = fdef
             self._defs = defs
@@ -477,7 +468,7 @@ class FilterPool:
         result = self.check_undefine(name_or_uuid)
         with self._mutex:
             fdef = self._defs[result.name]
-            atomic_remove(self._path(fdef.name))
+            self._dir.get().remove(self._file_name(fdef.name))
             defs = dict(self._defs)
             del defs[fdef.name]
             self._defs = defs
@@ -489,9 +480,9 @@ class FilterPool:
         self._notify(result.affected)
         return result
 
-    def _path(self, name: str) -> Path:
-        validate_filter_name(name)
-        return self.config_dir / f"{name}.xml"
+    @staticmethod
+    def _file_name(name: str) -> str:
+        return f"{validate_filter_name(name)}.xml"
 
 
 # ---------------------------------------------------------------- the graph

@@ -57,7 +57,7 @@ from nwfilter.errors import (
     StorageError,
     ValidationError,
 )
-from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.fileio import DirHandle, SafeDir
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.rebuild import RebuildCoordinator
 
@@ -258,41 +258,77 @@ class InterfaceRow:
     filter: str | None
 
 
-@dataclass(frozen=True)
-class DomainPaths:
-    root: Path
+class DomainFiles:
+    """The domain files of a state root (see the module docstring), each
+    directory opened and checked once (`nwfilter.fileio.SafeDir`)."""
 
-    @property
-    def config_dir(self) -> Path:
-        return self.root / "domains"
-
-    @property
-    def autostart_dir(self) -> Path:
-        return self.root / "domains" / "autostart"
-
-    @property
-    def status_dir(self) -> Path:
-        return self.root / "run" / "domains"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.configs = DirHandle(root / "domains", "domain directory")
+        self.marks = DirHandle(root / "domains" / "autostart", "autostart directory")
+        self.statuses = DirHandle(root / "run" / "domains", "domain status directory")
+        # Why each persistent domain last shut off (libvirt's state reason).
+        self.shutoffs = DirHandle(root / "run" / "domains" / "shutoff",
+                                  "domain shutoff directory")
 
     def hypervisor_dir(self, dtype: str) -> Path:
         return self.root / "run" / "hypervisor" / dtype
 
-    def config(self, name: str) -> Path:
-        return self.config_dir / f"{validate_domain_name(name)}.xml"
+    def save_config(self, name: str, text: str) -> None:
+        self.configs.get().write(f"{validate_domain_name(name)}.xml", text)
 
-    def autostart(self, name: str) -> Path:
-        return self.autostart_dir / validate_domain_name(name)
+    def remove_config(self, name: str) -> None:
+        self.configs.get().remove(f"{validate_domain_name(name)}.xml")
+        marks = self.marks.existing()
+        if marks is not None:
+            marks.remove(validate_domain_name(name))
 
-    def status(self, name: str) -> Path:
-        return self.status_dir / f"{validate_domain_name(name)}.json"
+    def set_autostart(self, name: str, enable: bool) -> None:
+        if enable:
+            self.marks.get().write(validate_domain_name(name), name + "\n")
+            return
+        marks = self.marks.existing()
+        if marks is not None:
+            marks.remove(validate_domain_name(name))
 
-    @property
-    def shutoff_dir(self) -> Path:
-        return self.root / "run" / "domains" / "shutoff"
+    def save_status(self, name: str, text: str) -> None:
+        self.statuses.get().write(f"{validate_domain_name(name)}.json", text)
 
-    def shutoff(self, name: str) -> Path:
-        """Why a persistent domain last shut off (libvirt's state reason)."""
-        return self.shutoff_dir / validate_domain_name(name)
+    def remove_status(self, name: str) -> None:
+        self.statuses.get().remove(f"{validate_domain_name(name)}.json")
+
+    def save_shutoff(self, name: str, reason: str) -> None:
+        self.shutoffs.get().write(validate_domain_name(name), reason + "\n")
+
+    def shutoff_reason(self, name: str) -> str:
+        """Why the domain last shut off, '' if unknown."""
+        directory = self.shutoffs.existing()
+        if directory is None:
+            return ""
+        try:
+            data = directory.read_if_exists(validate_domain_name(name))
+        except NwfilterError:
+            return ""
+        return data.decode("utf-8", "replace").strip() if data else ""
+
+    def remove_shutoff(self, name: str) -> None:
+        directory = self.shutoffs.existing()
+        if directory is not None:
+            directory.remove(validate_domain_name(name))
+
+
+def _read_all(directory: SafeDir | None, suffix: str, what: str) -> list[tuple[Path, bytes]]:
+    """(path, content) of each file in `directory` ending in `suffix`; one
+    that cannot be read is logged and left out."""
+    found: list[tuple[Path, bytes]] = []
+    if directory is None:
+        return found
+    for name in directory.names(suffix):
+        try:
+            found.append((directory.path / name, directory.read(name)))
+        except NwfilterError as exc:
+            log.error("skipping %s '%s': %s", what, directory.path / name, exc)
+    return found
 
 
 def _parse(xml: str) -> DomainDef:
@@ -373,7 +409,7 @@ class DomainDriver:
         dtype: str,
         hypervisor: Hypervisor,
         engine: FilterEngine,
-        paths: DomainPaths,
+        files: DomainFiles,
         names: SharedNames,
         *,
         rank: int = 0,
@@ -385,7 +421,7 @@ class DomainDriver:
         self.bindings = bindings
         self.hypervisor = hypervisor
         self.engine = engine
-        self.paths = paths
+        self.files = files
         self.names = names
         self.lock = LevelledLock(f"driver:{dtype}", Level.DRIVER, rank=rank)
         self.domains = DomainObjList(self.lock)
@@ -399,7 +435,7 @@ class DomainDriver:
     # -- files -----------------------------------------------------------------
 
     def _save_config(self, definition: DomainDef) -> None:
-        atomic_write(self.paths.config(definition.name), _format(definition))
+        self.files.save_config(definition.name, _format(definition))
 
     def _save_status(self, obj: DomainObj) -> None:
         data = {
@@ -422,7 +458,7 @@ class DomainDriver:
             ],
             "xml": _format(obj.definition),
         }
-        atomic_write(self.paths.status(obj.name), json.dumps(data, indent=1, sort_keys=True))
+        self.files.save_status(obj.name, json.dumps(data, indent=1, sort_keys=True))
 
     # -- define / undefine ---------------------------------------------------------
 
@@ -478,9 +514,8 @@ class DomainDriver:
             try:
                 if not obj.persistent:
                     raise StateError(f"cannot undefine transient domain '{name}'")
-                atomic_remove(self.paths.config(name))
-                atomic_remove(self.paths.autostart(name))
-                atomic_remove(self.paths.shutoff(name))
+                self.files.remove_config(name)
+                self.files.remove_shutoff(name)
                 obj.autostart = False
                 if obj.is_active():
                     # stays until it stops, then goes (libvirt: becomes transient)
@@ -504,12 +539,7 @@ class DomainDriver:
             try:
                 if not obj.persistent:
                     raise StateError(f"cannot set autostart for transient domain '{name}'")
-                path = self.paths.autostart(name)
-                if enable:
-                    ensure_dir(path.parent)
-                    atomic_write(path, name + "\n")
-                else:
-                    atomic_remove(path)
+                self.files.set_autostart(name, enable)
                 obj.autostart = enable
             finally:
                 obj.job.end()
@@ -697,13 +727,12 @@ class DomainDriver:
 
     def _mark_shutoff(self, obj: DomainObj, reason: str) -> None:
         _set_shutoff(obj, reason)
-        atomic_remove(self.paths.status(obj.name))
+        self.files.remove_status(obj.name)
         if obj.persistent:
             # The reason outlives this process, so `domstate --reason` tells
             # a destroyed domain from one shut down in the next command too.
             try:
-                ensure_dir(self.paths.shutoff_dir)
-                atomic_write(self.paths.shutoff(obj.name), reason + "\n")
+                self.files.save_shutoff(obj.name, reason)
             except NwfilterError as exc:
                 log.warning("domain '%s': cannot record why it shut off: %s", obj.name, exc)
 
@@ -831,10 +860,7 @@ class DomainDriver:
             self._release_name_if_unused(name)
             raise
         obj.autostart = autostart
-        try:
-            reason = self.paths.shutoff(name).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            reason = ""
+        reason = self.files.shutoff_reason(name)
         if reason in ("shutdown", "destroyed", "crashed", "failed", "saved", "migrated"):
             obj.set_state(DomainState.SHUTOFF, reason)
         obj.end_api()
@@ -943,7 +969,7 @@ class DomainManager:
         bindings: BindingLookup | None = None,
         mac_source: Callable[[], str] = random_mac,
     ) -> None:
-        self.paths = DomainPaths(root)
+        self.files = DomainFiles(root)
         self.engine = engine
         self.coordinator = coordinator
         self.names = SharedNames()
@@ -999,16 +1025,18 @@ class DomainManager:
                 return found
         hypervisor = self._given.get(dtype)
         if hypervisor is None:
-            run_dir = self.paths.hypervisor_dir(dtype)
+            run_dir = self.files.hypervisor_dir(dtype)
             if not self._query_only:
-                ensure_dir(run_dir)
+                # Checked and cleaned here; the hypervisor opens it again itself.
+                with SafeDir.open(run_dir, what="hypervisor directory") as directory:
+                    directory.remove_temporaries()
             hypervisor = load_hypervisor(dtype, HypervisorEnv(run_dir, self.netns))
         with self._drivers_lock:
             found = self._drivers.get(dtype)
             if found is not None:
                 return found
             driver = DomainDriver(
-                dtype, hypervisor, self.engine, self.paths, self.names,
+                dtype, hypervisor, self.engine, self.files, self.names,
                 rank=len(self._drivers), job_timeout=self.job_timeout,
                 mac_source=self.mac_source, bindings=self._bindings,
             )
@@ -1049,30 +1077,38 @@ class DomainManager:
         if autostart and not take_over:
             raise ValueError("autostart needs take_over")
         self._query_only = not take_over
+        files = self.files
+        config_dir: SafeDir | None
+        status_dir: SafeDir | None
         if take_over:
-            for directory in (self.paths.config_dir, self.paths.status_dir):
-                ensure_dir(directory)
+            config_dir, status_dir = files.configs.reopen(), files.statuses.reopen()
+        else:
+            config_dir, status_dir = files.configs.existing(), files.statuses.existing()
+        marks_dir = files.marks.existing()
+        if take_over:
+            for directory in (config_dir, status_dir, marks_dir):
+                if directory is not None:
+                    directory.remove_temporaries()
         for dtype in sorted(self._given):
             self.driver(dtype)
         configs: dict[str, dict[str, DomainDef]] = {}
-        for path in sorted(self.paths.config_dir.glob("*.xml")):
+        for path, data in _read_all(config_dir, ".xml", "domain definition"):
             try:
-                definition = _parse(path.read_text(encoding="utf-8"))
-                if definition.name != path.stem:
+                definition = _parse(data.decode("utf-8"))
+                if f"{definition.name}.xml" != path.name:
                     raise ValidationError(f"holds domain '{definition.name}'")
-            except (NwfilterError, OSError) as exc:
+            except (NwfilterError, ValueError) as exc:
                 log.error("skipping domain definition '%s': %s", path, exc)
                 continue
             configs.setdefault(definition.type, {})[definition.name] = definition
         statuses: dict[str, dict[str, dict[str, object]]] = {}
-        for path in sorted(self.paths.status_dir.glob("*.json")):
+        for path, data in _read_all(status_dir, ".json", "domain status"):
             try:
-                status = json.loads(path.read_text(encoding="utf-8"))
+                status = json.loads(data)
                 statuses.setdefault(str(status["type"]), {})[str(status["name"])] = status
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 log.error("skipping domain status '%s': %s", path, exc)
-        marks = frozenset(p.name for p in self.paths.autostart_dir.glob("*")) if (
-            self.paths.autostart_dir.is_dir()) else frozenset()
+        marks = frozenset(marks_dir.names() if marks_dir is not None else ())
         for dtype in sorted(set(configs) | set(statuses)):
             try:
                 driver = self.driver(dtype)
@@ -1216,8 +1252,8 @@ def _interface_row(iface: InterfaceDef, port: PortPlan | None) -> InterfaceRow:
 
 __all__ = [
     "DomainDriver",
+    "DomainFiles",
     "DomainManager",
-    "DomainPaths",
     "DomainSummary",
     "InterfaceRow",
     "SharedNames",

@@ -64,8 +64,9 @@ class PortPlan:
 class HypervisorEnv:
     """What a hypervisor gets when it is built.
 
-    `run_dir` is a private runtime directory it may keep state in (it exists,
-    except when the domains are loaded for queries only);
+    `run_dir` is a private runtime directory it may keep state in (it exists
+    and was checked, except when the domains are loaded for queries only;
+    open it with `nwfilter.fileio.SafeDir` or `DirHandle`, never by path);
     `netns` is the network namespace host-side ports live in (the one whose
     rules the firewall backend manages), `None` for the caller's own.
     """

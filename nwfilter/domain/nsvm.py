@@ -45,7 +45,7 @@ from nwfilter.errors import (
     StorageError,
     ValidationError,
 )
-from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.fileio import DirHandle
 from nwfilter.netns import (
     NETNS_DIR,
     NETNS_NAME_MAX,
@@ -118,6 +118,7 @@ class NsHypervisor:
         if host_netns is not None:
             check_netns_name(host_netns)
         self.run_dir = run_dir
+        self._dir = DirHandle(run_dir, "ns hypervisor directory")
         self.host_netns = host_netns
         self.prefix = DEFAULT_PREFIX if host_netns is None else f"{host_netns}.vm."
         self._iproute = Iproute2(runner)
@@ -180,7 +181,6 @@ class NsHypervisor:
                     f"domain '{dom.name}': device '{guest.portdev}' already exists in "
                     f"{self.host_netns or 'the host namespace'}"
                 )
-        ensure_dir(self.run_dir)
         # Recorded before anything is made, so that stop() after a crash
         # half-way still knows which host ports to remove.
         self._save_ports(dom.name, [p for p, _ in plan])
@@ -352,7 +352,7 @@ class NsHypervisor:
                         keep_record = True
         if not keep_record:
             try:
-                atomic_remove(self._record(name))
+                self._dir.get().remove(self._record(name))
             except NwfilterError as exc:
                 errors.append(exc)
         if errors:
@@ -383,20 +383,25 @@ class NsHypervisor:
             raise StateError(f"ns guest '{dom.name}' is not prepared")
         return ports
 
-    def _record(self, name: str) -> Path:
-        return self.run_dir / f"{name}.ports.json"
+    def _record(self, name: str) -> str:
+        self.netns_of(name)  # the name rule of a guest, safe as a file name
+        return f"{name}.ports.json"
 
     def _save_ports(self, name: str, ports: list[GuestPort]) -> None:
         data = {"netns": self.netns_of(name), "ports": [p.to_json() for p in ports]}
-        atomic_write(self._record(name), json.dumps(data, indent=1, sort_keys=True) + "\n")
+        self._dir.get().write(
+            self._record(name), json.dumps(data, indent=1, sort_keys=True) + "\n"
+        )
 
     def _load_ports(self, name: str) -> list[GuestPort] | None:
-        path = self._record(name)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        path = self.run_dir / self._record(name)
+        directory = self._dir.existing()
+        raw = directory.read_if_exists(self._record(name)) if directory is not None else None
+        if raw is None:
             return None
-        except (OSError, ValueError) as exc:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
             raise StorageError(f"cannot read '{path}': {exc}") from exc
         if not isinstance(data, dict) or not isinstance(data.get("ports"), list):
             raise StorageError(f"malformed ns guest record '{path}'")

@@ -24,7 +24,7 @@ from pathlib import Path
 from nwfilter.conf.model import DomainDef
 from nwfilter.domain.hypervisor import HypervisorEnv, PortPlan
 from nwfilter.errors import BackendError, StateError
-from nwfilter.fileio import atomic_remove, atomic_write, ensure_dir
+from nwfilter.fileio import SafeDir
 from nwfilter.locks import CHECKER, LockOrderChecker
 
 
@@ -55,17 +55,19 @@ class TestHypervisor:
         sleep: Callable[[float], None] = time.sleep,
         checker: LockOrderChecker = CHECKER,
     ) -> None:
-        self._state_dir = state_dir
+        self._state_dir = (
+            SafeDir.open(state_dir, what="test hypervisor directory")
+            if state_dir is not None else None
+        )
         self._sleep = sleep
         self._checker = checker
         self._lock = threading.Lock()  # leaf: guards the records only
         self._guests: dict[str, Guest] = {}
         self._faults = _Faults()
         self.calls: list[tuple[str, str]] = []  # (operation, domain), for tests
-        if state_dir is not None:
-            ensure_dir(state_dir)
-            for path in sorted(state_dir.glob("*.json")):
-                data = json.loads(path.read_text())
+        if self._state_dir is not None:
+            for name in self._state_dir.names(".json"):
+                data = json.loads(self._state_dir.read(name))
                 self._guests[data["name"]] = Guest(data["name"], data["state"])
 
     # -- fault injection ---------------------------------------------------
@@ -105,11 +107,12 @@ class TestHypervisor:
     def _save(self, guest: Guest | None, name: str) -> None:
         if self._state_dir is None:
             return
-        path = self._state_dir / f"{name}.json"
         if guest is None:
-            atomic_remove(path)
+            self._state_dir.remove(f"{name}.json")
         else:
-            atomic_write(path, json.dumps({"name": guest.name, "state": guest.state}))
+            self._state_dir.write(
+                f"{name}.json", json.dumps({"name": guest.name, "state": guest.state})
+            )
 
     def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
         self._command("prepare", dom)
