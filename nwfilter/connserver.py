@@ -465,8 +465,9 @@ class ConnectionServer:
                 del self._paused[listening]
                 self._selector.register(listening.bound.sock, selectors.EVENT_READ, listening)
         for conn in [c for c in self._writing if now - c.progress > self.limits.write_timeout]:
-            log.warning("closing connection of %s: its reply was not read for %.0f s",
-                        conn.peer, self.limits.write_timeout)
+            log.warning("closing connection of %s: its %s not read for %.0f s", conn.peer,
+                        "events were" if conn.stream is not None else "reply was",
+                        self.limits.write_timeout)
             self._close(conn)
 
     def _accept(self, listening: _Listening) -> None:
@@ -618,6 +619,7 @@ class ConnectionServer:
             return
         conn.stream = streaming.stream
         self._idle.pop(conn, None)
+        self._drop_input(conn)  # requests sent after the subscription are not served
         conn.out, conn.out_pos, conn.progress = streaming.reply, 0, time.monotonic()
         self._writing.add(conn)
 

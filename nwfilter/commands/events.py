@@ -88,6 +88,6 @@ def cmd_event(args: argparse.Namespace, ctx: Context) -> int:
         client.close()
     if not args.json:
         if ended:
-            ctx.info(ended + "\n")
-        ctx.info(f"events received: {count}\n")
+            ctx.info(ended)
+        ctx.info(f"events received: {count}")
     return 0

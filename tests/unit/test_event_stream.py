@@ -286,3 +286,26 @@ def test_the_embedded_path_refuses_to_subscribe(tmp_path: Path) -> None:
             ctx.call("events.subscribe")
     finally:
         ctx.close()
+
+
+def test_requests_sent_on_a_stream_are_not_served(daemon: Server) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(daemon.path))
+        sock.sendall(
+            protocol.encode({"id": 1, "method": "events.subscribe", "params": {}})
+            + protocol.encode({"id": 2, "method": "filter.undefine", "params": {"name": "x"}}))
+        _wait_for(lambda: daemon.events.subscriber_count == 1, "the subscription")
+        sock.sendall(protocol.encode({"id": 3, "method": "filter.list", "params": {}}))
+        with Client(daemon.path) as cli:
+            cli.call("filter.define", {"xml": FILTER})
+        reader = sock.makefile("rb")
+        sock.settimeout(10)
+        ack, event = protocol.read_message(reader), protocol.read_message(reader)
+        assert ack == {"id": 1, "result": ack["result"] if ack else None}
+        assert event is not None and event["event"]["name"] == "web"
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            protocol.read_message(reader)  # no reply to 2 or 3
+    finally:
+        sock.close()
