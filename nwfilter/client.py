@@ -1,4 +1,5 @@
-"""A client for `nwfilterd`'s socket: one call, one reply."""
+"""A client for `nwfilterd`'s socket: one call, one reply; or, after
+`subscribe`, the stream of events that follows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from nwfilter import protocol
-from nwfilter.errors import UnavailableError
+from nwfilter.errors import UnavailableError, ValidationError
+from nwfilter.events import Event
 
 # Waits between connect attempts while the daemon's listen queue is full.
 _RETRY_FIRST = 0.005
@@ -72,6 +74,27 @@ class Client:
         if reply is None:
             raise UnavailableError("nwfilterd closed the connection")
         return protocol.raise_for_reply(reply)
+
+    def subscribe(self, kinds: list[str] | None = None) -> Any:
+        """Turn this connection into an event stream (`events.subscribe`);
+        read it with `next_event`.  No call can be made on it afterwards."""
+        return self.call("events.subscribe", {"kinds": kinds} if kinds else {})
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event of a subscribed connection, waiting up to
+        `timeout` s (None: for ever); None when the time ran out (the
+        connection is then unusable: a line may have been cut).
+        `UnavailableError` when the daemon closed the stream."""
+        self._sock.settimeout(timeout)
+        try:
+            message = protocol.read_message(self._reader)
+        except TimeoutError:
+            return None
+        if message is None:
+            raise UnavailableError("nwfilterd closed the event stream")
+        if set(message) != {"event"}:
+            raise ValidationError("malformed event line from nwfilterd")
+        return Event.from_json(message["event"])
 
     def close(self) -> None:
         self._reader.close()

@@ -3,7 +3,8 @@
 This module wires the parts together: the connection layer
 (`nwfilter.connserver`: sockets, limits, workers) serves the API's method
 table (`nwfilter.api`) on one engine and its domains.  The socket is
-created mode 0600.
+created mode 0600.  One event bus (`nwfilter.events`) is handed to the
+engine, the domains and the nft monitor; `events.subscribe` streams it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nwfilter import api, hostrecord, protocol
@@ -27,12 +28,14 @@ from nwfilter.connserver import (
     ConnectionServer,
     Limits,
     Peer,
+    Streaming,
     bind_unix,
     raise_nofile_limit,
 )
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
+from nwfilter.events import EventBus, Subscription
 from nwfilter.printable import configure_logging
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,10 @@ log = logging.getLogger(__name__)
 class DaemonContext:
     """What the API's handlers work on in the daemon: its engine and domains."""
 
-    def __init__(self, engine: Engine, manager: DomainManager) -> None:
+    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus) -> None:
         self._engine = engine
         self._manager = manager
+        self._bus = bus
 
     def engine(self) -> Engine:
         return self._engine
@@ -51,10 +55,46 @@ class DaemonContext:
     def domains(self) -> DomainManager:
         return self._manager
 
+    def events(self) -> EventBus:
+        return self._bus
+
+
+class EventStream:
+    """A subscription as the connection layer's `Stream`: one line
+    `{"event": {...}}` per event, the last one `overflow` if it fell behind."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+        self._held = b""  # a line that did not fit the last pull
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        self._subscription.attach(wake)
+
+    def pull(self, room: int) -> tuple[bytes, bool]:
+        out = bytearray(self._held)
+        self._held = b""
+        while len(out) < room:
+            taken, ended = self._subscription.take(1)
+            if not taken:
+                return bytes(out), ended
+            try:
+                line = protocol.encode({"event": taken[0].to_json()})
+            except (TypeError, ValueError) as exc:
+                log.error("event %s cannot be encoded: %s", taken[0].kind.value, exc)
+                continue
+            if out and len(out) + len(line) > room:
+                self._held = line
+                break
+            out += line
+        return bytes(out), False
+
+    def close(self) -> None:
+        self._subscription.close()
+
 
 def answer(
     context: api.ApiContext, line: bytes, *, read_only: bool = False
-) -> tuple[bytes, str | None]:
+) -> tuple[bytes | Streaming, str | None]:
     """The reply line to one request line, and why the request was refused
     as malformed (None when it was well-formed, even if the engine said no).
     Never raises: every line gets exactly one reply line."""
@@ -64,6 +104,9 @@ def answer(
         return protocol.encode(protocol.error_reply(exc.request_id, exc)), exc.message
     try:
         result = api.invoke(context, request.method, request.params, read_only=read_only)
+        if isinstance(result, api.Subscribed):
+            ack = protocol.encode({"id": request.id, "result": result.result})
+            return Streaming(ack, EventStream(result.subscription)), None
         reply = {"id": request.id, "result": result}
     except NwfilterError as exc:
         reply = protocol.error_reply(request.id, exc)
@@ -78,7 +121,9 @@ def answer(
         return protocol.encode(protocol.error_reply(request.id, failure)), None
 
 
-def _answer(context: DaemonContext, line: bytes, peer: Peer) -> tuple[bytes, str | None]:
+def _answer(
+    context: DaemonContext, line: bytes, peer: Peer
+) -> tuple[bytes | Streaming, str | None]:
     return answer(context, line)
 
 
@@ -95,7 +140,8 @@ class Server(ConnectionServer):
         super().__init__(limits)
         self.engine = engine
         self.domains = manager
-        self.context = DaemonContext(engine, manager)
+        self.events = engine.events
+        self.context = DaemonContext(engine, manager, engine.events)
         self.path = bound.path
         self.monitor: NftMonitor | None = None
         self.add_listener(bound, functools.partial(_answer, self.context))
@@ -107,8 +153,12 @@ def serve(
     netns: str | None,
     socket_path: Path | None,
     limits: Limits | None = None,
+    bus: EventBus | None = None,
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
+
+    `bus` carries the events of the engine, the domains and the nft
+    monitor to `events.subscribe` streams (a new one if None).
 
     `backend`/`netns` None: the ones the root recorded (`nwfilter.hostrecord`).
     The socket is claimed first: a path held by a running daemon (or by
@@ -119,7 +169,8 @@ def serve(
     path = socket_path or root / "run" / "nwfilterd.sock"
     bound = bind_unix(path, backlog=(limits or Limits()).backlog)
     try:
-        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
+        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd",
+                        events=bus or EventBus())
         engine.start()
     except BaseException:
         bound.close()
@@ -137,7 +188,7 @@ def serve(
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.
-        server.monitor = NftMonitor.for_backend(engine.backend)
+        server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
     return server
 

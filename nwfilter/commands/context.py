@@ -22,6 +22,7 @@ from nwfilter.printable import printable
 
 if TYPE_CHECKING:
     from nwfilter.api import Caller
+    from nwfilter.client import Client
     from nwfilter.engine import Engine
 
 DEFAULT_ROOT = "/var/lib/nwfilter"
@@ -66,7 +67,19 @@ class Context:
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return self.caller().call(method, params)
 
-    def _remote(self) -> Caller | None:
+    def daemon(self, *, purpose: str) -> Client:
+        """A connection of its own to the nwfilterd serving this root;
+        `UnavailableError` when none does (`purpose` says what needs it)."""
+        client = self._remote()
+        if client is None:
+            raise UnavailableError(
+                f"{purpose} need nwfilterd serving the root '{self.root}', and none "
+                f"answers at '{default_socket(self.root_path)}' (start nwfilterd, or "
+                "name its socket with -c)"
+            )
+        return client
+
+    def _remote(self) -> Client | None:
         from nwfilter.client import Client
 
         if self.connect is not None:

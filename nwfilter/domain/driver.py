@@ -29,6 +29,10 @@ domain's bindings; it is never held while waiting for a job or during a
 hypervisor call.  The domain lock is never held while the driver lock, the
 pool or anything of the engine is taken: a start unlocks the domain (its
 job keeps other writers out) before it touches the engine.
+
+Events: each lifecycle change that succeeded is published on the event bus
+(`nwfilter.events`) as libvirt names it (`started`/`booted`,
+`stopped`/`destroyed`, ...), once the domain's job has ended.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from nwfilter.errors import (
     StorageError,
     ValidationError,
 )
+from nwfilter.events import EventBus, lifecycle
 from nwfilter.fileio import DirHandle, SafeDir
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.rebuild import RebuildCoordinator
@@ -416,8 +421,10 @@ class DomainDriver:
         job_timeout: float = JOB_WAIT_TIME,
         mac_source: Callable[[], str] = random_mac,
         bindings: BindingLookup | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.type = dtype
+        self.events = events if events is not None else EventBus()
         self.bindings = bindings
         self.hypervisor = hypervisor
         self.engine = engine
@@ -498,6 +505,7 @@ class DomainDriver:
                 obj.definition = definition
         obj.persistent = True
         obj.end_api()
+        self.events.emit(lifecycle(definition.name, "defined", "added" if created else "updated"))
         return definition
 
     def _release_name_if_unused(self, name: str) -> None:
@@ -529,6 +537,7 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        self.events.emit(lifecycle(name, "undefined", "removed"))
 
     def set_autostart(self, name: str, enable: bool) -> None:
         obj = self.domains.lookup_by_name(name)
@@ -582,6 +591,7 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        self.events.emit(lifecycle(name, "started", "booted"))
 
     def _start_locked(self, obj: DomainObj) -> None:
         """Start `obj` (locked, job held); on return it is locked again."""
@@ -714,6 +724,10 @@ class DomainDriver:
                 self.names.release_domain(name)
         finally:
             obj.end_api()
+        if reason == "shutdown":
+            # libvirt tells the guest's shutdown and its stop apart
+            self.events.emit(lifecycle(name, "shutdown", "finished"))
+        self.events.emit(lifecycle(name, "stopped", reason))
 
     def _stop_locked(self, obj: DomainObj, reason: str) -> None:
         dom = obj.definition
@@ -769,6 +783,10 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        if suspend:
+            self.events.emit(lifecycle(name, "suspended", "paused"))
+        else:
+            self.events.emit(lifecycle(name, "resumed", "unpaused"))
 
     # -- queries (no job: they never wait for one) ----------------------------------------
 
@@ -919,6 +937,7 @@ class DomainDriver:
                 if not obj.persistent:
                     self.domains.remove(obj)
                     self.names.release_domain(name)
+                self.events.emit(lifecycle(name, "stopped", "crashed"))
                 return
             self.names.reserve_ports(name, [p.portdev for p in ports])
             self._adopt(obj, status)
@@ -934,6 +953,7 @@ class DomainDriver:
                     self._stop_locked(obj, "failed")
                 finally:
                     obj.job.end()
+                self.events.emit(lifecycle(name, "stopped", "failed"))
                 raise
             obj.lock()
         finally:
@@ -968,9 +988,11 @@ class DomainManager:
         job_timeout: float = JOB_WAIT_TIME,
         bindings: BindingLookup | None = None,
         mac_source: Callable[[], str] = random_mac,
+        events: EventBus | None = None,
     ) -> None:
         self.files = DomainFiles(root)
         self.engine = engine
+        self.events = events if events is not None else EventBus()
         self.coordinator = coordinator
         self.names = SharedNames()
         self.netns = netns
@@ -1007,6 +1029,7 @@ class DomainManager:
             job_timeout=job_timeout,
             bindings=engine.bindings.get,
             mac_source=mac_source,
+            events=engine.events,
         )
         engine.add_port_holder(manager.names.port_holder)
         return manager
@@ -1038,7 +1061,7 @@ class DomainManager:
             driver = DomainDriver(
                 dtype, hypervisor, self.engine, self.files, self.names,
                 rank=len(self._drivers), job_timeout=self.job_timeout,
-                mac_source=self.mac_source, bindings=self._bindings,
+                mac_source=self.mac_source, bindings=self._bindings, events=self.events,
             )
             if self.coordinator is not None:
                 lock = driver.lock
