@@ -49,8 +49,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
+from nwfilter.conf.domain_xml import ATTACHABLE_TYPES
 from nwfilter.conf.model import BindingDef, DomainDef, InterfaceDef
-from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan, load_hypervisor
+from nwfilter.domain.hypervisor import (
+    Hypervisor,
+    HypervisorEnv,
+    PortPlan,
+    Undriven,
+    load_hypervisor,
+)
 from nwfilter.domain.jobs import JOB_WAIT_TIME, JobKind
 from nwfilter.domain.objects import DomainObj, DomainObjList, DomainState
 from nwfilter.errors import (
@@ -59,6 +66,7 @@ from nwfilter.errors import (
     NwfilterError,
     StateError,
     StorageError,
+    UnsupportedError,
     ValidationError,
 )
 from nwfilter.events import EventBus, lifecycle
@@ -560,8 +568,20 @@ class DomainDriver:
     def _plan(self, dom: DomainDef) -> list[PortPlan]:
         """The ports of a start; reserves their names (checks come first,
         so a refused start reserves nothing)."""
+        if isinstance(self.hypervisor, Undriven):
+            raise self.hypervisor.refusal(dom)
         macs: list[str] = []
         for index, iface in enumerate(dom.interfaces):
+            if iface.type not in ATTACHABLE_TYPES:
+                raise UnsupportedError(
+                    f"domain '{dom.name}': interface {index + 1} has type '{iface.type}', "
+                    f"which no driver here can attach ({', '.join(ATTACHABLE_TYPES)})"
+                )
+            if iface.type == "network":
+                raise UnsupportedError(
+                    f"domain '{dom.name}': interface {index + 1} uses network "
+                    f"'{iface.source_network}', and no network is active here"
+                )
             if iface.mac is None:
                 raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
             macs.append(iface.mac)
