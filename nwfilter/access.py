@@ -78,9 +78,13 @@ class AdminAccess:
             return None
         if self.group is not None and peer.uid >= 0 and self.group.gid in peer_groups(peer):
             return None
-        allowed = "root" if self.group is None else (
-            f"root and members of group '{self.group.name}'")
         return PermissionDeniedError(
             f"pid {peer.pid} uid {peer.uid} may not use the admin socket '{self.socket}': "
-            f"only {allowed} may"
+            f"only {self.allowed} may"
         )
+
+    @property
+    def allowed(self) -> str:
+        if self.group is None:
+            return "root"
+        return f"root and members of group '{self.group.name}'"

@@ -110,8 +110,8 @@ def _admit_admin(context: DaemonContext, access: AdminAccess, peer: Peer) -> Ans
     refusal = access.refusal(peer)
     if refusal is None:
         return functools.partial(_answer, context)
-    log.warning("refusing the connection of %s on the admin socket '%s': %s",
-                peer, access.socket, refusal.message)
+    log.warning("refused the connection of %s on the admin socket '%s': only %s may use it",
+                peer, access.socket, access.allowed)
     return functools.partial(_refuse, refusal)
 
 
@@ -124,7 +124,8 @@ def _admit_read_only(context: DaemonContext, path: Path, peer: Peer) -> Answer:
         # Once per connection at warning level: a client cannot flood the log.
         level = logging.DEBUG if logged else logging.WARNING
         logged = True
-        log.log(level, "refused %s on the read-only socket '%s': %s", peer, path, exc.message)
+        log.log(level, "refused method %r of %s on the read-only socket '%s': it changes state",
+                method[:64], peer, path)
 
     def read_only(line: bytes, peer: Peer) -> tuple[bytes, str | None]:
         return answer(context, line, read_only=True, channel=channel, denied=denied)

@@ -166,10 +166,33 @@ class Context:
     def _embedded(self) -> Caller:
         from nwfilter.api import EmbeddedCaller, EmbeddedContext
 
+        self._check_reachable()
         backend, netns = self.host()
         return EmbeddedCaller(
             EmbeddedContext(lambda read_only: self._start_engine(backend, netns, read_only),
                             netns)
+        )
+
+    def _check_reachable(self) -> None:
+        """A user who may not enter the root (root's own, mode 0700 or
+        0711) gets one clear error rather than the storage error of the
+        first file the engine would open."""
+        euid = os.geteuid()
+        if euid == 0:
+            return
+        try:
+            os.stat(self.root_path)
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            pass
+        else:
+            if os.access(self.root_path, os.R_OK | os.X_OK):
+                return
+        raise PermissionDeniedError(
+            f"state root '{self.root}' is not accessible to uid {euid}, and no nwfilterd "
+            "serves it: run the command as root, or start nwfilterd (its read-only socket "
+            "serves queries to every user)"
         )
 
     def _start_engine(self, backend: str, netns: str | None, read_only: bool) -> Engine:
