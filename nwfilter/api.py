@@ -374,14 +374,19 @@ def method(name: Any) -> Method:
     return found
 
 
-def invoke(ctx: ApiContext, name: Any, params: Any, *, read_only: bool = False) -> Json:
-    """Check and run one call; NwfilterError for every refusal."""
+def invoke(
+    ctx: ApiContext, name: Any, params: Any, *, read_only: bool = False,
+    channel: str = "this connection",
+) -> Json:
+    """Check and run one call; NwfilterError for every refusal.  With
+    `read_only`, a method that changes state is refused (before its
+    parameters are looked at) as `PermissionDeniedError` naming `channel`."""
     found = method(name)
-    checked = check_params(found, params)
     if read_only and found.writes:
         raise PermissionDeniedError(
-            f"method '{found.name}' changes state; this connection is read-only"
+            f"method '{found.name}' changes state; {channel} allows queries only"
         )
+    checked = check_params(found, params)
     return found.handler(ctx, checked)
 
 

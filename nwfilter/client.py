@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nwfilter import protocol
-from nwfilter.errors import UnavailableError, ValidationError
+from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationError
 from nwfilter.events import Event
 
 # Waits between connect attempts while the daemon's listen queue is full.
@@ -24,7 +25,8 @@ class Client:
     A connect that finds the daemon's listen queue full (EAGAIN: many
     clients at once) is retried with growing waits for up to
     `connect_timeout` seconds; a daemon that is not there (no socket, or
-    nobody listening on it) is reported at once.
+    nobody listening on it) is reported at once, and a socket this user
+    may not connect to as `PermissionDeniedError`.
     """
 
     def __init__(
@@ -38,6 +40,10 @@ class Client:
             self._connect(connect_timeout)
         except OSError as exc:
             self._sock.close()
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDeniedError(
+                    f"cannot connect to nwfilterd at '{path}': permission denied"
+                ) from exc
             raise UnavailableError(f"cannot connect to nwfilterd at '{path}': {exc}") from exc
         except UnavailableError:
             self._sock.close()

@@ -40,7 +40,10 @@ then every connection is closed.
 
 A socket is bound by `bind_unix`, which never removes anything but a stale
 socket (one on which a connect is refused); a second socket with other
-rights is a second `add_listener` with another `Answer`.
+rights is a second `add_listener` with another `Answer`.  A listener's
+`admit` function sees each connection's `Peer` once, when it is accepted,
+and gives the `Answer` for that connection: this is where access is
+checked.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ from nwfilter.errors import (
 
 log = logging.getLogger(__name__)
 
+# Linux 4.13; Python does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_NGROUPS_MAX = 65536
 # Descriptors kept free for the engine (state files, netlink, the nft
 # monitor) when the connection cap is derived from RLIMIT_NOFILE.
 FD_RESERVE = 128
@@ -111,6 +117,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] | None = None  # supplementary; None: not reported
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
@@ -119,7 +126,7 @@ class Peer:
         except OSError:
             return cls(0, -1, -1)
         pid, uid, gid = struct.unpack("3i", raw)
-        return cls(pid, uid, gid)
+        return cls(pid, uid, gid, _peer_groups(sock))
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
@@ -150,9 +157,23 @@ class Streaming:
     stream: Stream
 
 
+def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    for count in (64, _NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return None
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return None
+
+
 # One request line and its peer in; the reply line (or a stream) and, for a
 # malformed request, why it was refused, out.  Must not raise.
 Answer = Callable[[bytes, Peer], tuple["bytes | Streaming", str | None]]
+# A connection's peer in, the `Answer` for its requests out.  Must not raise.
+Admit = Callable[[Peer], Answer]
 
 
 def raise_nofile_limit() -> int:
@@ -267,15 +288,17 @@ def bind_unix(path: Path, *, mode: int = 0o600, backlog: int = Limits.backlog) -
 
 
 class _Listening:
-    __slots__ = ("answer", "bound")
+    __slots__ = ("admit", "answer", "bound")
 
-    def __init__(self, bound: BoundSocket, answer: Answer) -> None:
+    def __init__(self, bound: BoundSocket, answer: Answer, admit: Admit | None) -> None:
         self.bound = bound
         self.answer = answer
+        self.admit = admit
 
 
 class _Conn:
     __slots__ = (
+        "answer",
         "bad",
         "busy",
         "closed",
@@ -291,10 +314,12 @@ class _Conn:
         "stream",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, listening: _Listening) -> None:
+    def __init__(self, sock: socket.socket, peer: Peer, listening: _Listening,
+                 answer: Answer) -> None:
         self.sock = sock
         self.peer = peer
         self.listening = listening
+        self.answer = answer
         self.inbuf = bytearray()
         self.out = b""
         self.out_pos = 0
@@ -367,9 +392,12 @@ class ConnectionServer:
 
     # --- public -----------------------------------------------------------
 
-    def add_listener(self, bound: BoundSocket, answer: Answer) -> None:
+    def add_listener(
+        self, bound: BoundSocket, answer: Answer, *, admit: Admit | None = None
+    ) -> None:
+        """Serve `bound`: with `answer`, or with what `admit` gives each connection."""
         bound.sock.listen(self.limits.backlog)
-        listening = _Listening(bound, answer)
+        listening = _Listening(bound, answer, admit)
         self._listening.append(listening)
         self._selector.register(bound.sock, selectors.EVENT_READ, listening)
 
@@ -498,7 +526,15 @@ class ConnectionServer:
                     sock.send(protocol.encode(protocol.error_reply(None, error)))
                 sock.close()
                 continue
-            conn = _Conn(sock, peer, listening)
+            answer = listening.answer
+            if listening.admit is not None:
+                try:
+                    answer = listening.admit(peer)
+                except Exception:
+                    log.exception("cannot check the connection of %s", peer)
+                    sock.close()
+                    continue
+            conn = _Conn(sock, peer, listening, answer)
             self._conns.add(conn)
             self._idle[conn] = None
             self._set_events(conn, selectors.EVENT_READ)
@@ -580,7 +616,7 @@ class ConnectionServer:
 
     def _work(self, conn: _Conn, line: bytes) -> None:
         try:
-            reply, refusal = conn.listening.answer(line, conn.peer)
+            reply, refusal = conn.answer(line, conn.peer)
         except BaseException as exc:
             log.exception("request of %s failed", conn.peer)
             failure = NwfilterError(f"internal error: {exc}")

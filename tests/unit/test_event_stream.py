@@ -309,3 +309,21 @@ def test_requests_sent_on_a_stream_are_not_served(daemon: Server) -> None:
             protocol.read_message(reader)  # no reply to 2 or 3
     finally:
         sock.close()
+
+
+def test_the_read_only_socket_streams_events(tmp_path: Path) -> None:
+    ro = tmp_path / "ro.sock"
+    srv = serve(tmp_path / "root", "memory", None, None, ro_socket=ro)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(ro) as sub, Client(srv.path) as cli:
+            assert "filter-defined" in sub.subscribe()["kinds"]
+            cli.call("filter.define", {"xml": FILTER})
+            (event,) = _events(sub, 1)
+            assert (event.kind.value, event.name) == ("filter-defined", "web")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.close()
+        thread.join(5)
