@@ -150,7 +150,10 @@ def describe_match(match: ProtocolMatch | None, limit: int = 100) -> str:
     parts = [match.protocol]
     if match.negate:
         parts.append("match='no'")
-    parts.extend(f"{a.name}='{a.text}'" for a in match.attrs)
+        parts.extend(f"{a.name}='{a.text}'" for a in match.attrs)
+    else:
+        # a negated attribute of a split rule is marked with '!'
+        parts.extend(f"{'!' if a.negate else ''}{a.name}='{a.text}'" for a in match.attrs)
     text = "<" + " ".join(parts) + ">"
     return text if len(text) <= limit else text[: limit - 4] + "...>"
 
@@ -516,13 +519,13 @@ def _build(site: _Site, attrs: Mapping[str, object]) -> list[IRRule | None]:
     """The IR rule of each instance for one combination of values."""
     rule = site.rule
     protocol = rule.match.protocol if rule.match is not None else None
-    negate = rule.match.negate if rule.match is not None else False
+    negated = rule.match.negated if rule.match is not None else frozenset()
     comment = attrs.get("comment")
     comment_text = None if comment is None else str(comment)
     out: list[IRRule | None] = []
     for inst in site.instances:
         if site.family is Family.ETHER:
-            matches = tuple(m.l2_matches(protocol, attrs, negate, inst.swapped))
+            matches = tuple(m.l2_matches(protocol, attrs, negated, inst.swapped))
             out.append(
                 IRRule(
                     Family.ETHER, matches, inst.verdict, None, rule.priority,
@@ -531,7 +534,7 @@ def _build(site: _Site, attrs: Mapping[str, object]) -> list[IRRule | None]:
             )
             continue
         assert protocol is not None
-        out.append(_l3_rule(site, protocol, attrs, negate, inst, comment_text))
+        out.append(_l3_rule(site, protocol, attrs, negated, inst, comment_text))
     return out
 
 
@@ -539,7 +542,7 @@ def _l3_rule(
     site: _Site,
     protocol: str,
     attrs: Mapping[str, object],
-    negate: bool,
+    negated: m.Negated,
     inst: _Instance,
     comment: str | None,
 ) -> IRRule | None:
@@ -549,7 +552,7 @@ def _l3_rule(
     if is_icmp and "type" in attrs and inst.swapped and not inout:
         # ICMP types are not symmetric: libvirt creates no reply-direction rule.
         return None
-    parts = m.l3_parts(protocol, attrs, negate, inst.swapped)
+    parts = m.l3_parts(protocol, attrs, negated, inst.swapped)
     if not parts.counted:
         return None
     if parts.connlimit is not None and inst.swapped:
