@@ -284,6 +284,30 @@ CASES = [
         udp("spoofed-mac", False, src_mac="52:54:00:aa:bb:cc"),
         udp("in-from-g1", True, inbound=True),
     )),
+    # Layer-3 rules with a source MAC: iptables' -m mac in libvirt, 'ether
+    # saddr' of the bridged frame in the inet family here.
+    Case("l3-tcp-srcmacaddr", (root_filter("t", "<rule action='drop' direction='out'>"
+                                           "<udp srcmacaddr='52:54:00:aa:bb:cc'/></rule>"),), (
+        udp("spoofed-mac", False, src_mac="52:54:00:aa:bb:cc"),
+        udp("own-mac", True),
+        udp("in-from-g1", True, inbound=True),
+    )),
+    Case("l3-all-match-no-mac-out", (root_filter("t", "<rule action='drop' direction='out'>"
+                                                 "<all match='no' srcmacaddr='$MAC'/></rule>"),), (
+        udp("own-mac", True),
+        udp("spoofed-mac", False, src_mac="52:54:00:aa:bb:cc"),
+        udp("in-from-g1", True, inbound=True),
+    )),
+    # libvirt's ipt-no-macspoof: in 'inout' only the host-to-guest half keeps
+    # the MAC match (the other half loses its only header match), so every IP
+    # packet to the guest whose source MAC is not the guest's is dropped.
+    Case("l3-all-match-no-mac-inout", (root_filter(
+        "t", "<rule action='drop' direction='inout'>"
+        "<all match='no' srcmacaddr='$MAC'/></rule>"),), (
+        udp("own-mac", True),
+        udp("spoofed-mac", True, src_mac="52:54:00:aa:bb:cc"),
+        udp("in-from-g1", False, inbound=True),
+    )),
     Case("arp-opcode", (root_filter("t", "<rule action='drop' direction='out'>"
                                     "<arp opcode='Reply'/></rule>"),), (
         arp("request", True, op=1),
