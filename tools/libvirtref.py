@@ -44,10 +44,12 @@ def ensure_installed() -> None:
 
 
 class ReferenceDaemon:
-    """A private libvirtd in network namespace `netns`."""
+    """A private libvirtd in network namespace `netns`, which it creates and
+    deletes unless `existing` (a lab namespace that its owner deletes)."""
 
-    def __init__(self, netns: str = "nwf-lvref") -> None:
+    def __init__(self, netns: str = "nwf-lvref", *, existing: bool = False) -> None:
         self.netns = netns
+        self.existing = existing
         self.work = Path(tempfile.mkdtemp(prefix="nwf-lvref-"))
         self.pid: int | None = None
 
@@ -69,7 +71,8 @@ class ReferenceDaemon:
         for path in ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt",
                      "/var/log/libvirt"):
             Path(path).mkdir(parents=True, exist_ok=True)
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        if not self.existing:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True)
         script = (
             "mount -t tmpfs nwf-lvref /run/libvirt"
             " && mount -t tmpfs nwf-lvref /var/lib/libvirt"
@@ -118,7 +121,8 @@ class ReferenceDaemon:
             except ProcessLookupError:
                 pass
             self.pid = None
-        subprocess.run(["ip", "netns", "del", self.netns], check=False)
+        if not self.existing:
+            subprocess.run(["ip", "netns", "del", self.netns], check=False)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> ReferenceDaemon:

@@ -192,6 +192,8 @@ class _Site:
 
 @dataclass(frozen=True)
 class _Jump:
+    """A rule the layout adds: a jump from root, or the end of a sub-chain."""
+
     rule: IRRule
 
 
@@ -642,7 +644,11 @@ def _layout(root: str, sites: list[_Site], names: frozenset[str]) -> _Plan:
         chains: list[tuple[str, int, list[_Entry]]] = [
             (ROOT, 0, [entry for _, entry in root_entries])
         ]
-        chains.extend((c, sub_priority[c], sub[c]) for c in chain_names)
+        for c in chain_names:
+            entries = list(sub[c])
+            if not _ends_closed(sites, entries):
+                entries.append(_Jump(_policy_rule(c, sub_origin[c])))
+            chains.append((c, sub_priority[c], entries))
         l2[hook] = chains
     plan = _Plan(root, sites, l2, l3, names)
     for hook, hook_chains in l2.items():
@@ -659,6 +665,33 @@ def _layout(root: str, sites: list[_Site], names: frozenset[str]) -> _Plan:
             else:
                 plan.fixed_chains[(hook, n)] = Chain(name, priority, tuple(rules))
     return plan
+
+
+def _policy_rule(chain: str, origin: str) -> IRRule:
+    """The end of a sub-chain.  libvirt creates its ebtables sub-chains with
+    policy ACCEPT (`ebtables-save -t nat` after a binding shows
+    `:I-vnet0-arp-x ACCEPT`), so a frame that enters one and matches none of
+    its rules is accepted, not returned to root; measured with real frames
+    (tests/golden/libvirt/verdicts.json, case subchain-fall-through)."""
+    return IRRule(
+        Family.ETHER, (), Verdict.ACCEPT, None, schema.MAX_PRIORITY, None,
+        Origin(origin, 0, f"end of chain '{chain}': libvirt's chain policy ACCEPT"),
+    )
+
+
+def _ends_closed(sites: Sequence[_Site], entries: Sequence[_Entry]) -> bool:
+    """The chain's last rule stops every frame (an unconditional drop or
+    accept, as the stock filters end), so the policy rule would never run."""
+    last = entries[-1] if entries else None
+    if not isinstance(last, _Slot):
+        return False
+    constant = sites[last.site].constant
+    if constant is None or not constant[last.instance]:
+        return False
+    return all(
+        not rule.matches and rule.verdict in (Verdict.DROP, Verdict.ACCEPT)
+        for rule in constant[last.instance]
+    )
 
 
 # ---------------------------------------------------------------- entry points

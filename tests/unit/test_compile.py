@@ -409,6 +409,21 @@ def test_split_elements_negate_only_their_own_attributes() -> None:
     assert Match(Field.L4_DPORT, IntRange.single(22)) in l3.matches
 
 
+def test_sub_chains_end_in_accept_as_libvirts_chain_policy() -> None:
+    sub = fdef("sub", rule("mac", attr("protocolid", 0x88B5), action=Action.RETURN),
+               chain="mac-t")
+    closed = fdef("closed", rule("arp", attr("opcode", 1), action=Action.RETURN),
+                  rule(None, action=Action.DROP), chain="arp-t")
+    top = fdef("top", ref("sub"), ref("closed"))
+    rs = build([sub, closed, top], binding("top"))
+    chains = {c.name: c for c in rs.chains(Hook.FROM_VM)}  # type: ignore[attr-defined]
+    last = chains["mac-t"].rules[-1]
+    assert (last.matches, last.verdict) == ((), Verdict.ACCEPT)
+    assert "libvirt's chain policy ACCEPT" in str(last.origin)
+    # a chain whose last rule stops every frame gets nothing more
+    assert [r.verdict for r in chains["arp-t"].rules] == [Verdict.RETURN, Verdict.DROP]
+
+
 def test_compile_many_shares_work_and_keys_by_port() -> None:
     f = fdef("f", rule("mac", attr("srcmacaddr", "$MAC")))
     bs = [
