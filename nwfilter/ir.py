@@ -21,9 +21,12 @@ chain named `root`.  `ACCEPT` ends the layer-2 walk and lets the frame go on
 to layer 3; `DROP`/`REJECT` end it for good; `RETURN` leaves the current
 chain (at `root`: like `ACCEPT`); `CONTINUE` records nothing and goes on with
 the next rule; `JUMP` enters `target`.  Falling off the end of a chain is a
-`RETURN`.  IP frames that pass layer 2 then walk the flat layer-3 list of
-their hook (`Ruleset.l3`), in order; the first rule with a terminal verdict
-decides, `RETURN` and falling off the end accept.
+`RETURN` (at `root`: an accept); the compiler ends every other chain with an
+explicit `ACCEPT` unless its last rule already stops every frame, because
+libvirt's ebtables sub-chains have policy ACCEPT.  IP frames that pass
+layer 2 then walk the flat layer-3 list of their hook (`Ruleset.l3`), in
+order; the first rule with a terminal verdict decides, `RETURN` and falling
+off the end accept.
 """
 
 from __future__ import annotations

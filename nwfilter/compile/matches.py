@@ -12,7 +12,9 @@ expressed in packet terms:
   can only match the source MAC), and an instance that loses every match
   that way, or that carries `connlimit-above`, is not created at all.
 
-`match='no'` negates each attribute on its own, as libvirt does.  Every
+`match='no'` negates each attribute of its element on its own, as libvirt
+does; `negated` names the attributes so written (a match over a range or a
+masked address takes the negation of its start or address).  Every
 attribute of the element must be understood here; anything else is refused
 with `UnsupportedError` rather than dropped.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from nwfilter.conf import schema
@@ -46,6 +49,8 @@ from nwfilter.ir import (
 )
 
 Attrs = Mapping[str, object]
+# The names of the attributes written in an element with match='no'.
+Negated = AbstractSet[str]
 
 # The ethertype every rule of a layer-2 protocol element matches.
 _L2_ETHERTYPES: Mapping[str, int] = {
@@ -206,7 +211,9 @@ _STP_RANGES = (
 )
 
 
-def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) -> list[Match]:
+def l2_matches(
+    protocol: str | None, attrs: Attrs, negated: Negated, reverse: bool
+) -> list[Match]:
     """The matches of an ebtables rule instance."""
     out: list[Match] = []
     src, dst = _pair(Field.ETH_SRC, Field.ETH_DST, reverse)
@@ -217,102 +224,110 @@ def l2_matches(protocol: str | None, attrs: Attrs, negate: bool, reverse: bool) 
             "STP filtering in the 'inout' direction with a source MAC address is not supported"
         )
     if "srcmacaddr" in attrs:
-        out.append(Match(src, _macmatch(attrs, "srcmacaddr", "srcmacmask"), negate))
+        value = _macmatch(attrs, "srcmacaddr", "srcmacmask")
+        out.append(Match(src, value, "srcmacaddr" in negated))
     if "dstmacaddr" in attrs:
-        out.append(Match(dst, _macmatch(attrs, "dstmacaddr", "dstmacmask"), negate))
+        value = _macmatch(attrs, "dstmacaddr", "dstmacmask")
+        out.append(Match(dst, value, "dstmacaddr" in negated))
     if protocol == "mac":
         if "protocolid" in attrs:
             number = _int(attrs["protocolid"], "protocolid")
-            out.append(Match(Field.ETH_TYPE, number, negate))
+            out.append(Match(Field.ETH_TYPE, number, "protocolid" in negated))
         return out
     if protocol == "stp":
         out.append(Match(Field.ETH_DST, MacMatch(STP_GROUP_MAC)))
         if "type" in attrs:
-            out.append(Match(Field.STP_TYPE, _int(attrs["type"], "type"), negate))
+            out.append(Match(Field.STP_TYPE, _int(attrs["type"], "type"), "type" in negated))
         if "flags" in attrs:
-            out.append(Match(Field.STP_FLAGS, _int(attrs["flags"], "flags"), negate))
+            out.append(Match(Field.STP_FLAGS, _int(attrs["flags"], "flags"), "flags" in negated))
         for lo, hi, fld in _STP_RANGES[:2]:
             rng = _range(attrs, lo, hi)
             if rng is not None:
-                out.append(Match(fld, rng, negate))
+                out.append(Match(fld, rng, lo in negated))
         if "root-address" in attrs:
             value = _macmatch(attrs, "root-address", "root-address-mask")
-            out.append(Match(Field.STP_ROOT_ADDR, value, negate))
+            out.append(Match(Field.STP_ROOT_ADDR, value, "root-address" in negated))
         for lo, hi, fld in _STP_RANGES[2:3]:
             rng = _range(attrs, lo, hi)
             if rng is not None:
-                out.append(Match(fld, rng, negate))
+                out.append(Match(fld, rng, lo in negated))
         if "sender-address" in attrs:
             value = _macmatch(attrs, "sender-address", "sender-address-mask")
-            out.append(Match(Field.STP_SENDER_ADDR, value, negate))
+            out.append(Match(Field.STP_SENDER_ADDR, value, "sender-address" in negated))
         for lo, hi, fld in _STP_RANGES[3:]:
             rng = _range(attrs, lo, hi)
             if rng is not None:
-                out.append(Match(fld, rng, negate))
+                out.append(Match(fld, rng, lo in negated))
         return out
     out.insert(0, Match(Field.ETH_TYPE, _L2_ETHERTYPES[protocol]))
     if protocol == "vlan":
         if "vlanid" in attrs:
-            out.append(Match(Field.VLAN_ID, _int(attrs["vlanid"], "vlanid"), negate))
+            out.append(Match(Field.VLAN_ID, _int(attrs["vlanid"], "vlanid"), "vlanid" in negated))
         if "encap-protocol" in attrs:
             number = _int(attrs["encap-protocol"], "encap-protocol")
-            out.append(Match(Field.VLAN_ENCAP, number, negate))
+            out.append(Match(Field.VLAN_ENCAP, number, "encap-protocol" in negated))
         return out
     if protocol in ("arp", "rarp"):
-        _arp(attrs, negate, reverse, out)
+        _arp(attrs, negated, reverse, out)
         return out
-    _l2_ip(protocol, attrs, negate, reverse, out)
+    _l2_ip(protocol, attrs, negated, reverse, out)
     return out
 
 
-def _arp(attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
+def _arp(attrs: Attrs, negated: Negated, reverse: bool, out: list[Match]) -> None:
     if "hwtype" in attrs:
-        out.append(Match(Field.ARP_HTYPE, _int(attrs["hwtype"], "hwtype"), negate))
+        out.append(Match(Field.ARP_HTYPE, _int(attrs["hwtype"], "hwtype"), "hwtype" in negated))
     if "opcode" in attrs:
-        out.append(Match(Field.ARP_OP, _int(attrs["opcode"], "opcode"), negate))
+        out.append(Match(Field.ARP_OP, _int(attrs["opcode"], "opcode"), "opcode" in negated))
     if "protocoltype" in attrs:
         number = _int(attrs["protocoltype"], "protocoltype")
-        out.append(Match(Field.ARP_PTYPE, number, negate))
+        out.append(Match(Field.ARP_PTYPE, number, "protocoltype" in negated))
     spa, tpa = _pair(Field.ARP_SPA, Field.ARP_TPA, reverse)
     sha, tha = _pair(Field.ARP_SHA, Field.ARP_THA, reverse)
     if "arpsrcipaddr" in attrs:
-        out.append(Match(spa, _network(attrs, "arpsrcipaddr", "arpsrcipmask"), negate))
+        out.append(Match(spa, _network(attrs, "arpsrcipaddr", "arpsrcipmask"),
+                         "arpsrcipaddr" in negated))
     if "arpdstipaddr" in attrs:
-        out.append(Match(tpa, _network(attrs, "arpdstipaddr", "arpdstipmask"), negate))
+        out.append(Match(tpa, _network(attrs, "arpdstipaddr", "arpdstipmask"),
+                         "arpdstipaddr" in negated))
     if "arpsrcmacaddr" in attrs:
-        out.append(Match(sha, MacMatch(_mac(attrs["arpsrcmacaddr"], "arpsrcmacaddr")), negate))
+        out.append(Match(sha, MacMatch(_mac(attrs["arpsrcmacaddr"], "arpsrcmacaddr")),
+                         "arpsrcmacaddr" in negated))
     if "arpdstmacaddr" in attrs:
-        out.append(Match(tha, MacMatch(_mac(attrs["arpdstmacaddr"], "arpdstmacaddr")), negate))
+        out.append(Match(tha, MacMatch(_mac(attrs["arpdstmacaddr"], "arpdstmacaddr")),
+                         "arpdstmacaddr" in negated))
     # libvirt emits --arp-gratuitous only for a true value; false matches anything.
     if attrs.get("gratuitous") is True:
-        out.append(Match(Field.ARP_GRATUITOUS, True, negate))
+        out.append(Match(Field.ARP_GRATUITOUS, True, "gratuitous" in negated))
 
 
-def _l2_ip(protocol: str, attrs: Attrs, negate: bool, reverse: bool, out: list[Match]) -> None:
+def _l2_ip(
+    protocol: str, attrs: Attrs, negated: Negated, reverse: bool, out: list[Match]
+) -> None:
     src, dst = _pair(Field.IP_SRC, Field.IP_DST, reverse)
     sport, dport = _pair(Field.L4_SPORT, Field.L4_DPORT, reverse)
     if "srcipaddr" in attrs:
-        out.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), negate))
+        out.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), "srcipaddr" in negated))
     if "dstipaddr" in attrs:
-        out.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), negate))
+        out.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), "dstipaddr" in negated))
     if "protocol" in attrs:
         number = _int(attrs["protocol"], "protocol")
-        out.append(Match(Field.IP_PROTO, number, negate))
+        out.append(Match(Field.IP_PROTO, number, "protocol" in negated))
     rng = _range(attrs, "srcportstart", "srcportend")
     if rng is not None:
-        out.append(Match(sport, rng, negate))
+        out.append(Match(sport, rng, "srcportstart" in negated))
     rng = _range(attrs, "dstportstart", "dstportend")
     if rng is not None:
-        out.append(Match(dport, rng, negate))
+        out.append(Match(dport, rng, "dstportstart" in negated))
     if "dscp" in attrs:
-        out.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), negate))
+        out.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), "dscp" in negated))
     if protocol == "ipv6":
         rng = _range(attrs, "type", "typeend")
         if rng is not None:
-            out.append(Match(Field.ICMP_TYPE, rng, negate))
+            out.append(Match(Field.ICMP_TYPE, rng, "type" in negated))
         rng = _range(attrs, "code", "codeend")
         if rng is not None:
-            out.append(Match(Field.ICMP_CODE, rng, negate))
+            out.append(Match(Field.ICMP_CODE, rng, "code" in negated))
 
 
 # ------------------------------------------------------------------ layer 3
@@ -332,7 +347,7 @@ class L3Parts:
     ipset: Match | None
 
 
-def l3_parts(protocol: str, attrs: Attrs, negate: bool, swapped: bool) -> L3Parts:
+def l3_parts(protocol: str, attrs: Attrs, negated: Negated, swapped: bool) -> L3Parts:
     core: list[Match] = []
     src, dst = _pair(Field.IP_SRC, Field.IP_DST, swapped)
     srange, drange = _pair(Field.IP_SRC_RANGE, Field.IP_DST_RANGE, swapped)
@@ -343,49 +358,51 @@ def l3_parts(protocol: str, attrs: Attrs, negate: bool, swapped: bool) -> L3Part
             srcmac_skipped = True
         else:
             mac = MacMatch(_mac(attrs["srcmacaddr"], "srcmacaddr"))
-            core.append(Match(Field.ETH_SRC, mac, negate))
+            core.append(Match(Field.ETH_SRC, mac, "srcmacaddr" in negated))
     header = len(core)
     if "srcipaddr" in attrs:
-        core.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), negate))
+        core.append(Match(src, _network(attrs, "srcipaddr", "srcipmask"), "srcipaddr" in negated))
     elif "srcipfrom" in attrs:
-        core.append(Match(srange, _addr_range(attrs, "srcipfrom", "srcipto"), negate))
+        core.append(Match(srange, _addr_range(attrs, "srcipfrom", "srcipto"),
+                          "srcipfrom" in negated))
     elif "srcipto" in attrs:
         raise UnsupportedError("'srcipto' is given without 'srcipfrom'")
     if "dstipaddr" in attrs:
-        core.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), negate))
+        core.append(Match(dst, _network(attrs, "dstipaddr", "dstipmask"), "dstipaddr" in negated))
     elif "dstipfrom" in attrs:
-        core.append(Match(drange, _addr_range(attrs, "dstipfrom", "dstipto"), negate))
+        core.append(Match(drange, _addr_range(attrs, "dstipfrom", "dstipto"),
+                          "dstipfrom" in negated))
     elif "dstipto" in attrs:
         raise UnsupportedError("'dstipto' is given without 'dstipfrom'")
     if "dscp" in attrs:
-        core.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), negate))
+        core.append(Match(Field.IP_DSCP, _int(attrs["dscp"], "dscp"), "dscp" in negated))
     if "flags" in attrs:
-        core.append(Match(Field.TCP_FLAGS, _tcp_flags(attrs["flags"]), negate))
+        core.append(Match(Field.TCP_FLAGS, _tcp_flags(attrs["flags"]), "flags" in negated))
     rng = _range(attrs, "srcportstart", "srcportend")
     if rng is not None:
-        core.append(Match(sport, rng, negate))
+        core.append(Match(sport, rng, "srcportstart" in negated))
     rng = _range(attrs, "dstportstart", "dstportend")
     if rng is not None:
-        core.append(Match(dport, rng, negate))
+        core.append(Match(dport, rng, "dstportstart" in negated))
     if "type" in attrs:
         icmp_type = _int(attrs["type"], "type")
-        core.append(Match(Field.ICMP_TYPE, IntRange.single(icmp_type), negate))
+        core.append(Match(Field.ICMP_TYPE, IntRange.single(icmp_type), "type" in negated))
         if "code" in attrs:
             code = _int(attrs["code"], "code")
-            core.append(Match(Field.ICMP_CODE, IntRange.single(code), negate))
+            core.append(Match(Field.ICMP_CODE, IntRange.single(code), "code" in negated))
     elif "code" in attrs:
         raise UnsupportedError("'code' is given without 'type'")
     counted = not srcmac_skipped or len(core) > header
     connlimit = None
     if "connlimit-above" in attrs:
         limit = _int(attrs["connlimit-above"], "connlimit-above")
-        connlimit = Match(Field.CONNLIMIT_ABOVE, limit, negate)
+        connlimit = Match(Field.CONNLIMIT_ABOVE, limit, "connlimit-above" in negated)
     ipset = None
     if "ipset" in attrs or "ipsetflags" in attrs:
         if "ipset" not in attrs or "ipsetflags" not in attrs:
             raise UnsupportedError("'ipset' and 'ipsetflags' must be given together")
         flags = _ipset_flags(attrs["ipsetflags"], swapped)
-        ipset = Match(Field.IPSET, IPSetMatch(str(attrs["ipset"]), flags), negate)
+        ipset = Match(Field.IPSET, IPSetMatch(str(attrs["ipset"]), flags), "ipset" in negated)
     return L3Parts(tuple(core), counted, connlimit, ipset)
 
 

@@ -115,18 +115,20 @@ def _describe(protocol: str, name: str, text: str) -> str:
     return f"<{protocol} {name}={_quote(shown)}>"
 
 
-def _parse_attr(spec: schema.AttrSpec, protocol: str, text: str, where: str) -> AttrValue:
+def _parse_attr(
+    spec: schema.AttrSpec, protocol: str, text: str, where: str, negate: bool
+) -> AttrValue:
     if spec.variable_ok and is_variable_text(text):
         try:
             ref = parse_varref(text)
         except ValidationError as exc:
             raise fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
-        return AttrValue(spec.name, ref, str(ref))
+        return AttrValue(spec.name, ref, str(ref), negate)
     try:
         value, canonical = spec.type.parse_literal(text)
     except ValidationError as exc:
         raise fail(where + " " + _describe(protocol, spec.name, text), exc.message) from None
-    return AttrValue(spec.name, value, canonical)
+    return AttrValue(spec.name, value, canonical, negate)
 
 
 def _orderable(value: object) -> bool:
@@ -141,29 +143,59 @@ def _is_range_end(name: str) -> bool:
     return name.endswith(("end", "-hi", "ipto"))
 
 
-def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMatch:
+def _parse_element(
+    elem: etree._Element,
+    where: str,
+    values: dict[str, AttrValue],
+    raw: dict[str, str],
+) -> None:
+    """Add the attributes of one protocol element to `values` (and their
+    texts to `raw`); an attribute already given by an earlier element of the
+    rule is refused, as its meaning would depend on the order."""
     protocol = local_name(elem)
-    specs = schema.PROTOCOLS.get(protocol)
-    if specs is None:
-        raise fail(where, f"unknown protocol element <{protocol}>")
+    specs = schema.PROTOCOLS[protocol]
     check_empty(elem, where)
     index = schema.ATTR_ORDER[protocol]
-    negate = False
-    values: dict[str, AttrValue] = {}
-    raw: dict[str, str] = {}
+    match_text = elem.get("match")
+    if match_text is not None and match_text not in ("yes", "no"):
+        raise fail(where + " " + _describe(protocol, "match", match_text),
+                   "match must be yes or no")
+    negate = match_text == "no"
     for raw_name, raw_text in elem.attrib.items():
         name, text = str(raw_name), str(raw_text)
         if name == "match":
-            if text not in ("yes", "no"):
-                raise fail(
-                    where + " " + _describe(protocol, name, text), "match must be yes or no"
-                )
-            negate = text == "no"
             continue
         if name not in index:
             raise fail(where, f"<{protocol}> has no attribute {name!r}")
-        values[name] = _parse_attr(specs[index[name]], protocol, text, where)
+        if name in values:
+            raise fail(
+                where + " " + _describe(protocol, name, text),
+                f"{name} is also given in an earlier <{protocol}> element of this rule",
+            )
+        values[name] = _parse_attr(specs[index[name]], protocol, text, where, negate)
         raw[name] = text
+
+
+def _parse_match(elems: list[etree._Element], where: str, action: Action) -> ProtocolMatch:
+    """The protocol elements of one rule: one protocol, any number of
+    elements (libvirt prints one per run of attributes with equal `match`)."""
+    protocols = list(dict.fromkeys(local_name(e) for e in elems))
+    for protocol in protocols:
+        if protocol not in schema.PROTOCOLS:
+            raise fail(where, f"unknown protocol element <{protocol}>")
+    if len(protocols) > 1:
+        raise fail(
+            where,
+            "a rule's protocol elements must all be of one protocol, found "
+            + ", ".join(f"<{p}>" for p in protocols),
+        )
+    protocol = protocols[0]
+    specs = schema.PROTOCOLS[protocol]
+    index = schema.ATTR_ORDER[protocol]
+    values: dict[str, AttrValue] = {}
+    raw: dict[str, str] = {}
+    for elem in elems:
+        _parse_element(elem, where, values, raw)
 
     for spec in specs:
         attr = values.get(spec.name)
@@ -174,6 +206,14 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
             raise fail(
                 where + " " + _describe(protocol, spec.name, raw[spec.name]),
                 f"{spec.name} needs {spec.requires}",
+            )
+        if attr.negate != base.negate:
+            # libvirt copies the base's sign to its partner; a document with
+            # two different signs says two things at once.
+            raise fail(
+                where + " " + _describe(protocol, spec.name, raw[spec.name]),
+                f"{spec.name} must have the same match as {spec.requires}"
+                " (write them in one element)",
             )
         if (
             _is_range_end(spec.name)
@@ -202,7 +242,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
         and "ipsetflags" not in values
     ):
         # libvirt completes a lone ipset with ipsetflags='src' and prints it
-        values["ipsetflags"] = AttrValue("ipsetflags", ("src",), "src")
+        values["ipsetflags"] = AttrValue("ipsetflags", ("src",), "src", values["ipset"].negate)
 
     if action is Action.CONTINUE and not schema.is_ethernet_protocol(protocol):
         raise fail(
@@ -213,7 +253,7 @@ def _parse_match(elem: etree._Element, where: str, action: Action) -> ProtocolMa
         )
 
     attrs = tuple(sorted(values.values(), key=lambda a: index[a.name]))
-    return ProtocolMatch(protocol, attrs, negate and bool(attrs))
+    return ProtocolMatch(protocol, attrs)
 
 
 def _parse_priority(text: str, label: str, where: str) -> int:
@@ -258,13 +298,7 @@ def _parse_rule(elem: etree._Element, where: str) -> Rule:
         else:
             raise fail(where, f"statematch {_quote(sm_text)} must be true, false, 1 or 0")
     children = list(elem)
-    if len(children) > 1:
-        raise fail(
-            where,
-            "a rule holds at most one protocol element, found "
-            + ", ".join(f"<{local_name(c)}>" for c in children),
-        )
-    match = _parse_match(children[0], where, action) if children else None
+    match = _parse_match(children, where, action) if children else None
     return Rule(action, direction, priority, statematch, match)
 
 
@@ -276,15 +310,24 @@ def _rule_element(rule: Rule) -> etree._Element:
     if not rule.statematch:
         elem.set("statematch", "false")
     if rule.match is not None:
-        sub = etree.SubElement(elem, rule.match.protocol)
-        if rule.match.negate and rule.match.attrs:
-            sub.set("match", "no")
-        order = schema.ATTR_ORDER.get(rule.match.protocol)
+        protocol = rule.match.protocol
+        order = schema.ATTR_ORDER.get(protocol)
         if order is None:
-            raise ValidationError(f"unknown protocol element <{rule.match.protocol}>")
+            raise ValidationError(f"unknown protocol element <{protocol}>")
+        # libvirt's virNWFilterRuleDefDetailsFormat: attributes in canonical
+        # order, a new element wherever the negation changes.
+        sub: etree._Element | None = None
+        negate = False
         for attr in sorted(rule.match.attrs, key=lambda a: order.get(a.name, len(order))):
+            if sub is None or attr.negate != negate:
+                sub = etree.SubElement(elem, protocol)
+                negate = attr.negate
+                if negate:
+                    sub.set("match", "no")
             text = str(attr.value) if isinstance(attr.value, VarRef) else attr.text
             sub.set(attr.name, text)
+        if sub is None:
+            etree.SubElement(elem, protocol)
     return elem
 
 
@@ -302,7 +345,8 @@ def _parse_filter_root(root: etree._Element, where0: str) -> FilterDef:
     except ValidationError as exc:
         raise fail(where0, f"<filter name={_quote(name)}>: {exc.message}") from None
 
-    chain = root.get("chain") or "root"
+    chain_text = root.get("chain")
+    chain = chain_text or "root"
     try:
         kind = schema.chain_kind(chain)
     except ValidationError as exc:
@@ -310,10 +354,14 @@ def _parse_filter_root(root: etree._Element, where0: str) -> FilterDef:
 
     prio_text = root.get("priority")
     priority = (
-        schema.CHAIN_DEFAULT_PRIORITIES[kind]
+        None
         if prio_text is None
         else _parse_priority(prio_text, f"<filter priority={_quote(prio_text)}>:", where0)
     )
+    if priority is None or chain_text is None:
+        # libvirt checks a priority given without a chain, then drops it: the
+        # filter's rules go to the root chain, where a priority means nothing.
+        priority = schema.CHAIN_DEFAULT_PRIORITIES[kind]
 
     uuid: uuidlib.UUID | None = None
     entries: list[Entry] = []

@@ -47,12 +47,15 @@ class AttrValue:
 
     `value` is either a `VarRef` or the typed literal the attribute's type
     parses to (see `nwfilter.conf.schema`).  `text` is the canonical string
-    libvirt prints back for it.
+    libvirt prints back for it.  `negate` is the `match='no'` of the element
+    the attribute was written in: the attribute matches when its value does
+    not.
     """
 
     name: str
     value: object
     text: str
+    negate: bool = False
 
     @property
     def is_variable(self) -> bool:
@@ -61,15 +64,28 @@ class AttrValue:
 
 @dataclass(frozen=True)
 class ProtocolMatch:
-    """A protocol element of a rule, e.g. `<tcp dstportstart='22'/>`.
+    """The protocol elements of a rule, e.g. `<tcp dstportstart='22'/>`.
 
-    `negate` is `match='no'`: in libvirt it negates each attribute on its own
-    (the rule matches when none of the attributes match).
+    A rule may hold several elements of one protocol with disjoint
+    attributes, which libvirt prints when `match` differs between them
+    (`<tcp match='no' srcipaddr='10.1.2.3'/><tcp dstportstart='22'/>`);
+    they form one match here.  Each attribute carries its own negation
+    (`AttrValue.negate`): `match='no'` negates each attribute of its element
+    on its own.
     """
 
     protocol: str  # element name: 'mac', 'tcp', 'icmpv6', 'all-ipv6', ...
     attrs: tuple[AttrValue, ...] = ()  # in libvirt's canonical order
-    negate: bool = False
+
+    @property
+    def negate(self) -> bool:
+        """Every attribute is negated (one element with `match='no'`)."""
+        return bool(self.attrs) and all(a.negate for a in self.attrs)
+
+    @property
+    def negated(self) -> frozenset[str]:
+        """The names of the negated attributes."""
+        return frozenset(a.name for a in self.attrs if a.negate)
 
     def get(self, name: str) -> AttrValue | None:
         for attr in self.attrs:

@@ -58,7 +58,14 @@ _HEX_RE = re.compile(r"0[xX][0-9a-fA-F]+\Z")
 _MAC_RE = re.compile(r"([0-9a-fA-F]{1,2})(?::([0-9a-fA-F]{1,2})){5}\Z")
 _VARNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _VARVALUE_CHARS = _VARNAME_CHARS | frozenset(".:")
-_VARREF_RE = re.compile(r"\$([A-Za-z0-9_]+)(?:\[[ \t]*(@?)[ \t]*([0-9]+)[ \t]*\])?\Z")
+# libvirt's virNWFilterVarAccessParse skips C white space after '[', before
+# the number (strtoul) and before ']', and ignores whatever follows ']'; its
+# own test inputs use `$B[  @0 ] `.  We take the white space an XML attribute
+# can hold (space, tab, LF, CR) in those places and after ']', and refuse
+# other trailing text, signs and an empty name as garbage.
+_VARREF_RE = re.compile(
+    r"\$([A-Za-z0-9_]+)(?:\[[ \t\n\r]*(@?)[ \t\n\r]*([0-9]+)[ \t\n\r]*\][ \t\n\r]*)?\Z"
+)
 _IPSET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-+ ")
 
 #: libvirt's VIR_NWFILTER_MAX_ITERID.

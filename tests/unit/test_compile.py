@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import uuid
 from collections.abc import Sequence
@@ -70,7 +71,9 @@ def rule(
     statematch: bool = True,
     negate: bool = False,
 ) -> Rule:
-    match = None if protocol is None else ProtocolMatch(protocol, tuple(attrs), negate)
+    if negate:
+        attrs = tuple(dataclasses.replace(a, negate=True) for a in attrs)
+    match = None if protocol is None else ProtocolMatch(protocol, tuple(attrs))
     return Rule(action, direction, priority, statematch, match)
 
 
@@ -388,6 +391,37 @@ def test_negation_is_per_attribute() -> None:
     (r,) = rs.chains(Hook.FROM_VM)[0].rules  # type: ignore[attr-defined]
     assert r.matches == (Match(Field.ETH_SRC, MacMatch(MAC), negate=True),)
     assert "eth-src != 52:54:00:00:00:01 -> drop  # f rule 1" in render_text(rs)
+
+
+def test_split_elements_negate_only_their_own_attributes() -> None:
+    f = parse_filter(
+        "<filter name='f'><rule action='drop' direction='out'>"
+        "<tcp dstportstart='22'/><tcp match='no' srcipaddr='10.1.2.0' srcipmask='24'/>"
+        "</rule><rule action='drop' direction='out'>"
+        "<mac protocolid='ipv4'/><mac match='no' srcmacaddr='$MAC'/></rule></filter>"
+    )
+    rs = build([f], binding("f"))
+    (l2,) = rs.chains(Hook.FROM_VM)[0].rules  # type: ignore[attr-defined]
+    assert set(l2.matches) == {Match(Field.ETH_SRC, MacMatch(MAC), negate=True),
+                               Match(Field.ETH_TYPE, 0x0800)}
+    (l3,) = rs.l3_rules(Hook.FROM_VM)  # type: ignore[attr-defined]
+    assert Match(Field.IP_SRC, ipaddress.IPv4Network("10.1.2.0/24"), negate=True) in l3.matches
+    assert Match(Field.L4_DPORT, IntRange.single(22)) in l3.matches
+
+
+def test_sub_chains_end_in_accept_as_libvirts_chain_policy() -> None:
+    sub = fdef("sub", rule("mac", attr("protocolid", 0x88B5), action=Action.RETURN),
+               chain="mac-t")
+    closed = fdef("closed", rule("arp", attr("opcode", 1), action=Action.RETURN),
+                  rule(None, action=Action.DROP), chain="arp-t")
+    top = fdef("top", ref("sub"), ref("closed"))
+    rs = build([sub, closed, top], binding("top"))
+    chains = {c.name: c for c in rs.chains(Hook.FROM_VM)}  # type: ignore[attr-defined]
+    last = chains["mac-t"].rules[-1]
+    assert (last.matches, last.verdict) == ((), Verdict.ACCEPT)
+    assert "libvirt's chain policy ACCEPT" in str(last.origin)
+    # a chain whose last rule stops every frame gets nothing more
+    assert [r.verdict for r in chains["arp-t"].rules] == [Verdict.RETURN, Verdict.DROP]
 
 
 def test_compile_many_shares_work_and_keys_by_port() -> None:

@@ -164,6 +164,11 @@ L2_ONLY = frozenset(
     | {Field.ARP_GRATUITOUS}
 )
 L3_ONLY = frozenset({Field.CT_STATE, Field.CONNLIMIT_ABOVE, Field.IPSET})
+# Ethernet fields a layer-3 rule may use (libvirt's iptables '-m mac
+# --mac-source'): frames reach the inet chains through br_netfilter with
+# their Ethernet header, which 'ether saddr' reads (nft adds 'meta iiftype
+# ether', true for the bridge).
+L3_ETHER = frozenset({Field.ETH_SRC})
 # Fields of the IP header and above: in layer 2 they need ethertype IPv4/IPv6.
 IP_FIELDS = frozenset({
     Field.IP_SRC, Field.IP_DST, Field.IP_SRC_RANGE, Field.IP_DST_RANGE, Field.IP_PROTO,
@@ -647,7 +652,7 @@ def _l3_rule(
     exprs: list[Json] = [_cmp({"meta": {"key": "nfproto"}}, "ipv4" if version == 4 else "ipv6",
                               False)]
     for m in sorted(rule.matches, key=lambda m: _FIELD_ORDER.get(m.field, 50)):
-        if m.field in L2_ONLY:
+        if m.field in L2_ONLY and m.field not in L3_ETHER:
             raise _unsupported(portdev, rule, f"{m.field.value} in a layer-3 rule")
         if m.field is Field.CONNLIMIT_ABOVE:
             exprs.append(_connlimit(m, rule, portdev, version, sets))

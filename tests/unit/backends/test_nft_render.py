@@ -228,12 +228,23 @@ def test_l3_fields() -> None:
                                    Verdict.DROP),)), "one-dimensional"),
     (with_l3(_l2(), to_vm=(l3_rule([Match(Field.IP_SRC, ipaddress.IPv6Network("::1/128"))],
                                    Verdict.DROP),)), "IPv6 address in an IPv4"),
-    (with_l3(_l2(), to_vm=(l3_rule([Match(Field.ETH_SRC, MacMatch("52:54:00:00:00:01"))],
+    (with_l3(_l2(), to_vm=(l3_rule([Match(Field.ETH_DST, MacMatch("52:54:00:00:00:01"))],
                                    Verdict.DROP),)), "layer-3 rule"),
 ])
 def test_refusals(ruleset: Ruleset, why: str) -> None:
     with pytest.raises(UnsupportedError, match=why):
         render.check_ruleset(ruleset, CAPS)
+
+
+def test_l3_rule_matches_the_source_mac() -> None:
+    rs = with_l3(_l2(), to_vm=(l3_rule([Match(Field.ETH_SRC, MacMatch("52:54:00:00:00:01"),
+                                              negate=True)], Verdict.DROP),))
+    render.check_ruleset(rs, CAPS)
+    batch, _ = render.render_port(rs, 1, None, CAPS)
+    l3 = [c["add"]["rule"]["expr"] for c in batch.commands
+          if "rule" in c.get("add", {}) and c["add"]["rule"]["family"] == "inet"]
+    assert {"match": {"op": "!=", "left": {"payload": {"protocol": "ether", "field": "saddr"}},
+                      "right": "52:54:00:00:00:01"}} in l3[0]
 
 
 def test_l2_reject_with_bridge_reject_support() -> None:

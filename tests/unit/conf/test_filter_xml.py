@@ -75,12 +75,6 @@ def test_chain_default_priority(chain: str, priority: int) -> None:
     assert (f"priority='{priority}'" in out) == (priority != 0)
 
 
-def test_explicit_priority_without_chain_is_kept() -> None:
-    fdef = parse_filter("<filter name='f' priority='-100'/>")
-    assert fdef.priority == -100
-    assert "chain='root' priority='-100'" in format_filter(fdef)
-
-
 def test_explicit_zero_priority_on_custom_chain() -> None:
     fdef = parse_filter("<filter name='f' chain='arp-x' priority='0'/>")
     assert fdef.priority == 0
@@ -139,7 +133,7 @@ def test_rule_fields() -> None:
 
 def test_match_no_without_attributes_is_dropped() -> None:
     fdef = parse_filter(rule("<tcp match='no'/>"))
-    assert fdef.rules[0].match == ProtocolMatch("tcp", (), False)
+    assert fdef.rules[0].match == ProtocolMatch("tcp", ())
 
 
 def test_lone_ipset_gets_src_flag_except_on_all() -> None:
@@ -286,3 +280,113 @@ def test_output_uses_single_quotes_and_escapes_every_quote() -> None:
     text = format_filter(fdef)
     assert "comment='it&apos;s &quot;quoted&quot; &amp; &lt;tagged&gt;'" in text
     assert parse_filter(text) == fdef
+
+
+# --- several elements of one protocol (libvirt's split form) -------------------
+
+
+def test_split_elements_form_one_rule_with_per_attribute_match() -> None:
+    (r,) = parse_filter(
+        rule("<tcp dstportstart='22'/><tcp match='no' srcipaddr='10.1.2.3' srcipmask='24'/>")
+    ).rules
+    assert r.match is not None and r.match.protocol == "tcp"
+    assert [(a.name, a.negate) for a in r.match.attrs] == [
+        ("srcipaddr", True), ("srcipmask", True), ("dstportstart", False)]
+    assert r.match.negated == frozenset({"srcipaddr", "srcipmask"})
+    assert r.match.negate is False
+
+
+def test_split_form_prints_as_libvirt_runs_of_equal_match() -> None:
+    text = format_filter(parse_filter(rule(
+        "<tcp match='no' srcmacaddr='1:2:3:4:5:6' dstipaddr='10.0.0.1'/>"
+        "<tcp srcipaddr='10.1.2.0' srcipmask='24' state='NEW' dstportstart='22'/>"
+        "<tcp match='no' flags='SYN/SYN' comment='c'/>")))
+    assert (
+        "    <tcp match='no' srcmacaddr='01:02:03:04:05:06'/>\n"
+        "    <tcp srcipaddr='10.1.2.0' srcipmask='24'/>\n"
+        "    <tcp match='no' dstipaddr='10.0.0.1'/>\n"
+        "    <tcp state='NEW' dstportstart='22'/>\n"
+        "    <tcp match='no' flags='SYN/SYN' comment='c'/>\n"
+    ) in text
+
+
+def test_one_element_with_match_no_negates_every_attribute() -> None:
+    (r,) = parse_filter(rule("<udp match='no' srcipaddr='10.0.0.1' dstportstart='53'/>")).rules
+    assert r.match is not None and r.match.negate is True
+    assert "<udp match='no' srcipaddr='10.0.0.1' dstportstart='53'/>" in format_filter(
+        parse_filter(rule("<udp match='no' srcipaddr='10.0.0.1' dstportstart='53'/>")))
+
+
+def test_split_elements_with_the_same_attribute_are_refused() -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_filter(rule("<tcp dstportstart='22'/><tcp match='no' dstportstart='23'/>"))
+    assert str(info.value) == (
+        "rule 1 <tcp dstportstart='23'>: dstportstart is also given in an earlier <tcp>"
+        " element of this rule")
+
+
+def test_split_elements_of_different_protocols_are_refused() -> None:
+    with pytest.raises(ValidationError, match="one protocol, found <tcp>, <udp>"):
+        parse_filter(rule("<tcp dstportstart='22'/><udp dstportstart='23'/>"))
+
+
+def test_mask_and_address_in_elements_of_different_match_are_refused() -> None:
+    with pytest.raises(ValidationError, match="srcipmask must have the same match as srcipaddr"):
+        parse_filter(rule("<tcp srcipaddr='10.0.0.0'/><tcp match='no' srcipmask='8'/>"))
+
+
+def test_split_elements_may_complete_each_other() -> None:
+    (r,) = parse_filter(rule("<tcp srcportstart='10'/><tcp srcportend='20'/>")).rules
+    assert r.match is not None
+    assert [a.name for a in r.match.attrs] == ["srcportstart", "srcportend"]
+
+
+def test_lone_ipset_flag_takes_the_match_of_its_ipset() -> None:
+    (r,) = parse_filter(rule("<tcp dstportstart='1'/><tcp match='no' ipset='s'/>")).rules
+    assert r.match is not None
+    flags = r.match.get("ipsetflags")
+    assert flags is not None and flags.negate is True
+
+
+# --- variable references with white space (libvirt's own test inputs) ----------
+
+
+@pytest.mark.parametrize(
+    ("text", "printed"),
+    [
+        ("$A[ 0]", "$A[0]"),
+        ("$B[  @0 ] ", "$B"),
+        ("$B[ @2 ]", "$B[@2]"),
+        ("$B[@ 1]", "$B[@1]"),
+        ("$A[1 ]", "$A[1]"),
+        ("$A[&#9;0&#9;]&#9;", "$A[0]"),
+        ("$A[&#10;0&#13;]", "$A[0]"),
+        ("$A[01]", "$A[1]"),
+    ],
+)
+def test_variable_white_space_as_libvirt(text: str, printed: str) -> None:
+    fdef = parse_filter(rule(f"<ip srcipaddr='{text}'/>"))
+    assert f"<ip srcipaddr='{printed}'/>" in format_filter(fdef)
+
+
+@pytest.mark.parametrize(
+    "text", ["$A ", " $A", "$A&#9;", "$A [0]", "$A[0]x", "$A[0] x", "$A[+1]", "$A[-0]",
+             "$A[0x1]", "$", "$A[]"],
+)
+def test_variable_forms_libvirt_refuses_or_garbage_are_refused(text: str) -> None:
+    with pytest.raises(ValidationError):
+        parse_filter(rule(f"<ip srcipaddr='{text}'/>"))
+
+
+# --- filter priority on the root chain ----------------------------------------
+
+
+def test_priority_without_chain_is_dropped_as_libvirt_does() -> None:
+    fdef = parse_filter("<filter name='f' priority='-500'/>")
+    assert fdef.priority == 0
+    assert format_filter(fdef).startswith("<filter name='f' chain='root'>")
+
+
+def test_priority_on_explicit_root_chain_is_printed_as_libvirt_does() -> None:
+    text = format_filter(parse_filter("<filter name='f' chain='root' priority='-500'/>"))
+    assert text.startswith("<filter name='f' chain='root' priority='-500'>")
