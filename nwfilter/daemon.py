@@ -150,14 +150,27 @@ def close(server: Server) -> None:
     server.engine.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """nwfilterd's options (also read by the man page and completion generators)."""
     parser = argparse.ArgumentParser(prog="nwfilterd", description="nwfilter API daemon")
-    parser.add_argument("--root", default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT))
-    # Not given: the root's recorded host (nft in the host's namespace at first use).
-    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND") or None)
-    parser.add_argument("--netns", default=os.environ.get("NWFILTER_NETNS") or None)
     parser.add_argument(
-        "--socket", default=None, help="socket path (default ROOT/run/nwfilterd.sock)"
+        "--root", default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT), metavar="DIR",
+        help=f"state root directory (default: $NWFILTER_ROOT or {DEFAULT_ROOT})",
+    )
+    # Not given: the root's recorded host (nft in the host's namespace at first use).
+    parser.add_argument(
+        "--backend", default=os.environ.get("NWFILTER_BACKEND") or None, metavar="NAME",
+        help="firewall backend: nft or memory (default: $NWFILTER_BACKEND, else the "
+        "root's recorded one)",
+    )
+    parser.add_argument(
+        "--netns", default=os.environ.get("NWFILTER_NETNS") or None, metavar="NAME",
+        help="network namespace whose kernel rules the backend manages (default: "
+        "$NWFILTER_NETNS, else the root's recorded one)",
+    )
+    parser.add_argument(
+        "--socket", default=None, metavar="PATH",
+        help="socket path (default ROOT/run/nwfilterd.sock)",
     )
     defaults = Limits()
     parser.add_argument(
@@ -172,8 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=int, default=defaults.workers, metavar="N",
         help="requests served at once (default %(default)s)",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(
         logging.INFO - 10 * min(args.verbose, 1), "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
