@@ -40,6 +40,7 @@ class Context:
     netns: str | None  # None: not given (the root's recorded one)
     connect: str | None = None
     quiet: bool = False
+    lock_timeout: float = 30.0  # how long an embedded engine waits for the root's lock
     _caller: Caller | None = field(default=None, init=False)
     _engine: Engine | None = field(default=None, init=False)
     start_warnings: list[str] = field(default_factory=list, init=False)
@@ -92,7 +93,9 @@ class Context:
         from nwfilter.backends import get_backend
         from nwfilter.engine import Engine
 
-        engine = Engine(self.root_path, get_backend(backend, netns))
+        engine = Engine(
+            self.root_path, get_backend(backend, netns), lock_timeout=self.lock_timeout
+        )
         engine.start(read_only=read_only)  # its warnings are logged
         return engine
 
