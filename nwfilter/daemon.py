@@ -34,6 +34,7 @@ from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.printable import configure_logging
+from nwfilter.sdlisten import inherited_socket
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,21 @@ def serve(
     netns: str | None,
     socket_path: Path | None,
     limits: Limits | None = None,
+    *,
+    bound: BoundSocket | None = None,
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
     `backend`/`netns` None: the ones the root recorded (`nwfilter.hostrecord`).
     The socket is claimed first: a path held by a running daemon (or by
     anything but a stale socket) is refused before the engine touches the
-    kernel or starts a domain.
+    kernel or starts a domain.  A `bound` socket (passed by systemd) is
+    served instead.
     """
     backend, netns = hostrecord.resolve(root, backend, netns)
-    path = socket_path or root / "run" / "nwfilterd.sock"
-    bound = bind_unix(path, backlog=(limits or Limits()).backlog)
+    if bound is None:
+        path = socket_path or root / "run" / "nwfilterd.sock"
+        bound = bind_unix(path, backlog=(limits or Limits()).backlog)
     try:
         engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
         engine.start()
@@ -207,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.netns,
             Path(args.socket) if args.socket else None,
             limits,
+            bound=inherited_socket(),
         )
     except NwfilterError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
