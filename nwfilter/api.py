@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nwfilter import protocol
+from nwfilter import events, protocol
 from nwfilter.conf import format_binding, format_filter, parse_binding, parse_domain
-from nwfilter.errors import PermissionDeniedError, ValidationError
+from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationError
 from nwfilter.render_text import render_text
 
 if TYPE_CHECKING:
@@ -47,6 +47,12 @@ class ApiContext(Protocol):
     def engine(self) -> Engine: ...
 
     def domains(self) -> DomainManager: ...
+
+    def events(self) -> events.EventBus:
+        """The bus of this root's events; UnavailableError where none is
+        served (the embedded engine: other processes' events cannot be
+        seen from here)."""
+        ...
 
 
 # -- parameters ------------------------------------------------------------------------
@@ -124,6 +130,15 @@ class Method:
     params: tuple[Param, ...] = ()
     writes: bool = False  # changes state: refused on the read-only socket
     domains: bool = False  # needs the domain manager
+
+
+@dataclass(frozen=True)
+class Subscribed:
+    """The result of a call that turns the connection into an event
+    stream: `result` is the reply, then come the events of `subscription`."""
+
+    result: Json
+    subscription: events.Subscription
 
 
 def _define_result(outcome: DefineOutcome) -> Json:
@@ -298,6 +313,13 @@ def _domain_autostart(ctx: ApiContext, p: dict[str, Any]) -> Json:
     return {"name": name, "autostart": p["enable"]}
 
 
+def _events_subscribe(ctx: ApiContext, p: dict[str, Any]) -> Subscribed:
+    kinds = events.parse_kinds(p["kinds"])
+    subscription = ctx.events().subscribe(kinds)
+    names = sorted(k.value for k in kinds) if kinds is not None else list(events.SUBSCRIBABLE)
+    return Subscribed({"kinds": names}, subscription)
+
+
 _XML = Param("xml", str, required=True)
 _SOURCE = Param("source", str, "<request>")
 _DOMAIN = Param("domain", str, required=True)
@@ -336,6 +358,9 @@ METHODS: dict[str, Method] = {
         Method("domain.iflist", _domain_iflist, (_DOMAIN,), domains=True),
         Method("domain.autostart", _domain_autostart,
                (_DOMAIN, Param("enable", bool, True)), writes=True, domains=True),
+        # The reply is followed by one {"event": ...} line per event until the
+        # client closes (nwfilter.connserver.Streaming).
+        Method("events.subscribe", _events_subscribe, (Param("kinds", list),)),
     )
 }
 
@@ -349,14 +374,19 @@ def method(name: Any) -> Method:
     return found
 
 
-def invoke(ctx: ApiContext, name: Any, params: Any, *, read_only: bool = False) -> Json:
-    """Check and run one call; NwfilterError for every refusal."""
+def invoke(
+    ctx: ApiContext, name: Any, params: Any, *, read_only: bool = False,
+    channel: str = "this connection",
+) -> Json:
+    """Check and run one call; NwfilterError for every refusal.  With
+    `read_only`, a method that changes state is refused (before its
+    parameters are looked at) as `PermissionDeniedError` naming `channel`."""
     found = method(name)
-    checked = check_params(found, params)
     if read_only and found.writes:
         raise PermissionDeniedError(
-            f"method '{found.name}' changes state; this connection is read-only"
+            f"method '{found.name}' changes state; {channel} allows queries only"
         )
+    checked = check_params(found, params)
     return found.handler(ctx, checked)
 
 
@@ -394,6 +424,12 @@ class EmbeddedContext:
             manager.start(autostart=False, take_over=self._writable)
             self._manager = manager
         return self._manager
+
+    def events(self) -> events.EventBus:
+        raise UnavailableError(
+            "events need nwfilterd serving the root: an engine in this process "
+            "cannot see what other processes do"
+        )
 
     def close(self) -> None:
         self._manager = None

@@ -1,7 +1,9 @@
-"""A client for `nwfilterd`'s socket: one call, one reply."""
+"""A client for `nwfilterd`'s socket: one call, one reply; or, after
+`subscribe`, the stream of events that follows."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import time
@@ -9,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from nwfilter import protocol
-from nwfilter.errors import UnavailableError
+from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationError
+from nwfilter.events import Event
 
 # Waits between connect attempts while the daemon's listen queue is full.
 _RETRY_FIRST = 0.005
@@ -22,7 +25,8 @@ class Client:
     A connect that finds the daemon's listen queue full (EAGAIN: many
     clients at once) is retried with growing waits for up to
     `connect_timeout` seconds; a daemon that is not there (no socket, or
-    nobody listening on it) is reported at once.
+    nobody listening on it) is reported at once, and a socket this user
+    may not connect to as `PermissionDeniedError`.
     """
 
     def __init__(
@@ -36,6 +40,10 @@ class Client:
             self._connect(connect_timeout)
         except OSError as exc:
             self._sock.close()
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDeniedError(
+                    f"cannot connect to nwfilterd at '{path}': permission denied"
+                ) from exc
             raise UnavailableError(f"cannot connect to nwfilterd at '{path}': {exc}") from exc
         except UnavailableError:
             self._sock.close()
@@ -72,6 +80,27 @@ class Client:
         if reply is None:
             raise UnavailableError("nwfilterd closed the connection")
         return protocol.raise_for_reply(reply)
+
+    def subscribe(self, kinds: list[str] | None = None) -> Any:
+        """Turn this connection into an event stream (`events.subscribe`);
+        read it with `next_event`.  No call can be made on it afterwards."""
+        return self.call("events.subscribe", {"kinds": kinds} if kinds else {})
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event of a subscribed connection, waiting up to
+        `timeout` s (None: for ever); None when the time ran out (the
+        connection is then unusable: a line may have been cut).
+        `UnavailableError` when the daemon closed the stream."""
+        self._sock.settimeout(timeout)
+        try:
+            message = protocol.read_message(self._reader)
+        except TimeoutError:
+            return None
+        if message is None:
+            raise UnavailableError("nwfilterd closed the event stream")
+        if set(message) != {"event"}:
+            raise ValidationError("malformed event line from nwfilterd")
+        return Event.from_json(message["event"])
 
     def close(self) -> None:
         self._reader.close()

@@ -24,6 +24,15 @@ make the daemon hold is bounded by `Limits`:
 - workers: at most `workers` requests run at once; others wait their turn
   in arrival order, costing nothing but the line already read.
 
+- streams: an answer may turn its connection into a stream (`Streaming`):
+  after the reply the server pushes the lines its `Stream` gives, pulling
+  only while the connection's pending output is below `stream_buffer`
+  bytes; a client that reads nothing for `write_timeout` seconds is
+  closed.  The stream's source bounds what waits behind that (the event
+  bus drops a subscriber that falls behind).  A stream needs no thread:
+  its source wakes the I/O thread.  What the client sends on a stream is
+  read and ignored, so its leaving is seen at once.
+
 An idle connection costs a file descriptor and a few hundred bytes, never a
 thread.  `request_shutdown` (safe from a signal handler) stops accepting
 and reading; requests already running finish and their replies are sent,
@@ -31,7 +40,10 @@ then every connection is closed.
 
 A socket is bound by `bind_unix`, which never removes anything but a stale
 socket (one on which a connect is refused); a second socket with other
-rights is a second `add_listener` with another `Answer`.
+rights is a second `add_listener` with another `Answer`.  A listener's
+`admit` function sees each connection's `Peer` once, when it is accepted,
+and gives the `Answer` for that connection: this is where access is
+checked.
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
+from typing import Protocol
 
 from nwfilter import protocol
 from nwfilter.errors import (
@@ -65,6 +78,9 @@ from nwfilter.errors import (
 
 log = logging.getLogger(__name__)
 
+# Linux 4.13; Python does not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_NGROUPS_MAX = 65536
 # Descriptors kept free for the engine (state files, netlink, the nft
 # monitor) when the connection cap is derived from RLIMIT_NOFILE.
 FD_RESERVE = 128
@@ -83,9 +99,11 @@ class Limits:
     backlog: int = 1024
     write_timeout: float = 30.0
     shutdown_grace: float = 30.0
+    stream_buffer: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_line", "max_buffered", "workers", "backlog"):
+        for name in ("max_connections", "max_line", "max_buffered", "workers", "backlog",
+                     "stream_buffer"):
             if getattr(self, name) < 1:
                 raise ValidationError(f"limit '{name}' must be at least 1")
         if self.write_timeout <= 0 or self.shutdown_grace < 0:
@@ -99,6 +117,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] | None = None  # supplementary; None: not reported
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
@@ -107,15 +126,54 @@ class Peer:
         except OSError:
             return cls(0, -1, -1)
         pid, uid, gid = struct.unpack("3i", raw)
-        return cls(pid, uid, gid)
+        return cls(pid, uid, gid, _peer_groups(sock))
 
     def __str__(self) -> str:
         return f"pid {self.pid} uid {self.uid}"
 
 
-# One request line and its peer in; the reply line and, for a malformed
-# request, why it was refused, out.  Must not raise.
-Answer = Callable[[bytes, Peer], tuple[bytes, str | None]]
+class Stream(Protocol):
+    """Lines a server pushes on a connection after its reply."""
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        """From now on call `wake` (from any thread; it never blocks) when
+        lines become ready to pull."""
+
+    def pull(self, room: int) -> tuple[bytes, bool]:
+        """Whole lines ready to send, about `room` bytes at most (one line
+        may pass it), and whether the stream has ended (the connection is
+        closed once they are written)."""
+
+    def close(self) -> None:
+        """The connection is gone or the server stops: produce no more."""
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """An answer that turns its connection into a stream: `reply`, then
+    the lines of `stream` until one side closes."""
+
+    reply: bytes
+    stream: Stream
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    for count in (64, _NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return None
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return None
+
+
+# One request line and its peer in; the reply line (or a stream) and, for a
+# malformed request, why it was refused, out.  Must not raise.
+Answer = Callable[[bytes, Peer], tuple["bytes | Streaming", str | None]]
+# A connection's peer in, the `Answer` for its requests out.  Must not raise.
+Admit = Callable[[Peer], Answer]
 
 
 def raise_nofile_limit() -> int:
@@ -230,15 +288,17 @@ def bind_unix(path: Path, *, mode: int = 0o600, backlog: int = Limits.backlog) -
 
 
 class _Listening:
-    __slots__ = ("answer", "bound")
+    __slots__ = ("admit", "answer", "bound")
 
-    def __init__(self, bound: BoundSocket, answer: Answer) -> None:
+    def __init__(self, bound: BoundSocket, answer: Answer, admit: Admit | None) -> None:
         self.bound = bound
         self.answer = answer
+        self.admit = admit
 
 
 class _Conn:
     __slots__ = (
+        "answer",
         "bad",
         "busy",
         "closed",
@@ -251,12 +311,15 @@ class _Conn:
         "peer",
         "progress",
         "sock",
+        "stream",
     )
 
-    def __init__(self, sock: socket.socket, peer: Peer, listening: _Listening) -> None:
+    def __init__(self, sock: socket.socket, peer: Peer, listening: _Listening,
+                 answer: Answer) -> None:
         self.sock = sock
         self.peer = peer
         self.listening = listening
+        self.answer = answer
         self.inbuf = bytearray()
         self.out = b""
         self.out_pos = 0
@@ -266,6 +329,7 @@ class _Conn:
         self.bad = 0  # malformed requests seen
         self.events = 0
         self.progress = 0.0  # when `out` last moved
+        self.stream: Stream | None = None  # set once the connection streams
 
 
 class _Throttled:
@@ -312,7 +376,8 @@ class ConnectionServer:
         self._buffered = 0
         self._ready: deque[tuple[_Conn, bytes]] = deque()
         self._running = 0
-        self._results: SimpleQueue[tuple[_Conn, bytes, str | None]] = SimpleQueue()
+        self._results: SimpleQueue[tuple[_Conn, bytes | Streaming, str | None]] = SimpleQueue()
+        self._stream_ready: SimpleQueue[_Conn] = SimpleQueue()
         self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="nwfilterd-worker")
         self._stopping = False
         # `request_shutdown` stays lock-free: it runs in signal handlers.
@@ -327,15 +392,27 @@ class ConnectionServer:
 
     # --- public -----------------------------------------------------------
 
-    def add_listener(self, bound: BoundSocket, answer: Answer) -> None:
+    def add_listener(
+        self, bound: BoundSocket, answer: Answer, *, admit: Admit | None = None
+    ) -> None:
+        """Serve `bound`: with `answer`, or with what `admit` gives each connection."""
         bound.sock.listen(self.limits.backlog)
-        listening = _Listening(bound, answer)
+        listening = _Listening(bound, answer, admit)
         self._listening.append(listening)
         self._selector.register(bound.sock, selectors.EVENT_READ, listening)
 
     @property
     def connection_count(self) -> int:
         return len(self._conns)
+
+    @property
+    def pending_output(self) -> dict[int, int]:
+        """Bytes written by the server but not yet taken by the client, per
+        connection with some pending (keyed by descriptor; a snapshot)."""
+        return {
+            conn.sock.fileno(): len(conn.out) - conn.out_pos
+            for conn in list(self._writing) if not conn.closed
+        }
 
     def serve_forever(self) -> None:
         with self._state:
@@ -400,6 +477,8 @@ class ConnectionServer:
                 if mask & selectors.EVENT_WRITE and not data.closed:
                     self._write(data)
         self._complete()
+        while not self._stream_ready.empty():
+            self._pump(self._stream_ready.get())
         self._start_ready()
         self._housekeeping()
 
@@ -414,8 +493,9 @@ class ConnectionServer:
                 del self._paused[listening]
                 self._selector.register(listening.bound.sock, selectors.EVENT_READ, listening)
         for conn in [c for c in self._writing if now - c.progress > self.limits.write_timeout]:
-            log.warning("closing connection of %s: its reply was not read for %.0f s",
-                        conn.peer, self.limits.write_timeout)
+            log.warning("closing connection of %s: its %s not read for %.0f s", conn.peer,
+                        "events were" if conn.stream is not None else "reply was",
+                        self.limits.write_timeout)
             self._close(conn)
 
     def _accept(self, listening: _Listening) -> None:
@@ -446,7 +526,15 @@ class ConnectionServer:
                     sock.send(protocol.encode(protocol.error_reply(None, error)))
                 sock.close()
                 continue
-            conn = _Conn(sock, peer, listening)
+            answer = listening.answer
+            if listening.admit is not None:
+                try:
+                    answer = listening.admit(peer)
+                except Exception:
+                    log.exception("cannot check the connection of %s", peer)
+                    sock.close()
+                    continue
+            conn = _Conn(sock, peer, listening, answer)
             self._conns.add(conn)
             self._idle[conn] = None
             self._set_events(conn, selectors.EVENT_READ)
@@ -474,6 +562,8 @@ class ConnectionServer:
         if not data:
             self._close(conn)
             return
+        if conn.stream is not None:
+            return  # a stream takes no requests; what comes is dropped
         self._idle.pop(conn, None)
         self._buffered -= len(conn.inbuf)
         conn.inbuf += data
@@ -526,7 +616,7 @@ class ConnectionServer:
 
     def _work(self, conn: _Conn, line: bytes) -> None:
         try:
-            reply, refusal = conn.listening.answer(line, conn.peer)
+            reply, refusal = conn.answer(line, conn.peer)
         except BaseException as exc:
             log.exception("request of %s failed", conn.peer)
             failure = NwfilterError(f"internal error: {exc}")
@@ -546,16 +636,77 @@ class ConnectionServer:
                     log.debug("malformed request from %s: %s", conn.peer, refusal[:200])
             if conn.closed:
                 log.debug("%s left before its reply", conn.peer)
+                if isinstance(reply, Streaming):
+                    reply.stream.close()
                 continue
             conn.busy = False
-            self._send(conn, reply)
+            if isinstance(reply, Streaming):
+                self._start_stream(conn, reply)
+            else:
+                self._send(conn, reply)
+
+    # --- streams ------------------------------------------------------------
+
+    def _start_stream(self, conn: _Conn, streaming: Streaming) -> None:
+        if self._stopping:
+            streaming.stream.close()
+            conn.closing = True
+            self._send(conn, streaming.reply)
+            return
+        conn.stream = streaming.stream
+        self._idle.pop(conn, None)
+        self._drop_input(conn)  # requests sent after the subscription are not served
+        conn.out, conn.out_pos, conn.progress = streaming.reply, 0, time.monotonic()
+        self._writing.add(conn)
+
+        def wake() -> None:
+            self._stream_ready.put(conn)
+            self._wake()
+
+        streaming.stream.attach(wake)
+        self._pump(conn)
+
+    def _pump(self, conn: _Conn) -> None:
+        """Write what a stream connection has pending and pull more while
+        it is below `stream_buffer`; close it once an ended stream is out."""
+        stream = conn.stream
+        while stream is not None and not conn.closed:
+            pending = len(conn.out) - conn.out_pos
+            room = self.limits.stream_buffer - pending
+            if not conn.closing and room > 0:
+                data, ended = stream.pull(room)
+                conn.closing = ended
+                if data:
+                    if pending:
+                        conn.out = conn.out[conn.out_pos:] + data
+                    else:
+                        conn.out, conn.progress = data, time.monotonic()
+                    conn.out_pos = 0
+                    pending = len(conn.out)
+                elif not pending:
+                    if ended:
+                        self._close(conn)
+                    else:
+                        self._writing.discard(conn)
+                        self._set_events(conn, selectors.EVENT_READ)
+                    return
+            elif not pending:
+                self._close(conn)  # closing, and all is written
+                return
+            self._writing.add(conn)
+            if not self._send_some(conn):
+                if not conn.closed:
+                    self._set_events(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                return
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         conn.out, conn.out_pos, conn.progress = data, 0, time.monotonic()
         self._writing.add(conn)
         self._write(conn)
 
-    def _write(self, conn: _Conn) -> None:
+    def _send_some(self, conn: _Conn) -> bool:
+        """Send what the socket takes of `conn.out`; True when all of it
+        went (False also when the connection failed and was closed)."""
         try:
             sent = conn.sock.send(memoryview(conn.out)[conn.out_pos:])
         except BlockingIOError:
@@ -563,14 +714,23 @@ class ConnectionServer:
         except OSError as exc:
             log.debug("%s left before its reply: %s", conn.peer, exc)
             self._close(conn)
-            return
+            return False
         if sent:
             conn.out_pos += sent
             conn.progress = time.monotonic()
         if conn.out_pos < len(conn.out):
-            self._set_events(conn, selectors.EVENT_WRITE)
-            return
+            return False
         conn.out, conn.out_pos = b"", 0
+        return True
+
+    def _write(self, conn: _Conn) -> None:
+        if conn.stream is not None:
+            self._pump(conn)
+            return
+        if not self._send_some(conn):
+            if not conn.closed:
+                self._set_events(conn, selectors.EVENT_WRITE)
+            return
         self._writing.discard(conn)
         if conn.closing:
             self._close(conn)
@@ -594,6 +754,9 @@ class ConnectionServer:
         if conn.closed:
             return
         conn.closed = True
+        if conn.stream is not None:
+            conn.stream.close()
+            conn.stream = None
         self._set_events(conn, 0)
         self._drop_input(conn)
         self._conns.discard(conn)
@@ -611,6 +774,15 @@ class ConnectionServer:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(listening.bound.sock)
         self._paused.clear()
+        for conn in list(self._conns):
+            if conn.stream is not None:
+                # Nothing more is pulled; what is written already goes out.
+                conn.stream.close()
+                conn.closing = True
+                if conn.out_pos < len(conn.out):
+                    self._set_events(conn, selectors.EVENT_WRITE)
+                else:
+                    self._close(conn)
         stopping = UnavailableError("nwfilterd is shutting down")
         while self._ready:
             conn, _line = self._ready.popleft()

@@ -2,8 +2,12 @@
 
 This module wires the parts together: the connection layer
 (`nwfilter.connserver`: sockets, limits, workers) serves the API's method
-table (`nwfilter.api`) on one engine and its domains.  The socket is
-created mode 0600.
+table (`nwfilter.api`) on one engine and its domains, on two sockets: the
+admin socket (every method; root and the admin group, `nwfilter.access`)
+and the read-only socket (methods that change nothing; every local user).
+The configuration comes from the command line and `nwfilter.daemonconf`.
+One event bus (`nwfilter.events`) is handed to the engine, the domains and
+the nft monitor; `events.subscribe` streams it.
 """
 
 from __future__ import annotations
@@ -14,27 +18,32 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nwfilter import api, hostrecord, protocol
+from nwfilter import api, daemonconf, hostrecord, protocol
+from nwfilter.access import AdminAccess, Group
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
-from nwfilter.commands.context import DEFAULT_ROOT
+from nwfilter.commands.context import DEFAULT_ROOT, default_ro_socket, default_socket
 from nwfilter.connserver import (
+    Answer,
     BoundSocket,
     ConnectionServer,
     Limits,
     Peer,
+    Streaming,
     bind_unix,
     raise_nofile_limit,
 )
 from nwfilter.domain.driver import DomainManager
 from nwfilter.engine import Engine
-from nwfilter.errors import NwfilterError
+from nwfilter.errors import NwfilterError, PermissionDeniedError, StorageError
+from nwfilter.events import EventBus, Subscription
+from nwfilter.fileio import SafeDir
 from nwfilter.printable import configure_logging
-from nwfilter.sdlisten import inherited_socket
+from nwfilter.sdlisten import check_inherited, inherited_sockets
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +51,10 @@ log = logging.getLogger(__name__)
 class DaemonContext:
     """What the API's handlers work on in the daemon: its engine and domains."""
 
-    def __init__(self, engine: Engine, manager: DomainManager) -> None:
+    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus) -> None:
         self._engine = engine
         self._manager = manager
+        self._bus = bus
 
     def engine(self) -> Engine:
         return self._engine
@@ -52,20 +62,69 @@ class DaemonContext:
     def domains(self) -> DomainManager:
         return self._manager
 
+    def events(self) -> EventBus:
+        return self._bus
+
+
+class EventStream:
+    """A subscription as the connection layer's `Stream`: one line
+    `{"event": {...}}` per event, the last one `overflow` if it fell behind."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+        self._held = b""  # a line that did not fit the last pull
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        self._subscription.attach(wake)
+
+    def pull(self, room: int) -> tuple[bytes, bool]:
+        out = bytearray(self._held)
+        self._held = b""
+        while len(out) < room:
+            taken, ended = self._subscription.take(1)
+            if not taken:
+                return bytes(out), ended
+            try:
+                line = protocol.encode({"event": taken[0].to_json()})
+            except (TypeError, ValueError) as exc:
+                log.error("event %s cannot be encoded: %s", taken[0].kind.value, exc)
+                continue
+            if out and len(out) + len(line) > room:
+                self._held = line
+                break
+            out += line
+        return bytes(out), False
+
+    def close(self) -> None:
+        self._subscription.close()
+
 
 def answer(
-    context: api.ApiContext, line: bytes, *, read_only: bool = False
-) -> tuple[bytes, str | None]:
+    context: api.ApiContext, line: bytes, *, read_only: bool = False,
+    channel: str = "this connection",
+    denied: Callable[[str, PermissionDeniedError], None] | None = None,
+) -> tuple[bytes | Streaming, str | None]:
     """The reply line to one request line, and why the request was refused
     as malformed (None when it was well-formed, even if the engine said no).
+    With `read_only`, a method that changes state is refused (naming
+    `channel`) and reported to `denied`.
     Never raises: every line gets exactly one reply line."""
     try:
         request = protocol.decode_request(line)
     except protocol.RequestError as exc:
         return protocol.encode(protocol.error_reply(exc.request_id, exc)), exc.message
     try:
-        result = api.invoke(context, request.method, request.params, read_only=read_only)
+        result = api.invoke(
+            context, request.method, request.params, read_only=read_only, channel=channel
+        )
+        if isinstance(result, api.Subscribed):
+            ack = protocol.encode({"id": request.id, "result": result.result})
+            return Streaming(ack, EventStream(result.subscription)), None
         reply = {"id": request.id, "result": result}
+    except PermissionDeniedError as exc:
+        if denied is not None:
+            denied(str(request.method), exc)
+        reply = protocol.error_reply(request.id, exc)
     except NwfilterError as exc:
         reply = protocol.error_reply(request.id, exc)
     except Exception as exc:  # a bug must answer, not leave the client waiting
@@ -79,8 +138,46 @@ def answer(
         return protocol.encode(protocol.error_reply(request.id, failure)), None
 
 
-def _answer(context: DaemonContext, line: bytes, peer: Peer) -> tuple[bytes, str | None]:
+def _answer(
+    context: DaemonContext, line: bytes, peer: Peer
+) -> tuple[bytes | Streaming, str | None]:
     return answer(context, line)
+
+
+def _refuse(error: PermissionDeniedError, line: bytes, peer: Peer) -> tuple[bytes, str | None]:
+    """Every request of a refused connection gets `error`."""
+    try:
+        request_id = protocol.decode_request(line).id
+    except protocol.RequestError as exc:
+        request_id = exc.request_id
+    return protocol.encode(protocol.error_reply(request_id, error)), None
+
+
+def _admit_admin(context: DaemonContext, access: AdminAccess, peer: Peer) -> Answer:
+    refusal = access.refusal(peer)
+    if refusal is None:
+        return functools.partial(_answer, context)
+    log.warning("refused the connection of %s on the admin socket '%s': only %s may use it",
+                peer, access.socket, access.allowed)
+    return functools.partial(_refuse, refusal)
+
+
+def _admit_read_only(context: DaemonContext, path: Path, peer: Peer) -> Answer:
+    channel = f"the read-only socket '{path}'"
+    logged = False
+
+    def denied(method: str, exc: PermissionDeniedError) -> None:
+        nonlocal logged
+        # Once per connection at warning level: a client cannot flood the log.
+        level = logging.DEBUG if logged else logging.WARNING
+        logged = True
+        log.log(level, "refused method %r of %s on the read-only socket '%s': it changes state",
+                method[:64], peer, path)
+
+    def read_only(line: bytes, peer: Peer) -> tuple[bytes | Streaming, str | None]:
+        return answer(context, line, read_only=True, channel=channel, denied=denied)
+
+    return read_only
 
 
 class Server(ConnectionServer):
@@ -92,14 +189,71 @@ class Server(ConnectionServer):
         engine: Engine,
         manager: DomainManager,
         limits: Limits | None = None,
+        *,
+        ro_bound: BoundSocket | None = None,
+        admin_group: Group | None = None,
     ) -> None:
         super().__init__(limits)
         self.engine = engine
         self.domains = manager
-        self.context = DaemonContext(engine, manager)
+        self.events = engine.events
+        self.context = DaemonContext(engine, manager, engine.events)
         self.path = bound.path
+        self.ro_path = ro_bound.path if ro_bound is not None else None
         self.monitor: NftMonitor | None = None
-        self.add_listener(bound, functools.partial(_answer, self.context))
+        access = AdminAccess(bound.path, admin_group)
+        self.add_listener(bound, functools.partial(_answer, self.context),
+                          admit=functools.partial(_admit_admin, self.context, access))
+        if ro_bound is not None:
+            self.add_listener(
+                ro_bound, functools.partial(_answer, self.context),
+                admit=functools.partial(_admit_read_only, self.context, ro_bound.path),
+            )
+
+
+def _make_reachable(root: Path, socket_path: Path) -> None:
+    """Let other users reach `socket_path`: search permission (never read
+    or write) on the directories between the root and it, or on its
+    directory outside the root if that is created here."""
+    root = Path(os.path.abspath(root))
+    socket_path = Path(os.path.abspath(socket_path))
+    try:
+        relative = socket_path.parent.relative_to(root)
+    except ValueError:
+        if not socket_path.parent.exists():
+            try:
+                socket_path.parent.mkdir(parents=True, mode=0o711)
+            except OSError as exc:
+                raise StorageError(f"cannot create directory '{socket_path.parent}' for "
+                                   f"socket: {exc.strerror or exc}") from exc
+            os.chmod(socket_path.parent, 0o711)  # not narrowed by the umask
+        return
+    directories = [SafeDir.open(root, what="state root")]
+    try:
+        for name in relative.parts:
+            directories.append(directories[-1].subdir(name))
+        for directory in directories:
+            mode = os.fstat(directory.fileno()).st_mode & 0o7777
+            if mode & 0o011 != 0o011:
+                os.fchmod(directory.fileno(), mode | 0o011)
+                log.info("made '%s' traversable (mode %04o) for socket '%s'",
+                         directory.path, mode | 0o011, socket_path)
+    finally:
+        for directory in directories:
+            directory.close()
+
+
+def _bind_admin(path: Path, group: Group | None, backlog: int) -> BoundSocket:
+    bound = bind_unix(path, mode=0o600, backlog=backlog)
+    if group is not None:
+        try:
+            os.chown(path, -1, group.gid, follow_symlinks=False)
+            os.chmod(path, 0o660)
+        except OSError as exc:
+            bound.close()
+            raise StorageError(f"cannot give socket '{path}' to group '{group.name}': "
+                               f"{exc.strerror or exc}") from exc
+    return bound
 
 
 def serve(
@@ -108,41 +262,65 @@ def serve(
     netns: str | None,
     socket_path: Path | None,
     limits: Limits | None = None,
+    bus: EventBus | None = None,
     *,
-    bound: BoundSocket | None = None,
+    ro_socket: Path | None = None,
+    admin_group: Group | None = None,
+    inherited: Sequence[BoundSocket] = (),
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
+    `bus` carries the events of the engine, the domains and the nft
+    monitor to `events.subscribe` streams (a new one if None).
+
     `backend`/`netns` None: the ones the root recorded (`nwfilter.hostrecord`).
-    The socket is claimed first: a path held by a running daemon (or by
-    anything but a stale socket) is refused before the engine touches the
-    kernel or starts a domain.  A `bound` socket (passed by systemd) is
-    served instead.
+    `socket_path` None: `ROOT/run/nwfilterd.sock`; `ro_socket` None: no
+    read-only socket.  The sockets are claimed first: a path held by a
+    running daemon (or by anything but a stale socket) is refused before
+    the engine touches the kernel or starts a domain.  An `inherited`
+    socket (passed by systemd) bound to one of the two paths is served
+    instead of binding it.
     """
+    path = socket_path or default_socket(root)
+    passed = check_inherited(inherited, (path, ro_socket))
     backend, netns = hostrecord.resolve(root, backend, netns)
-    if bound is None:
-        path = socket_path or root / "run" / "nwfilterd.sock"
-        bound = bind_unix(path, backlog=(limits or Limits()).backlog)
+    backlog = (limits or Limits()).backlog
+    # The root is checked (and created, 0700) before a socket goes in it.
+    with SafeDir.open(root, what="state root") as checked:
+        checked.subdir("run").close()
+    for shared, wanted in ((path, admin_group is not None), (ro_socket, True)):
+        if shared is not None and wanted:
+            _make_reachable(root, shared)
+    bound = passed.get(path) or _bind_admin(path, admin_group, backlog)
+    bounds = [bound]
     try:
-        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd")
+        ro_bound = None
+        if ro_socket is not None:
+            ro_bound = passed.get(ro_socket) or bind_unix(ro_socket, mode=0o666, backlog=backlog)
+            bounds.append(ro_bound)
+        engine = Engine(root, get_backend(backend, netns), owner="nwfilterd",
+                        events=bus or EventBus())
         engine.start()
     except BaseException:
-        bound.close()
+        for each in bounds:
+            each.close()
         raise
     # Domains that survived a restart are found again (their filters were
     # re-applied by the engine) and the ones marked autostart are started.
     manager = DomainManager.for_engine(engine, netns=netns)
     try:
         manager.start(autostart=True)
-        server = Server(bound, engine, manager, limits)
+        server = Server(bound, engine, manager, limits, ro_bound=ro_bound,
+                        admin_group=admin_group)
     except BaseException:
-        bound.close()
+        for each in bounds:
+            each.close()
         engine.close()
         raise
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.
-        server.monitor = NftMonitor.for_backend(engine.backend)
+        server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
     return server
 
@@ -159,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     """nwfilterd's options (also read by the man page and completion generators)."""
     parser = argparse.ArgumentParser(prog="nwfilterd", description="nwfilter API daemon")
     parser.add_argument(
-        "--root", default=os.environ.get("NWFILTER_ROOT", DEFAULT_ROOT), metavar="DIR",
-        help=f"state root directory (default: $NWFILTER_ROOT or {DEFAULT_ROOT})",
+        "--config", type=Path, default=None, metavar="FILE",
+        help=f"configuration file (default: {daemonconf.DEFAULT_CONFIG}, if it exists)",
+    )
+    parser.add_argument(
+        "--root", default=os.environ.get("NWFILTER_ROOT") or None,
+        help=f"state root (default: $NWFILTER_ROOT, else the file's 'root', else {DEFAULT_ROOT})",
     )
     # Not given: the root's recorded host (nft in the host's namespace at first use).
     parser.add_argument(
@@ -174,24 +356,69 @@ def build_parser() -> argparse.ArgumentParser:
         "$NWFILTER_NETNS, else the root's recorded one)",
     )
     parser.add_argument(
-        "--socket", default=None, metavar="PATH",
-        help="socket path (default ROOT/run/nwfilterd.sock)",
+        "--socket", type=Path, default=None, metavar="PATH",
+        help="admin socket (default ROOT/run/nwfilterd.sock)",
+    )
+    ro = parser.add_mutually_exclusive_group()
+    ro.add_argument(
+        "--ro-socket", type=Path, default=None, metavar="PATH",
+        help="read-only socket (default ROOT/run/nwfilterd-ro.sock)",
+    )
+    ro.add_argument("--no-ro-socket", action="store_true", help="serve no read-only socket")
+    parser.add_argument(
+        "--admin-group", default=None, metavar="NAME",
+        help="group whose members may use the admin socket (default: root only)",
     )
     defaults = Limits()
     parser.add_argument(
-        "--max-connections", type=int, default=defaults.max_connections, metavar="N",
-        help="connections held at once (default %(default)s; kept below RLIMIT_NOFILE)",
+        "--max-connections", type=int, default=None, metavar="N",
+        help=f"connections held at once (default {defaults.max_connections}; "
+        "kept below RLIMIT_NOFILE)",
     )
     parser.add_argument(
-        "--max-buffered", type=int, default=defaults.max_buffered, metavar="BYTES",
-        help="bytes of partial requests held over all connections (default %(default)s)",
+        "--max-buffered", type=int, default=None, metavar="BYTES",
+        help=f"bytes of partial requests held over all connections "
+        f"(default {defaults.max_buffered})",
     )
     parser.add_argument(
-        "--workers", type=int, default=defaults.workers, metavar="N",
-        help="requests served at once (default %(default)s)",
+        "--workers", type=int, default=None, metavar="N",
+        help=f"requests served at once (default {defaults.workers})",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     return parser
+
+
+def _start(args: argparse.Namespace) -> Server:
+    """The server the options and the configuration file ask for."""
+    config = daemonconf.load(args.config)
+    root = Path(args.root or config.paths.get("root") or DEFAULT_ROOT)
+    sizes = {
+        key: value if value is not None else config.integers.get(key)
+        for key, value in (("max_connections", args.max_connections),
+                           ("max_buffered", args.max_buffered), ("workers", args.workers))
+    }
+    limits = Limits(**{key: value for key, value in sizes.items() if value is not None})
+    ro_socket: Path | None
+    if args.no_ro_socket:
+        ro_socket = None
+    elif args.ro_socket is not None:
+        ro_socket = args.ro_socket
+    elif "ro_socket" in config.paths:
+        ro_socket = config.paths["ro_socket"]
+    else:
+        ro_socket = default_ro_socket(root)
+    group = Group.named(args.admin_group) if args.admin_group else config.admin_group
+    raise_nofile_limit()
+    return serve(
+        root,
+        args.backend,
+        args.netns,
+        args.socket or config.paths.get("socket"),
+        limits,
+        ro_socket=ro_socket,
+        admin_group=group,
+        inherited=inherited_sockets(),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,20 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO - 10 * min(args.verbose, 1), "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        limits = Limits(
-            max_connections=args.max_connections,
-            max_buffered=args.max_buffered,
-            workers=args.workers,
-        )
-        raise_nofile_limit()
-        server = serve(
-            Path(args.root),
-            args.backend,
-            args.netns,
-            Path(args.socket) if args.socket else None,
-            limits,
-            bound=inherited_socket(),
-        )
+        server = _start(args)
     except NwfilterError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_status
@@ -223,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("listening on %s", server.path)
+    log.info("listening on %s (admin)%s", server.path,
+             f" and {server.ro_path} (read-only)" if server.ro_path else "")
     try:
         server.serve_forever()
     finally:

@@ -19,6 +19,11 @@ backend, and refuses to start when another root owns the kernel objects.
 It never reports a port as filtered while the kernel says otherwise:
 `enforcement()` names, per port, why its rules are not in force (another
 root's tables, a broken layer-3 precondition).
+
+Events: each change that succeeded (the kernel and the files agree) is
+published on the engine's event bus (`nwfilter.events`) once its locks
+are released: filter defined (and the rebuild it made) or undefined,
+binding created or deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,7 @@ from nwfilter.errors import (
     NwfilterError,
     StateError,
 )
+from nwfilter.events import EventBus, EventKind
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Hook, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
@@ -143,9 +150,11 @@ class Engine:
         stock_dir: Path | None = None,
         owner: str = "nwfilter",
         lock_timeout: float = 30.0,
+        events: EventBus | None = None,
     ) -> None:
         self.root = Path(root)
         self.backend = backend
+        self.events = events if events is not None else EventBus()
         self._root_lock = RootLock(self.root, owner)
         self._lock_timeout = lock_timeout
         self.pool = FilterPool.for_root(self.root, stock_dir=stock_dir)
@@ -300,9 +309,19 @@ class Engine:
         # Compile outside the driver and pool write locks, against a snapshot;
         # under the locks the work is reused if nothing changed meanwhile, so
         # the locks are held for the kernel transaction, not for the compile.
+        began = time.perf_counter()
         prepared = self._prepare_define(fdef, text, dry_run)
         with self.coordinator.filter_change():
             outcome = self._define_locked(fdef, text, dry_run, prepared)
+        if outcome.changed and not outcome.dry_run:
+            self.events.publish(EventKind.FILTER_DEFINED, "filter", outcome.name, {
+                "uuid": outcome.uuid, "created": outcome.created,
+                "rebuilt": list(outcome.rebuilt),
+            })
+            if outcome.rebuilt:
+                ms = round((time.perf_counter() - began) * 1000, 1)
+                self.events.publish(EventKind.REBUILD, "filter", outcome.name,
+                                    {"ports": list(outcome.rebuilt), "ms": ms})
         return outcome
 
     def _prepare_define(self, fdef: FilterDef, text: str, dry_run: bool) -> _PreparedDefine | None:
@@ -405,7 +424,10 @@ class Engine:
         """Undefine a filter that no filter and no binding uses."""
         self._check_writable()
         with self.coordinator.filter_change(), self.pool.lock.write():
-            return self.pool.undefine_locked(name_or_uuid)
+            result = self.pool.undefine_locked(name_or_uuid)
+        self.events.publish(EventKind.FILTER_UNDEFINED, "filter", result.name,
+                            {"uuid": str(result.uuid)})
+        return result
 
     def _usage(self, names: frozenset[str]) -> list[str]:
         return [
@@ -488,6 +510,10 @@ class Engine:
             for rs in new:
                 self._applied[rs.port.portdev] = rs
         log.info("bound %d port(s)", len(defs))
+        for b in defs:
+            self.events.publish(EventKind.BINDING_CREATED, "port", b.portdev, {
+                "filter": b.filterref.filter, "owner": b.owner_name, "mac": b.mac,
+            })
 
     def add_port_holder(self, holder: PortHolder) -> None:
         """Let `holder` (the domains) say who holds a port: `create_bindings`
@@ -506,7 +532,8 @@ class Engine:
         """Remove a port's rules and forget its binding."""
         self._check_writable()
         with self.bindings.lock:
-            if self.bindings.get(portdev) is None:
+            binding = self.bindings.get(portdev)
+            if binding is None:
                 raise NotFoundError(f"no binding for port '{portdev}'")
             self.backend.clear(portdev)
             try:
@@ -516,6 +543,9 @@ class Engine:
                 raise
             self._applied.pop(portdev, None)
             self._learnt.pop(portdev, None)
+        self.events.publish(EventKind.BINDING_DELETED, "port", portdev, {
+            "filter": binding.filterref.filter, "owner": binding.owner_name,
+        })
 
     def binding(self, portdev: str) -> BindingDef:
         binding = self.bindings.get(portdev)

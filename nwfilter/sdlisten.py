@@ -1,11 +1,12 @@
-"""A listening socket handed over by systemd (socket activation).
+"""Listening sockets handed over by systemd (socket activation).
 
 The protocol of sd_listen_fds(3): the service manager passes listening
 sockets from file descriptor 3 on and sets LISTEN_FDS (how many) and
-LISTEN_PID (the process meant to take them).  nwfilterd takes one UNIX
-stream socket this way instead of binding its own, and leaves its path in
-place on exit: the path belongs to the socket unit, which starts the daemon
-again at the next connection.
+LISTEN_PID (the process meant to take them).  nwfilterd takes its admin
+and read-only sockets this way (each recognised by the path it is bound
+to) instead of binding them, and leaves their paths in place on exit: they
+belong to the socket units, which start the daemon again at the next
+connection.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 from nwfilter.connserver import BoundSocket
@@ -34,41 +35,71 @@ class InheritedSocket(BoundSocket):
         self.sock.close()
 
 
-def inherited_socket(
+def inherited_sockets(
     environ: MutableMapping[str, str] | None = None,
     *,
     first_fd: int = SD_LISTEN_FDS_START,
-) -> InheritedSocket | None:
-    """The listening socket passed to this process, or None when none was.
+) -> list[InheritedSocket]:
+    """The listening sockets passed to this process (none when none were).
 
-    The variables are removed (a child must not take the socket too).
-    `ValidationError` when what was passed cannot be served: more than one
-    socket, or not a listening UNIX stream socket bound to a path."""
+    The variables are removed (a child must not take the sockets too).
+    `ValidationError` when one of them cannot be served: not a listening
+    UNIX stream socket bound to a path."""
     env = os.environ if environ is None else environ
     pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
     if pid is None or count is None or pid != str(os.getpid()):
-        return None
+        return []
     for name in _VARIABLES:
         env.pop(name, None)
     try:
         fds = int(count)
     except ValueError:
         raise ValidationError(f"LISTEN_FDS is not a number: {count!r}") from None
-    if fds < 1:
-        return None
-    if fds > 1:
-        raise ValidationError(f"{fds} sockets were passed (LISTEN_FDS); nwfilterd serves one")
+    taken: list[InheritedSocket] = []
     try:
-        sock = socket.socket(fileno=first_fd)
+        for fd in range(first_fd, first_fd + max(fds, 0)):
+            taken.append(_take(fd))
+    except BaseException:
+        for each in taken:
+            each.sock.detach()  # the descriptors stay the service manager's business
+        raise
+    return taken
+
+
+def check_inherited(
+    inherited: Sequence[BoundSocket], wanted: Sequence[Path | None]
+) -> Mapping[Path, BoundSocket]:
+    """The inherited sockets by the path of `wanted` each is bound to;
+    `ValidationError` for one bound to none of them."""
+    found: dict[Path, BoundSocket] = {}
+    for bound in inherited:
+        match = [w for w in wanted if w is not None and _same(w, bound.path)]
+        if not match:
+            paths = " or ".join(f"'{w}'" for w in wanted if w is not None)
+            raise ValidationError(
+                f"the socket passed by the service manager is bound to '{bound.path}', "
+                f"not to {paths}"
+            )
+        found[match[0]] = bound
+    return found
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _take(fd: int) -> InheritedSocket:
+    try:
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise ValidationError(
-            f"file descriptor {first_fd} passed by LISTEN_FDS is not a socket: {exc.strerror}"
+            f"file descriptor {fd} passed by LISTEN_FDS is not a socket: {exc.strerror}"
         ) from exc
     try:
-        return _checked(sock, first_fd)
+        return _checked(sock, fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            sock.detach()  # the descriptor stays the service manager's business
+            sock.detach()
         raise
 
 

@@ -2,7 +2,9 @@
 
 `Context.call` sends an API call (`nwfilter.api`) either to the nwfilterd
 that serves the state root (named with `--connect`, or found at
-ROOT/run/nwfilterd.sock) or, when no daemon answers there, to an engine
+ROOT/run/nwfilterd.sock, the admin socket, falling back to
+ROOT/run/nwfilterd-ro.sock, the read-only socket, for the queries of a user
+the admin socket refuses) or, when no daemon answers there, to an engine
 embedded in this process.  Both give the same results and errors.  The
 embedded engine manages the backend and namespace the root recorded at its
 first use (`nwfilter.hostrecord`); a `--backend`/`--netns` that differs is
@@ -11,27 +13,99 @@ refused.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nwfilter.errors import UnavailableError
+from nwfilter.errors import PermissionDeniedError, UnavailableError
 from nwfilter.printable import printable
 from nwfilter.progress import TerminalProgress
 
 if TYPE_CHECKING:
     from nwfilter.api import Caller
+    from nwfilter.client import Client
     from nwfilter.engine import Engine
 
 DEFAULT_ROOT = "/var/lib/nwfilter"
 SOCKET_NAME = "nwfilterd.sock"
+RO_SOCKET_NAME = "nwfilterd-ro.sock"
 
 
 def default_socket(root: Path) -> Path:
     """Where nwfilterd listens for a state root unless told otherwise."""
     return root / "run" / SOCKET_NAME
+
+
+def default_ro_socket(root: Path) -> Path:
+    """Where nwfilterd serves queries to every user unless told otherwise."""
+    return root / "run" / RO_SOCKET_NAME
+
+
+def _is_socket(path: Path) -> bool:
+    """Whether `path` is a socket; False also when this user cannot tell."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class SocketCaller:
+    """The daemon through its admin socket, and through its read-only
+    socket for the queries of a user the admin socket refuses (at connect
+    time, by the socket's file mode, or by the daemon's reply)."""
+
+    def __init__(
+        self, admin: Client | None, ro_path: Path | None,
+        refusal: PermissionDeniedError | None = None,
+    ) -> None:
+        self._admin = admin
+        self._ro_path = ro_path
+        self._ro: Client | None = None
+        self._refusal = refusal
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        from nwfilter.api import method as lookup
+
+        if self._admin is not None:
+            try:
+                return self._admin.call(method, params)
+            except PermissionDeniedError as exc:
+                if self._ro_path is None or lookup(method).writes:
+                    raise
+                self._admin.close()
+                self._admin, self._refusal = None, exc
+        return self._read_only().call(method, params)
+
+    def _read_only(self) -> Client:
+        from nwfilter.client import Client
+
+        if self._ro is None:
+            refusal = self._refusal or PermissionDeniedError("the admin socket refused this user")
+            if self._ro_path is None:
+                raise refusal
+            try:
+                self._ro = Client(self._ro_path)
+            except (UnavailableError, PermissionDeniedError):
+                raise refusal from None
+        return self._ro
+
+    def attach(self) -> SocketCaller:
+        """Connect to the read-only socket now; its error if it cannot."""
+        if self._ro is None and self._ro_path is not None:
+            from nwfilter.client import Client
+
+            self._ro = Client(self._ro_path)
+        return self
+
+    def close(self) -> None:
+        for client in (self._admin, self._ro):
+            if client is not None:
+                client.close()
+        self._admin = self._ro = None
 
 
 @dataclass
@@ -76,26 +150,86 @@ class Context:
         finally:
             self.progress.clear()
 
+    def daemon(self, *, purpose: str) -> Client:
+        """A connection of its own to the nwfilterd serving this root, for
+        queries (`purpose` says what needs it): the admin socket, or the
+        read-only one for a user the admin socket refuses; `UnavailableError`
+        when none answers."""
+        from nwfilter.client import Client
+
+        if self.connect is not None:
+            return Client(Path(self.connect))
+        refusal: PermissionDeniedError | None = None
+        for path in (default_socket(self.root_path), default_ro_socket(self.root_path)):
+            if not _is_socket(path):
+                continue
+            try:
+                return Client(path)
+            except PermissionDeniedError as exc:
+                refusal = exc
+            except UnavailableError:
+                continue  # a stale socket
+        if refusal is not None:
+            raise refusal
+        raise UnavailableError(
+            f"{purpose} need nwfilterd serving the root '{self.root}', and none "
+            f"answers at '{default_socket(self.root_path)}' (start nwfilterd, or "
+            "name its socket with -c)"
+        )
+
     def _remote(self) -> Caller | None:
         from nwfilter.client import Client
 
         if self.connect is not None:
             return Client(Path(self.connect))
-        path = default_socket(self.root_path)
-        if not path.is_socket():
+        admin_path = default_socket(self.root_path)
+        ro_path = default_ro_socket(self.root_path)
+        ro = ro_path if _is_socket(ro_path) else None
+        if _is_socket(admin_path):
+            try:
+                return SocketCaller(Client(admin_path), ro)
+            except PermissionDeniedError as exc:
+                return SocketCaller(None, ro, exc)
+            except UnavailableError:
+                pass  # a stale socket
+        if ro is None:
             return None
         try:
-            return Client(path)
-        except UnavailableError:
-            return None  # a stale socket: nothing serves the root
+            return SocketCaller(None, ro, PermissionDeniedError(
+                f"no admin socket answers at '{admin_path}'")).attach()
+        except (UnavailableError, PermissionDeniedError):
+            return None  # stale sockets: nothing serves the root
 
     def _embedded(self) -> Caller:
         from nwfilter.api import EmbeddedCaller, EmbeddedContext
 
+        self._check_reachable()
         backend, netns = self.host()
         return EmbeddedCaller(
             EmbeddedContext(lambda read_only: self._start_engine(backend, netns, read_only),
                             netns)
+        )
+
+    def _check_reachable(self) -> None:
+        """A user who may not enter the root (root's own, mode 0700 or
+        0711) gets one clear error rather than the storage error of the
+        first file the engine would open."""
+        euid = os.geteuid()
+        if euid == 0:
+            return
+        try:
+            os.stat(self.root_path)
+        except FileNotFoundError:
+            return
+        except PermissionError:
+            pass
+        else:
+            if os.access(self.root_path, os.R_OK | os.X_OK):
+                return
+        raise PermissionDeniedError(
+            f"state root '{self.root}' is not accessible to uid {euid}, and no nwfilterd "
+            "serves it: run the command as root, or start nwfilterd (its read-only socket "
+            "serves queries to every user)"
         )
 
     def _start_engine(self, backend: str, netns: str | None, read_only: bool) -> Engine:

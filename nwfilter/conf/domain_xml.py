@@ -1,26 +1,27 @@
-"""Parse, validate and format the subset of libvirt domain XML we manage.
+"""Parse, validate and format libvirt domain documents.
 
-Accepted::
+A document is accepted when libvirt's own domain schema accepts it
+(`nwfilter.conf.libvirt_schema`), as `virsh dumpxml` prints it for `kvm`
+and `qemu` guests and as virt-install writes it; `ns` documents are checked
+as libvirt's `test` type.  What the drivers use is read into `DomainDef`:
 
-    <domain type="test|ns|qemu">
-      <name>vm1</name>
-      <uuid>...</uuid>                      (generated when absent)
-      <title>...</title> <description>...</description>   (kept as text)
-      <memory unit="MiB">256</memory>       (kept, in KiB)
-      <vcpu>2</vcpu>                        (kept)
+    <domain type="test|ns|qemu|kvm">
+      <name>, <uuid> (generated when absent), <title>, <description>,
+      <memory unit=...>, <vcpu>
       <devices>
-        <interface type="bridge|network|ethernet">
-          <mac address="52:54:00:..."/>
-          <source bridge="br0"/>  or  <source network="default"/>
-          <ip address="10.0.0.2" prefix="24" family="ipv4"/>   (any number)
-          <target dev="vnet0"/>
-          <model type="virtio"/>
-          <filterref filter="clean-traffic"><parameter .../></filterref>
+        <interface type="...">               (every libvirt interface type)
+          <mac address=.../> <source bridge=... | network=.../>
+          <ip address=... prefix=... family=.../> <target dev=.../>
+          <model type=.../> <filterref filter=...>...</filterref>
         </interface>
       </devices>
     </domain>
 
-Anything else is refused with an error naming it rather than dropped.
+Everything else (os, features, cpu, clock, disks, consoles, metadata in
+foreign namespaces, an interface's driver, address, mtu, bandwidth, vlan,
+...) is kept verbatim in `DomainDef.document` and printed back unchanged;
+`format_domain` writes the managed values (UUID, generated MACs) into it.
+Which driver uses which element: docs/domains.md.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from lxml import etree
 
 from nwfilter.conf.binding_xml import parse_mac_address
 from nwfilter.conf.filter_xml import filterref_element, parse_filterref_element
+from nwfilter.conf.libvirt_schema import validate_domain
 from nwfilter.conf.model import DomainDef, FilterRef, InterfaceDef, IPSpec
-from nwfilter.conf.safexml import local_name, parse_xml, serialize_checked
+from nwfilter.conf.safexml import local_name, parse_xml, serialize, serialize_checked
 from nwfilter.conf.values import (
     check_ifname,
     check_object_name,
@@ -48,17 +50,16 @@ from nwfilter.conf.values import (
 from nwfilter.conf.xmlcheck import (
     check_attrs,
     check_empty,
-    check_no_text,
     fail,
     join,
-    lone_attr,
     required_attr,
-    text_only,
 )
 from nwfilter.errors import ValidationError
 
-DOMAIN_TYPES = ("test", "ns", "qemu")
-INTERFACE_TYPES = ("bridge", "network", "ethernet")
+DOMAIN_TYPES = ("test", "ns", "qemu", "kvm")
+# Interface types some driver can attach a host port for; the others
+# (direct, user, hostdev, vhostuser, ...) are valid documents, refused at start.
+ATTACHABLE_TYPES = ("bridge", "network", "ethernet")
 _MODEL_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _EXTRA_TEXT = ("title", "description")
 # libvirt's virScaleInteger units; bare number means KiB
@@ -116,11 +117,8 @@ def _parse_ip(elem: etree._Element, where: str) -> IPSpec:
 
 
 def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
-    check_attrs(elem, ("type",), where)
+    """The managed part of an `<interface>` the schema accepted."""
     itype = required_attr(elem, "type", where)
-    if itype not in INTERFACE_TYPES:
-        raise fail(where, f"interface type {itype!r} is not one of {', '.join(INTERFACE_TYPES)}")
-    check_no_text(elem, where)
     mac: str | None = None
     target: str | None = None
     bridge: str | None = None
@@ -128,45 +126,36 @@ def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
     model: str | None = None
     filterref: FilterRef | None = None
     ips: list[IPSpec] = []
-    seen: set[str] = set()
     for child in elem:
         tag = local_name(child)
-        if tag != "ip" and tag in seen:
-            raise fail(where, f"<interface> has more than one <{tag}>")
-        seen.add(tag)
         if tag == "mac":
-            mac = parse_mac_address(lone_attr(child, "address", where), where)
+            mac = parse_mac_address(required_attr(child, "address", where), where)
         elif tag == "target":
-            target = lone_attr(child, "dev", where)
+            target = required_attr(child, "dev", where)
             try:
                 check_port_name(target, "target dev")
             except ValidationError as exc:
                 raise fail(where, exc.message) from None
-        elif tag == "source":
-            if itype == "bridge":
-                bridge = lone_attr(child, "bridge", where)
-                try:
-                    check_ifname(bridge, f"source bridge {bridge!r}")
-                except ValidationError as exc:
-                    raise fail(where, exc.message) from None
-            elif itype == "network":
-                network = lone_attr(child, "network", where)
-                try:
-                    check_object_name(network, "source network")
-                except ValidationError as exc:
-                    raise fail(where, exc.message) from None
-            else:
-                raise fail(where, "an ethernet interface takes no <source>")
+        elif tag == "source" and itype == "bridge":
+            bridge = required_attr(child, "bridge", where)
+            try:
+                check_ifname(bridge, f"source bridge {bridge!r}")
+            except ValidationError as exc:
+                raise fail(where, exc.message) from None
+        elif tag == "source" and itype == "network":
+            network = required_attr(child, "network", where)
+            try:
+                check_object_name(network, "source network")
+            except ValidationError as exc:
+                raise fail(where, exc.message) from None
         elif tag == "model":
-            model = lone_attr(child, "type", where)
+            model = required_attr(child, "type", where)
             if not _MODEL_RE.match(model):
                 raise fail(where, f"model type {model!r} must be letters, digits, '_' and '-'")
         elif tag == "filterref":
             filterref = parse_filterref_element(child, where)
         elif tag == "ip":
             ips.append(_parse_ip(child, where))
-        else:
-            raise fail(where, f"<interface> element <{tag}> is not supported")
     if itype == "bridge" and bridge is None:
         raise fail(where, "a bridge interface needs <source bridge=...>")
     if itype == "network" and network is None:
@@ -184,7 +173,7 @@ def _parse_interface(elem: etree._Element, where: str) -> InterfaceDef:
 
 
 def _parse_memory(elem: etree._Element, where: str) -> int:
-    text = text_only(elem, where, ("unit",))
+    text = (elem.text or "").strip()
     unit = (elem.get("unit") or "KiB").lower()
     if unit not in _UNITS:
         raise fail(where, f"<memory unit={elem.get('unit')!r}> is not a known unit")
@@ -196,100 +185,102 @@ def _parse_memory(elem: etree._Element, where: str) -> int:
 
 
 def parse_domain(data: str | bytes, *, source: str = "") -> DomainDef:
-    """Parse and validate a domain document (the subset we manage)."""
+    """Parse and validate a domain document (libvirt's schema, then ours)."""
     root = parse_xml(data, source=source)
     where = source
     if local_name(root) != "domain":
         raise fail(where, f"root element must be <domain>, not <{local_name(root)}>")
-    check_attrs(root, ("type",), where)
     dtype = required_attr(root, "type", where)
     if dtype not in DOMAIN_TYPES:
         raise fail(where, f"domain type {dtype!r} is not one of {', '.join(DOMAIN_TYPES)}")
-    check_no_text(root, where)
     name: str | None = None
     uuid: uuidlib.UUID | None = None
     memory: int | None = None
     vcpus: int | None = None
     extra: dict[str, str] = {}
     interfaces: list[InterfaceDef] = []
-    seen: set[str] = set()
     for child in root:
         tag = local_name(child)
-        if tag in seen:
-            raise fail(where, f"<domain> has more than one <{tag}>")
-        seen.add(tag)
         if tag == "name":
-            name = text_only(child, where)
+            name = (child.text or "").strip()
             try:
                 check_object_name(name, "domain name")
             except ValidationError as exc:
                 raise fail(where, exc.message) from None
         elif tag == "uuid":
-            text = text_only(child, where)
             try:
-                uuid = parse_uuid_text(text)
+                uuid = parse_uuid_text(child.text or "")
             except ValidationError as exc:
                 raise fail(where, exc.message) from None
         elif tag in _EXTRA_TEXT:
-            extra[tag] = text_only(child, where)
+            extra[tag] = child.text or ""
         elif tag == "memory":
             memory = _parse_memory(child, where)
         elif tag == "vcpu":
-            vcpus = _uint(text_only(child, where), "vcpu", where)
+            vcpus = _uint((child.text or "").strip(), "vcpu", where)
             if not 1 <= vcpus <= 4096:
                 raise fail(where, "vcpu must be 1-4096")
         elif tag == "devices":
-            check_attrs(child, (), where)
-            check_no_text(child, where)
-            for number, dev in enumerate(child, start=1):
-                dtag = local_name(dev)
-                if dtag != "interface":
-                    raise fail(where, f"device <{dtag}> is not supported")
-                interfaces.append(_parse_interface(dev, join(where, f"interface {number}")))
-        else:
-            raise fail(where, f"<domain> element <{tag}> is not supported")
+            number = 0
+            for dev in child:
+                if local_name(dev) == "interface":
+                    number += 1
+                    interfaces.append(_parse_interface(dev, join(where, f"interface {number}")))
     if name is None:
         raise fail(where, "<domain> needs a <name>")
+    # After our own checks, which name the managed values more precisely.
+    validate_domain(root, where)
+    if uuid is None:
+        uuid = uuidlib.uuid4()
+        _place(root, "uuid", ("name",)).text = str(uuid)
     return DomainDef(
         type=dtype,
         name=name,
-        uuid=uuid if uuid is not None else uuidlib.uuid4(),
+        uuid=uuid,
         interfaces=tuple(interfaces),
         memory_kib=memory,
         vcpus=vcpus,
         extra=extra,
+        document=serialize(root),
     )
 
 
-def _interface_element(iface: InterfaceDef) -> etree._Element:
-    elem = etree.Element("interface")
-    elem.set("type", iface.type)
-    if iface.mac is not None:
-        etree.SubElement(elem, "mac").set("address", iface.mac)
-    if iface.source_bridge is not None:
-        etree.SubElement(elem, "source").set("bridge", iface.source_bridge)
-    elif iface.source_network is not None:
-        etree.SubElement(elem, "source").set("network", iface.source_network)
-    for ip in iface.ips:
-        sub = etree.SubElement(elem, "ip")
-        sub.set("address", ip.address)
-        sub.set("family", ip.family)
-        if ip.prefix is not None:
-            sub.set("prefix", str(ip.prefix))
-    if iface.target_dev is not None:
-        etree.SubElement(elem, "target").set("dev", iface.target_dev)
-    if iface.model is not None:
-        etree.SubElement(elem, "model").set("type", iface.model)
-    if iface.filterref is not None:
-        elem.append(filterref_element(iface.filterref))
+def _child(parent: etree._Element, tag: str) -> etree._Element | None:
+    for child in parent:
+        if local_name(child) == tag:
+            return child
+    return None
+
+
+def _place(parent: etree._Element, tag: str, after: tuple[str, ...]) -> etree._Element:
+    """`parent`'s `<tag>`, created after the last of the `after` elements
+    present (first if none is), which is where libvirt prints it."""
+    found = _child(parent, tag)
+    if found is not None:
+        return found
+    elem = etree.Element(tag)
+    position = 0
+    for index, child in enumerate(parent):
+        if local_name(child) in after:
+            position = index + 1
+    parent.insert(position, elem)
     return elem
 
 
-def domain_element(domain: DomainDef) -> etree._Element:
+def _merge_interface(elem: etree._Element, iface: InterfaceDef) -> None:
+    if iface.mac is not None:
+        _place(elem, "mac", ()).set("address", iface.mac)
+    if iface.target_dev is not None:
+        _place(elem, "target", ("mac", "source", "ip", "route", "script", "backenddomain")).set(
+            "dev", iface.target_dev
+        )
+
+
+def _skeleton(domain: DomainDef) -> etree._Element:
+    """A document for a definition built without one (tests, tools)."""
     root = etree.Element("domain")
     root.set("type", domain.type)
     etree.SubElement(root, "name").text = domain.name
-    etree.SubElement(root, "uuid").text = str(domain.uuid)
     for tag in _EXTRA_TEXT:
         if tag in domain.extra:
             etree.SubElement(root, tag).text = domain.extra[tag]
@@ -302,12 +293,45 @@ def domain_element(domain: DomainDef) -> etree._Element:
     if domain.interfaces:
         devices = etree.SubElement(root, "devices")
         for iface in domain.interfaces:
-            devices.append(_interface_element(iface))
+            elem = etree.SubElement(devices, "interface")
+            elem.set("type", iface.type)
+            if iface.source_bridge is not None:
+                etree.SubElement(elem, "source").set("bridge", iface.source_bridge)
+            elif iface.source_network is not None:
+                etree.SubElement(elem, "source").set("network", iface.source_network)
+            for ip in iface.ips:
+                sub = etree.SubElement(elem, "ip")
+                sub.set("address", ip.address)
+                sub.set("family", ip.family)
+                if ip.prefix is not None:
+                    sub.set("prefix", str(ip.prefix))
+            if iface.model is not None:
+                etree.SubElement(elem, "model").set("type", iface.model)
+            if iface.filterref is not None:
+                elem.append(filterref_element(iface.filterref))
+    return root
+
+
+def domain_element(domain: DomainDef) -> etree._Element:
+    """The domain's document with the managed values written into it."""
+    root = parse_xml(domain.document) if domain.document else _skeleton(domain)
+    root.set("type", domain.type)
+    _place(root, "name", ()).text = domain.name
+    _place(root, "uuid", ("name",)).text = str(domain.uuid)
+    devices = _child(root, "devices")
+    elems = [] if devices is None else [c for c in devices if local_name(c) == "interface"]
+    if len(elems) != len(domain.interfaces):
+        raise ValidationError(
+            f"domain {domain.name!r}: its document has {len(elems)} interfaces, "
+            f"its definition {len(domain.interfaces)}"
+        )
+    for elem, iface in zip(elems, domain.interfaces, strict=True):
+        _merge_interface(elem, iface)
     return root
 
 
 def format_domain(domain: DomainDef) -> str:
-    """The canonical domain document; checked to parse again."""
+    """The domain document, every element kept; checked to parse again."""
     return serialize_checked(domain_element(domain), parse_domain, f"domain {domain.name!r}")
 
 

@@ -158,7 +158,7 @@ class IPSpec:
 class InterfaceDef:
     """The part of a domain's `<interface>` we manage."""
 
-    type: str = "bridge"  # 'bridge', 'network', 'ethernet'
+    type: str = "bridge"  # any libvirt type; drivers attach bridge, network, ethernet
     mac: str | None = None  # None: generated when the domain is defined
     target_dev: str | None = None
     source_bridge: str | None = None
@@ -179,3 +179,7 @@ class DomainDef:
     memory_kib: int | None = None
     vcpus: int | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # The whole document as read (libvirt's elements the drivers do not
+    # use included), printed back with the managed values written in; ''
+    # for a definition built in code.
+    document: str = field(default="", hash=False)

@@ -162,20 +162,43 @@ def serialize_checked(elem: etree._Element, parse: Callable[[str], object], what
     return text
 
 
-def _serialize(elem: etree._Element, depth: int, out: list[str]) -> None:
+def _qname(name: str, nsmap: dict[str | None, str], *, attribute: bool) -> str:
+    """`{uri}local` written with the prefix `nsmap` binds to `uri`."""
+    if not name.startswith("{"):
+        return name
+    uri, local = name[1:].split("}", 1)
+    for prefix, bound in nsmap.items():
+        if bound == uri and (prefix is not None or not attribute):
+            return f"{prefix}:{local}" if prefix else local
+    raise ValidationError(f"no prefix is bound to namespace {uri!r}")
+
+
+def _serialize(
+    elem: etree._Element, depth: int, out: list[str], parent_ns: dict[str | None, str] | None = None
+) -> None:
     pad = "  " * depth
-    tag = local_name(elem)
+    nsmap: dict[str | None, str] = dict(elem.nsmap)
+    inherited = parent_ns or {}
+    # Namespace declarations (foreign metadata) are written where they
+    # first appear, so such elements print back as they were read.
+    decls = "".join(
+        f" xmlns:{prefix}='{_escape(uri)}'" if prefix else f" xmlns='{_escape(uri)}'"
+        for prefix, uri in sorted(nsmap.items(), key=lambda item: item[0] or "")
+        if inherited.get(prefix) != uri
+    )
+    tag = _qname(str(elem.tag), nsmap, attribute=False)
     attrs = "".join(
-        f" {name!s}='{_escape(str(value))}'" for name, value in elem.attrib.items()
+        f" {_qname(str(name), nsmap, attribute=True)}='{_escape(str(value))}'"
+        for name, value in elem.attrib.items()
     )
     children = [child for child in elem if isinstance(child.tag, str)]
     text = elem.text if elem.text and elem.text.strip() else None
     if children:
-        out.append(f"{pad}<{tag}{attrs}>\n")
+        out.append(f"{pad}<{tag}{decls}{attrs}>\n")
         for child in children:
-            _serialize(child, depth + 1, out)
+            _serialize(child, depth + 1, out, nsmap)
         out.append(f"{pad}</{tag}>\n")
     elif text is not None:
-        out.append(f"{pad}<{tag}{attrs}>{_escape(text)}</{tag}>\n")
+        out.append(f"{pad}<{tag}{decls}{attrs}>{_escape(text)}</{tag}>\n")
     else:
-        out.append(f"{pad}<{tag}{attrs}/>\n")
+        out.append(f"{pad}<{tag}{decls}{attrs}/>\n")

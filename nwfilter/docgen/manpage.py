@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import ModuleType
 
-from nwfilter.commands.context import DEFAULT_ROOT, SOCKET_NAME
+from nwfilter.commands.context import DEFAULT_ROOT, SOCKET_NAME, default_ro_socket
+from nwfilter.daemonconf import DEFAULT_CONFIG
 from nwfilter.docgen.parserinfo import Command, Option, ParserInfo, Positional
 from nwfilter.errors import EXIT_STATUS, ErrorCode
 
@@ -181,7 +183,8 @@ or the one named with
 .B \-c
 or
 .BR $NWFILTER_SOCKET ),
-every command is sent to it; otherwise the command runs the same engine in
+every command is sent to it (a user the admin socket refuses sends queries
+to its read\-only socket); otherwise the command runs the same engine in
 this process.
 Output, errors and exit statuses are the same either way.
 Queries use a read-only engine, which never writes to the kernel.
@@ -254,7 +257,13 @@ The active port bindings, re\-applied at every start.
 One engine per root at a time.
 .TP
 .IR ROOT /run/@SOCKET@
-The daemon's socket.
+The daemon's admin socket.
+.TP
+.IR ROOT /run/@RO_SOCKET@
+The daemon's read\-only socket.
+.TP
+.I @CONFIG@
+The daemon's configuration file.
 """
 
 _NWFILTER_EXAMPLES = r"""
@@ -316,18 +325,27 @@ def nwfilter_page(info: ParserInfo, modules: Sequence[ModuleType]) -> str:
 
 
 def _files() -> str:
-    return _FILES.replace("@ROOT@", esc(DEFAULT_ROOT)).replace("@SOCKET@", esc(SOCKET_NAME))
+    return (
+        _FILES.replace("@ROOT@", esc(DEFAULT_ROOT))
+        .replace("@SOCKET@", esc(SOCKET_NAME))
+        .replace("@RO_SOCKET@", esc(default_ro_socket(Path(DEFAULT_ROOT)).name))
+        .replace("@CONFIG@", esc(str(DEFAULT_CONFIG)))
+    )
 
 
 _NWFILTERD_DESCRIPTION = r"""
 .B nwfilterd
 starts the engine on a state root (re\-applying every recorded binding in one
 transaction), finds running domains again and starts the ones marked
-autostart, holds the root's lock for its whole life and serves the API on a
-UNIX socket (mode 0600), by default
-.IR ROOT /run/nwfilterd.sock.
+autostart, holds the root's lock for its whole life and serves the API on two UNIX sockets:
+the admin socket (every method; root and the admin group), by default
+.IR ROOT /run/nwfilterd.sock,
+and the read\-only socket (methods that change nothing; every local user),
+by default
+.IR ROOT /run/nwfilterd\-ro.sock.
 .BR nwfilter (1)
 sends its commands there while the daemon runs.
+Options not given are read from the configuration file.
 .PP
 With the nft backend it watches its namespace's nf_tables events: when
 another program flushes or edits the nwfilter tables, the recorded state is
@@ -350,12 +368,14 @@ with an inherited listening socket
 .RB ( LISTEN_PID
 naming the daemon and
 .B LISTEN_FDS
-at least 1), the daemon serves the socket at file descriptor 3 instead of
-creating one, and leaves its path in place on exit so that the next
-connection starts it again.
-The inherited socket must be a listening UNIX stream socket.
-See nwfilterd.service and nwfilterd.socket in contrib/systemd of the source
-tree, and docs/daemon.md.
+at least 1), the daemon serves the sockets passed from file descriptor 3 on
+instead of creating them, each as the admin or the read\-only socket by the
+path it is bound to, and leaves their paths in place on exit so that the
+next connection starts it again.
+Each must be a listening UNIX stream socket bound to one of the two paths;
+a socket it is not given is created as usual.
+See nwfilterd.service, nwfilterd.socket and nwfilterd\-ro.socket in
+contrib/systemd of the source tree, and docs/daemon.md.
 """
 
 _NWFILTERD_SIGNALS = r"""

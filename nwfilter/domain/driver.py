@@ -29,6 +29,10 @@ domain's bindings; it is never held while waiting for a job or during a
 hypervisor call.  The domain lock is never held while the driver lock, the
 pool or anything of the engine is taken: a start unlocks the domain (its
 job keeps other writers out) before it touches the engine.
+
+Events: each lifecycle change that succeeded is published on the event bus
+(`nwfilter.events`) as libvirt names it (`started`/`booted`,
+`stopped`/`destroyed`, ...), once the domain's job has ended.
 """
 
 from __future__ import annotations
@@ -45,8 +49,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
+from nwfilter.conf.domain_xml import ATTACHABLE_TYPES
 from nwfilter.conf.model import BindingDef, DomainDef, InterfaceDef
-from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan, load_hypervisor
+from nwfilter.domain.hypervisor import (
+    Hypervisor,
+    HypervisorEnv,
+    PortPlan,
+    Undriven,
+    load_hypervisor,
+)
 from nwfilter.domain.jobs import JOB_WAIT_TIME, JobKind
 from nwfilter.domain.objects import DomainObj, DomainObjList, DomainState
 from nwfilter.errors import (
@@ -55,8 +66,10 @@ from nwfilter.errors import (
     NwfilterError,
     StateError,
     StorageError,
+    UnsupportedError,
     ValidationError,
 )
+from nwfilter.events import EventBus, lifecycle
 from nwfilter.fileio import DirHandle, SafeDir
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.rebuild import RebuildCoordinator
@@ -416,8 +429,10 @@ class DomainDriver:
         job_timeout: float = JOB_WAIT_TIME,
         mac_source: Callable[[], str] = random_mac,
         bindings: BindingLookup | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.type = dtype
+        self.events = events if events is not None else EventBus()
         self.bindings = bindings
         self.hypervisor = hypervisor
         self.engine = engine
@@ -498,6 +513,7 @@ class DomainDriver:
                 obj.definition = definition
         obj.persistent = True
         obj.end_api()
+        self.events.emit(lifecycle(definition.name, "defined", "added" if created else "updated"))
         return definition
 
     def _release_name_if_unused(self, name: str) -> None:
@@ -529,6 +545,7 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        self.events.emit(lifecycle(name, "undefined", "removed"))
 
     def set_autostart(self, name: str, enable: bool) -> None:
         obj = self.domains.lookup_by_name(name)
@@ -551,8 +568,20 @@ class DomainDriver:
     def _plan(self, dom: DomainDef) -> list[PortPlan]:
         """The ports of a start; reserves their names (checks come first,
         so a refused start reserves nothing)."""
+        if isinstance(self.hypervisor, Undriven):
+            raise self.hypervisor.refusal(dom)
         macs: list[str] = []
         for index, iface in enumerate(dom.interfaces):
+            if iface.type not in ATTACHABLE_TYPES:
+                raise UnsupportedError(
+                    f"domain '{dom.name}': interface {index + 1} has type '{iface.type}', "
+                    f"which no driver here can attach ({', '.join(ATTACHABLE_TYPES)})"
+                )
+            if iface.type == "network":
+                raise UnsupportedError(
+                    f"domain '{dom.name}': interface {index + 1} uses network "
+                    f"'{iface.source_network}', and no network is active here"
+                )
             if iface.mac is None:
                 raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
             macs.append(iface.mac)
@@ -582,6 +611,7 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        self.events.emit(lifecycle(name, "started", "booted"))
 
     def _start_locked(self, obj: DomainObj) -> None:
         """Start `obj` (locked, job held); on return it is locked again."""
@@ -714,6 +744,10 @@ class DomainDriver:
                 self.names.release_domain(name)
         finally:
             obj.end_api()
+        if reason == "shutdown":
+            # libvirt tells the guest's shutdown and its stop apart
+            self.events.emit(lifecycle(name, "shutdown", "finished"))
+        self.events.emit(lifecycle(name, "stopped", reason))
 
     def _stop_locked(self, obj: DomainObj, reason: str) -> None:
         dom = obj.definition
@@ -769,6 +803,10 @@ class DomainDriver:
                 obj.job.end()
         finally:
             obj.end_api()
+        if suspend:
+            self.events.emit(lifecycle(name, "suspended", "paused"))
+        else:
+            self.events.emit(lifecycle(name, "resumed", "unpaused"))
 
     # -- queries (no job: they never wait for one) ----------------------------------------
 
@@ -919,6 +957,7 @@ class DomainDriver:
                 if not obj.persistent:
                     self.domains.remove(obj)
                     self.names.release_domain(name)
+                self.events.emit(lifecycle(name, "stopped", "crashed"))
                 return
             self.names.reserve_ports(name, [p.portdev for p in ports])
             self._adopt(obj, status)
@@ -934,6 +973,7 @@ class DomainDriver:
                     self._stop_locked(obj, "failed")
                 finally:
                     obj.job.end()
+                self.events.emit(lifecycle(name, "stopped", "failed"))
                 raise
             obj.lock()
         finally:
@@ -968,9 +1008,11 @@ class DomainManager:
         job_timeout: float = JOB_WAIT_TIME,
         bindings: BindingLookup | None = None,
         mac_source: Callable[[], str] = random_mac,
+        events: EventBus | None = None,
     ) -> None:
         self.files = DomainFiles(root)
         self.engine = engine
+        self.events = events if events is not None else EventBus()
         self.coordinator = coordinator
         self.names = SharedNames()
         self.netns = netns
@@ -1007,6 +1049,7 @@ class DomainManager:
             job_timeout=job_timeout,
             bindings=engine.bindings.get,
             mac_source=mac_source,
+            events=engine.events,
         )
         engine.add_port_holder(manager.names.port_holder)
         return manager
@@ -1038,7 +1081,7 @@ class DomainManager:
             driver = DomainDriver(
                 dtype, hypervisor, self.engine, self.files, self.names,
                 rank=len(self._drivers), job_timeout=self.job_timeout,
-                mac_source=self.mac_source, bindings=self._bindings,
+                mac_source=self.mac_source, bindings=self._bindings, events=self.events,
             )
             if self.coordinator is not None:
                 lock = driver.lock

@@ -103,9 +103,49 @@ class HypervisorFactory(Protocol):
     def __call__(self, env: HypervisorEnv) -> Hypervisor: ...
 
 
+# Types whose documents are defined, listed and dumped like any other, but
+# that no driver here runs yet.
+UNDRIVEN_TYPES = ("kvm", "qemu")
+
+
+class Undriven:
+    """The hypervisor of a type no driver runs: nothing ever runs, so a
+    start is refused before anything is made, and stopping is a no-op."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def refusal(self, dom: DomainDef) -> UnsupportedError:
+        """Why `dom` cannot start."""
+        return UnsupportedError(
+            f"domain '{dom.name}' has type '{self.name}', which no driver here runs yet: "
+            "define, dumpxml and the queries work, start does not"
+        )
+
+    def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
+        raise self.refusal(dom)
+
+    def launch(self, dom: DomainDef) -> None:
+        raise self.refusal(dom)
+
+    def stop(self, dom: DomainDef) -> None:
+        return None
+
+    def suspend(self, dom: DomainDef) -> None:
+        raise self.refusal(dom)
+
+    def resume(self, dom: DomainDef) -> None:
+        raise self.refusal(dom)
+
+    def is_alive(self, dom: DomainDef) -> bool:
+        return False
+
+
 def load_hypervisor(name: str, env: HypervisorEnv) -> Hypervisor:
     """Build the hypervisor for a domain type, importing its module on demand."""
     module_name = KNOWN_HYPERVISORS.get(name)
+    if module_name is None and name in UNDRIVEN_TYPES:
+        return Undriven(name)
     if module_name is None:
         known = ", ".join(sorted(KNOWN_HYPERVISORS))
         raise UnsupportedError(f"unknown domain type '{name}' (known: {known})")

@@ -56,3 +56,21 @@ def test_binding_reaches_kernel_and_flush_is_repaired(
     with Client(srv.path) as client:
         client.call("binding.delete", {"portdev": "vnet0"})
     assert "vnet0" not in ruleset(lab, host)
+
+
+def test_a_repaired_flush_is_told_to_subscribers(daemon: tuple[Server, NetLab, str]) -> None:
+    srv, lab, host = daemon
+    with Client(srv.path) as sub, Client(srv.path) as client:
+        sub.subscribe(["drift-repaired", "binding-created"])
+        client.call("binding.create", {"xml": [BINDING]})
+        created = sub.next_event(10)
+        assert created is not None and created.name == "vnet0"
+        lab.run(host, ["nft", "flush", "ruleset"])
+        event = sub.next_event(10)
+    assert event is not None, "no drift-repaired event within 10 s"
+    assert (event.kind.value, event.object, event.name) == ("drift-repaired", "namespace", host)
+    culprit = event.details["by"][0]
+    assert culprit["command"] == "nft" and "delete table" in culprit["changes"]
+    assert event.text().startswith(
+        f"event 'drift-repaired' for namespace '{host}': tables restored after nft (tid ")
+    assert "vnet0/from/root" in ruleset(lab, host)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nwfilter.commands.context import DEFAULT_ROOT, default_socket
+from nwfilter.commands.context import DEFAULT_ROOT, default_ro_socket, default_socket
 from nwfilter.docgen.generated import MAN_NWFILTER, MAN_NWFILTERD, TOP
 
 UNITS = TOP / "contrib" / "systemd"
@@ -24,14 +24,19 @@ def _unit(name: str) -> configparser.ConfigParser:
     return parser
 
 
-def test_units_name_the_default_root_and_socket() -> None:
-    socket_unit = _unit("nwfilterd.socket")
-    assert socket_unit["Socket"]["ListenStream"] == str(default_socket(Path(DEFAULT_ROOT)))
-    assert socket_unit["Socket"]["SocketMode"] == "0600"
+def test_units_name_the_default_root_and_sockets() -> None:
+    admin = _unit("nwfilterd.socket")["Socket"]
+    assert admin["ListenStream"] == str(default_socket(Path(DEFAULT_ROOT)))
+    assert admin["SocketMode"] == "0600"
+    ro = _unit("nwfilterd-ro.socket")["Socket"]
+    assert ro["ListenStream"] == str(default_ro_socket(Path(DEFAULT_ROOT)))
+    assert (ro["SocketMode"], ro["Service"]) == ("0666", "nwfilterd.service")
     service = _unit("nwfilterd.service")["Service"]
     assert service["ExecStart"].split()[1:] == ["--root", DEFAULT_ROOT]
+    assert service["Sockets"].split() == ["nwfilterd.socket", "nwfilterd-ro.socket"]
     assert Path("/var/lib", service["StateDirectory"]) == Path(DEFAULT_ROOT)
-    assert service["StateDirectoryMode"] == "0700"
+    # the root is writable by root only; others may reach the read-only socket
+    assert service["StateDirectoryMode"] == "0711"
     assert set(service["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
 
 
@@ -46,7 +51,8 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     (tmp_path / "nwfilterd.service").write_text(
         text.replace("/usr/local/bin/nwfilterd", str(daemon))
     )
-    shutil.copy(UNITS / "nwfilterd.socket", tmp_path)
+    for name in ("nwfilterd.socket", "nwfilterd-ro.socket"):
+        shutil.copy(UNITS / name, tmp_path)
     # Documentation= is checked too: the man pages, installed in a private MANPATH.
     for rel, section in ((MAN_NWFILTER, "man1"), (MAN_NWFILTERD, "man8")):
         (tmp_path / "man" / section).mkdir(parents=True)
@@ -55,7 +61,8 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     man = [] if shutil.which("man") else ["--man=no"]
     result = subprocess.run(
         ["systemd-analyze", "verify", *man,
-         str(tmp_path / "nwfilterd.socket"), str(tmp_path / "nwfilterd.service")],
+         *(str(tmp_path / name)
+           for name in ("nwfilterd.socket", "nwfilterd-ro.socket", "nwfilterd.service"))],
         cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
         env={**os.environ, "MANPATH": str(tmp_path / "man")},
     )

@@ -22,6 +22,10 @@ the packet mark our dispatch uses.  Each change in what is broken is logged
 as a warning.  A repair never replaces another root's tables: the backend
 checks the owner first.
 
+Each repair is published on the event bus as `drift-repaired` (naming the
+commands whose transactions it undid), each change in what is broken as
+`precondition` (`nwfilter.events`).
+
 Cost when nothing happens: one thread waking every 0.2 s, two sysctl reads
 every 0.5 s.
 """
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nwfilter.backends.nft.render import IPSET_PREFIX
+from nwfilter.events import EventBus, EventKind
 from nwfilter.netns import in_netns
 
 if TYPE_CHECKING:
@@ -163,8 +168,10 @@ class NftMonitor:
         is_own: Callable[[int], bool] = _thread_of_this_process,
         watch: Callable[[bool], tuple[str, ...]] | None = None,
         watch_interval: float = 0.5,
+        events: EventBus | None = None,
     ) -> None:
         self.netns = netns
+        self.events = events if events is not None else EventBus()
         self._repair = repair
         self._table = table
         self._settle = settle
@@ -180,14 +187,16 @@ class NftMonitor:
         self.last_error: Exception | None = None
 
     @classmethod
-    def for_backend(cls, backend: NftBackend, *, settle: float = 0.05) -> NftMonitor:
+    def for_backend(
+        cls, backend: NftBackend, *, settle: float = 0.05, events: EventBus | None = None
+    ) -> NftMonitor:
         """A monitor repairing `backend` in its namespace and watching its
         layer-3 preconditions."""
 
         def watch(scan: bool) -> tuple[str, ...]:
             return backend.preconditions(repair=True, scan=scan)
 
-        return cls(backend.netns, backend.reinstall, settle=settle, watch=watch)
+        return cls(backend.netns, backend.reinstall, settle=settle, watch=watch, events=events)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -226,6 +235,7 @@ class NftMonitor:
         pending = Transaction()
         due: float | None = None
         reasons: list[str] = []
+        culprits: list[dict[str, object]] = []  # the same, for the event
         scan_due: float | None = self._clock()  # scan once at start
         next_watch = self._clock()
         while not self._stop.is_set():
@@ -239,6 +249,8 @@ class NftMonitor:
                         continue
                     what = ", ".join(sorted(set(txn.touched)))
                     reasons.append(f"{comm or '?'} (tid {tid}): {what}")
+                    culprits.append({"command": comm, "tid": tid,
+                                     "changes": sorted(set(txn.touched))})
                     due = due or self._clock() + self._settle
             except TimeoutError:
                 pass
@@ -258,11 +270,16 @@ class NftMonitor:
                     self.repairs += 1
                     log.warning("nft state in %s repaired after foreign change: %s",
                                 self.netns or "host", "; ".join(reasons))
+                    self.events.publish(
+                        EventKind.DRIFT_REPAIRED, "namespace", self.netns or "host",
+                        {"by": culprits, "lost_events": "event overflow" in reasons},
+                    )
                 except Exception as exc:  # keep watching; the next edit retries
                     self.last_error = exc
                     log.error("nft repair in %s failed: %s", self.netns or "host", exc)
                 due = None
                 reasons = []
+                culprits = []
             now = self._clock()
             if scan_due is not None and now >= scan_due:
                 self._check(scan=True)
@@ -293,3 +310,6 @@ class NftMonitor:
             else:
                 log.warning("layer-3 preconditions in %s hold again", self.netns or "host")
             self.broken = found
+            self.events.publish(EventKind.PRECONDITION, "namespace", self.netns or "host", {
+                "state": "broken" if found else "restored", "problems": list(found),
+            })

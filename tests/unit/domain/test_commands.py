@@ -30,7 +30,7 @@ def test_define_invalid_domain_names_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "bad.xml"
-    path.write_text("<domain type='kvm'><name>a</name></domain>")
+    path.write_text("<domain type='xen'><name>a</name></domain>")
     status, _, err = run(tmp_path / "root", capsys, "define", str(path))
     assert status == 2 and err.startswith(f"error: {path}: ") and "domain type" in err
 
