@@ -114,18 +114,22 @@ def _tables(prog: str, info: ParserInfo) -> list[str]:
 _DRIVER = r"""
 # _nwfilter_complete_values PROG KIND CUR: fill COMPREPLY with the values of KIND
 _nwfilter_complete_values() {
-    local prog=$1 kind=$2 cur=$3 IFS=$'\n'
+    # Names hold no white space (`__complete` leaves such names out); file
+    # names may, so their lines are split at newlines only.
+    local prog=$1 kind=$2 cur=$3 IFS=$' \t\n'
     case $kind in
         dir)
             compopt -o filenames 2>/dev/null
+            IFS=$'\n'
             COMPREPLY=($(compgen -d -- "$cur")) ;;
         file)
             compopt -o filenames 2>/dev/null
+            IFS=$'\n'
             COMPREPLY=($(compgen -f -- "$cur")) ;;
         netns)
             COMPREPLY=($(compgen -W "$(command ls -1 /run/netns 2>/dev/null)" -- "$cur")) ;;
         words\ *)
-            IFS=' ' COMPREPLY=($(compgen -W "${kind#words }" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "${kind#words }" -- "$cur")) ;;
         filters|ports|domains|*-domains)
             [[ $prog == nwfilter ]] || return 0
             COMPREPLY=($(compgen -W "$("${_nwfilter_tool:-nwfilter}" "${_nwfilter_query[@]}" \
@@ -177,12 +181,12 @@ _nwfilter_main() {
         return 0
     fi
     if [[ $cur == -* ]]; then
-        local IFS=' '
+        local IFS=$' \t\n'
         COMPREPLY=($(compgen -W "$(_${fn}_options "$cmd")" -- "$cur"))
         return 0
     fi
     if [[ -z $cmd && -n ${_nwfilter_commands_of[$prog]} ]]; then
-        local IFS=' '
+        local IFS=$' \t\n'
         COMPREPLY=($(compgen -W "${_nwfilter_commands_of[$prog]}" -- "$cur"))
         return 0
     fi

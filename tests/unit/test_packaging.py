@@ -114,14 +114,15 @@ def complete(*words: str, function: str = "_nwfilter") -> list[str]:
     completed), sorted."""
     script = (
         'source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); '
-        f'{function}; printf "%s\\n" "${{COMPREPLY[@]}}"'
+        f'{function}; printf "%s\\0" "${{COMPREPLY[@]}}"'
     )
     result = subprocess.run(
         ["bash", "--norc", "--noprofile", "-c", script, "bash", str(TOP / COMPLETION), *words],
         capture_output=True, text=True, check=True, timeout=60,
     )
     assert result.stderr == ""
-    return sorted(line for line in result.stdout.splitlines() if line)
+    # one word per element: an element holding several would be one candidate
+    return sorted(word for word in result.stdout.split("\0") if word)
 
 
 def test_completes_commands_and_their_options(tool: Path) -> None:
@@ -141,9 +142,15 @@ def test_completes_commands_and_their_options(tool: Path) -> None:
 
 def test_completes_paths(tool: Path, tmp_path: Path) -> None:
     (tmp_path / "dir-a").mkdir()
+    (tmp_path / "dir b").mkdir()
     (tmp_path / "file-b.xml").write_text("")
-    assert complete(str(tool), "--root", f"{tmp_path}/") == [f"{tmp_path}/dir-a"]
-    assert f"{tmp_path}/file-b.xml" in complete(str(tool), "nwfilter-define", f"{tmp_path}/")
+    (tmp_path / "my filter.xml").write_text("")
+    assert complete(str(tool), "--root", f"{tmp_path}/d") == [
+        f"{tmp_path}/dir b", f"{tmp_path}/dir-a",
+    ]
+    offered = complete(str(tool), "nwfilter-define", f"{tmp_path}/")
+    assert f"{tmp_path}/file-b.xml" in offered
+    assert f"{tmp_path}/my filter.xml" in offered
 
 
 def _memory_root(root: Path, *args: str) -> None:
