@@ -43,6 +43,7 @@ from nwfilter.errors import NwfilterError, PermissionDeniedError, StorageError
 from nwfilter.events import EventBus, Subscription
 from nwfilter.fileio import SafeDir
 from nwfilter.printable import configure_logging
+from nwfilter.sdlisten import check_inherited, inherited_sockets
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def serve(
     *,
     ro_socket: Path | None = None,
     admin_group: Group | None = None,
+    inherited: Sequence[BoundSocket] = (),
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
@@ -275,10 +277,13 @@ def serve(
     `socket_path` None: `ROOT/run/nwfilterd.sock`; `ro_socket` None: no
     read-only socket.  The sockets are claimed first: a path held by a
     running daemon (or by anything but a stale socket) is refused before
-    the engine touches the kernel or starts a domain.
+    the engine touches the kernel or starts a domain.  An `inherited`
+    socket (passed by systemd) bound to one of the two paths is served
+    instead of binding it.
     """
-    backend, netns = hostrecord.resolve(root, backend, netns)
     path = socket_path or default_socket(root)
+    passed = check_inherited(inherited, (path, ro_socket))
+    backend, netns = hostrecord.resolve(root, backend, netns)
     backlog = (limits or Limits()).backlog
     # The root is checked (and created, 0700) before a socket goes in it.
     with SafeDir.open(root, what="state root") as checked:
@@ -286,12 +291,12 @@ def serve(
     for shared, wanted in ((path, admin_group is not None), (ro_socket, True)):
         if shared is not None and wanted:
             _make_reachable(root, shared)
-    bound = _bind_admin(path, admin_group, backlog)
+    bound = passed.get(path) or _bind_admin(path, admin_group, backlog)
     bounds = [bound]
     try:
         ro_bound = None
         if ro_socket is not None:
-            ro_bound = bind_unix(ro_socket, mode=0o666, backlog=backlog)
+            ro_bound = passed.get(ro_socket) or bind_unix(ro_socket, mode=0o666, backlog=backlog)
             bounds.append(ro_bound)
         engine = Engine(root, get_backend(backend, netns), owner="nwfilterd",
                         events=bus or EventBus())
@@ -328,7 +333,8 @@ def close(server: Server) -> None:
     server.engine.close()
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """nwfilterd's options (also read by the man page and completion generators)."""
     parser = argparse.ArgumentParser(prog="nwfilterd", description="nwfilter API daemon")
     parser.add_argument(
         "--config", type=Path, default=None, metavar="FILE",
@@ -339,8 +345,16 @@ def _parser() -> argparse.ArgumentParser:
         help=f"state root (default: $NWFILTER_ROOT, else the file's 'root', else {DEFAULT_ROOT})",
     )
     # Not given: the root's recorded host (nft in the host's namespace at first use).
-    parser.add_argument("--backend", default=os.environ.get("NWFILTER_BACKEND") or None)
-    parser.add_argument("--netns", default=os.environ.get("NWFILTER_NETNS") or None)
+    parser.add_argument(
+        "--backend", default=os.environ.get("NWFILTER_BACKEND") or None, metavar="NAME",
+        help="firewall backend: nft or memory (default: $NWFILTER_BACKEND, else the "
+        "root's recorded one)",
+    )
+    parser.add_argument(
+        "--netns", default=os.environ.get("NWFILTER_NETNS") or None, metavar="NAME",
+        help="network namespace whose kernel rules the backend manages (default: "
+        "$NWFILTER_NETNS, else the root's recorded one)",
+    )
     parser.add_argument(
         "--socket", type=Path, default=None, metavar="PATH",
         help="admin socket (default ROOT/run/nwfilterd.sock)",
@@ -370,7 +384,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, metavar="N",
         help=f"requests served at once (default {defaults.workers})",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     return parser
 
 
@@ -403,11 +417,12 @@ def _start(args: argparse.Namespace) -> Server:
         limits,
         ro_socket=ro_socket,
         admin_group=group,
+        inherited=inherited_sockets(),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(
         logging.INFO - 10 * min(args.verbose, 1), "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -55,6 +55,7 @@ from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Hook, Ruleset, drop_all
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.printable import printable
+from nwfilter.progress import ProgressHook, counted, no_progress
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
 from nwfilter.rootlock import RootLock
@@ -168,6 +169,9 @@ class Engine:
         self.owner: Owner | None = None  # this root, as the kernel objects name it
         self.pool.set_usage_provider(self._usage)
         self._port_holders: list[PortHolder] = []
+        # What long work reports (compiling many ports): the command line
+        # draws it on a terminal.
+        self.progress: ProgressHook = no_progress
 
     # ------------------------------------------------------------ life cycle
 
@@ -237,7 +241,7 @@ class Engine:
     def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
         rulesets: list[Ruleset] = []
         warnings: list[str] = []
-        for binding in self.bindings.all():
+        for binding in counted(self.progress, "compiling bindings", self.bindings.all()):
             try:
                 rs = compiler.compile(binding, self._learnt.get(binding.portdev))
                 self.backend.check(rs)
@@ -252,6 +256,7 @@ class Engine:
         return rulesets, warnings
 
     def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
+        self.progress(f"applying the rules of {len(rulesets)} ports", 0, 0)
         try:
             self.backend.apply(Changes(set=tuple(rulesets), replace_all=True))
             for rs in rulesets:
@@ -337,7 +342,8 @@ class Engine:
         try:
             with gc_paused():
                 new = [
-                    self._compile(compiler, b, learnt[b.portdev], check=dry_run) for b in affected
+                    self._compile(compiler, b, learnt[b.portdev], check=dry_run)
+                    for b in counted(self.progress, "rebuilding ports", affected)
                 ]
         except NwfilterError:
             return None  # compiled again under the locks, which raises there
@@ -371,7 +377,10 @@ class Engine:
                     affected = self.bindings.using(result.affected)
                     compiler = Compiler({**self.pool.snapshot(), fdef.name: fdef})
                     with gc_paused():
-                        new = [self._compile(compiler, b, check=dry_run) for b in affected]
+                        new = [
+                            self._compile(compiler, b, check=dry_run)
+                            for b in counted(self.progress, "rebuilding ports", affected)
+                        ]
                 old = {b.portdev: self._applied.get(b.portdev) for b in affected}
                 rebuilt = tuple(b.portdev for b in affected)
                 if dry_run:
@@ -389,6 +398,7 @@ class Engine:
                     )
                     return outcome(True, rebuilt, diffs)
                 if new:
+                    self.progress(f"applying the rules of {len(new)} ports", 0, 0)
                     self.backend.apply(Changes(set=tuple(new)))
                 try:
                     self.pool.define_locked(fdef, text=text)
@@ -486,7 +496,11 @@ class Engine:
         with self.pool.lock.read(), self.bindings.lock:
             self._check_unbound(defs)
             compiler = Compiler(self.pool.snapshot())
-            new = [self._compile(compiler, b) for b in defs]
+            new = [
+                self._compile(compiler, b)
+                for b in counted(self.progress, "compiling bindings", defs)
+            ]
+            self.progress(f"applying the rules of {len(new)} ports", 0, 0)
             self.backend.apply(Changes(set=tuple(new)))
             try:
                 self.bindings.put_many_locked(defs)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from nwfilter.errors import PermissionDeniedError, UnavailableError
 from nwfilter.printable import printable
+from nwfilter.progress import TerminalProgress
 
 if TYPE_CHECKING:
     from nwfilter.api import Caller
@@ -114,9 +115,15 @@ class Context:
     netns: str | None  # None: not given (the root's recorded one)
     connect: str | None = None
     quiet: bool = False
+    lock_timeout: float = 30.0  # how long an embedded engine waits for the root's lock
     _caller: Caller | None = field(default=None, init=False)
     _engine: Engine | None = field(default=None, init=False)
     start_warnings: list[str] = field(default_factory=list, init=False)
+    # Long work of an embedded engine shows on a terminal (not with -q).
+    progress: TerminalProgress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = TerminalProgress(sys.stderr, enabled=False if self.quiet else None)
 
     @property
     def root_path(self) -> Path:
@@ -138,7 +145,10 @@ class Context:
         return self._caller
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        return self.caller().call(method, params)
+        try:
+            return self.caller().call(method, params)
+        finally:
+            self.progress.clear()
 
     def daemon(self, *, purpose: str) -> Client:
         """A connection of its own to the nwfilterd serving this root, for
@@ -226,7 +236,10 @@ class Context:
         from nwfilter.backends import get_backend
         from nwfilter.engine import Engine
 
-        engine = Engine(self.root_path, get_backend(backend, netns))
+        engine = Engine(
+            self.root_path, get_backend(backend, netns), lock_timeout=self.lock_timeout
+        )
+        engine.progress = self.progress.update
         engine.start(read_only=read_only)  # its warnings are logged
         return engine
 
@@ -239,23 +252,29 @@ class Context:
 
             backend, netns = self.host()
             self._engine = Engine(self.root_path, get_backend(backend, netns))
-            self.start_warnings = self._engine.start(read_only=read_only)
+            self._engine.progress = self.progress.update
+            try:
+                self.start_warnings = self._engine.start(read_only=read_only)
+            finally:
+                self.progress.clear()
         return self._engine
 
     # -- output ------------------------------------------------------------------
 
     def info(self, text: str) -> None:
         """An informational message (what was done); `-q` silences it."""
+        self.progress.clear()
         if not self.quiet:
             body = text.rstrip("\n")
             print(printable(body) + text[len(body):])
 
-    @staticmethod
-    def warn(lines: Iterable[str]) -> None:
+    def warn(self, lines: Iterable[str]) -> None:
+        self.progress.clear()
         for line in lines:
             print(f"warning: {printable(line)}", file=sys.stderr)
 
     def close(self) -> None:
+        self.progress.clear()
         if self._caller is not None:
             self._caller.close()
             self._caller = None

@@ -33,6 +33,8 @@ _LIFECYCLE: tuple[tuple[str, str, str], ...] = (
     ("resume", "continue a paused domain", "resumed"),
 )
 _DONE = {name: done for name, _help, done in _LIFECYCLE}
+_DOING = {"undefine": "undefining", "start": "starting", "shutdown": "shutting down",
+          "destroy": "destroying", "suspend": "suspending", "resume": "resuming"}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     for name, helptext, _done in _LIFECYCLE:
         p = subparsers.add_parser(name, help=helptext)
-        p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
+        p.add_argument("domains", nargs="+", metavar="DOMAIN",
+                       help=f"{_DOMAIN_HELP}; several are done in order, up to the "
+                       "first that fails")
         p.set_defaults(handler=cmd_lifecycle)
 
     p = subparsers.add_parser("domiflist", help="list a domain's interfaces")
@@ -104,10 +108,15 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
-    """undefine, start, shutdown, destroy, suspend, resume: one call each."""
-    result = ctx.call(f"domain.{args.command}", {"domain": args.domain})
-    ctx.info(f"Domain '{result['name']}' {_DONE[args.command]}\n")
-    ctx.warn(result.get("warnings", ()))
+    """undefine, start, shutdown, destroy, suspend, resume: one call per
+    domain, in order; the first error ends the command."""
+    total = len(args.domains)
+    for done, domain in enumerate(args.domains):
+        if total > 1:
+            ctx.progress.update(f"{_DOING[args.command]} domains", done, total)
+        result = ctx.call(f"domain.{args.command}", {"domain": domain})
+        ctx.info(f"Domain '{result['name']}' {_DONE[args.command]}\n")
+        ctx.warn(result.get("warnings", ()))
     return 0
 
 

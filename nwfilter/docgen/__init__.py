@@ -1,0 +1,1 @@
+"""Generators of the files shipped beside the code: man pages and shell completion."""
