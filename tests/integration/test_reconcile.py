@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from nwfilter.backends.nft import NftBackend
+from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.compile import Compiler
 from nwfilter.conf.model import BindingDef, FilterRef, Parameter
 from nwfilter.daemon import close, serve
@@ -412,3 +413,50 @@ def test_kill_at_random_moments_leaves_the_kernel_as_the_records_say(
             assert backend.reconcile(wanted) == 0, attempt
         finally:
             engine.close()
+
+
+def test_monitor_repairs_a_foreign_edit_that_keeps_our_comment(
+    lab3: BridgeLab, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    p0 = lab3.guests[0].portdev
+    chain = f"{p0}/from/mac"
+    held: list[socket.socket] = []
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        open_connections(lab3, 0, 1, 2, held)
+        counted = elements(lab3, "inet", connlimit_sets(lab3)[0])
+        before = after_objects(listing(lab3))
+        backend = engine.backend
+        assert isinstance(backend, NftBackend)
+        with NftMonitor.for_backend(backend) as monitor:
+            text = lab3.run(lab3.host, ["nft", "-a", "-j", "list", "chain", "bridge",
+                                        "nwfilter", chain]).stdout
+            last = [x["rule"] for x in json.loads(text)["nftables"] if "rule" in x][-1]
+            assert last["expr"] == [{"drop": None}]
+            # The rule now accepts, under the comment (and digest) of ours.
+            lab3.run(lab3.host, ["nft", "replace", "rule", "bridge", "nwfilter", chain,
+                                 "handle", str(last["handle"]), "accept", "comment",
+                                 json.dumps(last["comment"])])
+
+            def dropping() -> bool:
+                out = lab3.run(lab3.host, ["nft", "list", "chain", "bridge", "nwfilter",
+                                           chain]).stdout
+                return "drop comment" in out
+
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not dropping():
+                time.sleep(0.05)
+            assert dropping(), "the foreign rule was not repaired"
+            assert monitor.repairs >= 1 and monitor.last_error is None
+        # the repair rewrote that chain only: everything else kept its handle
+        now = {json.dumps(x, sort_keys=True) for x in after_objects(listing(lab3))}
+        untouched = [x for x in before if chain not in json.dumps(x)]
+        assert [x for x in untouched if json.dumps(x, sort_keys=True) not in now] == []
+        assert elements(lab3, "inet", connlimit_sets(lab3)[0]) == counted
+    finally:
+        engine.close()
+        for sock in held:
+            sock.close()

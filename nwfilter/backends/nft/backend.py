@@ -27,7 +27,7 @@ import heapq
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from nwfilter.netns import in_netns
 
 from . import ownership, preconditions, readback, render
 from .preconditions import BR_NF_SYSCTLS
+from .readback import ChainKey
 from .render import BRIDGE, INET, TABLE, Batch, Capabilities, PortRecord
 
 log = logging.getLogger(__name__)
@@ -492,7 +493,9 @@ class NftBackend:
                   len(changes.remove), len(batch.commands))
         return len(batch.commands)
 
-    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+    def reconcile(
+        self, rulesets: Sequence[Ruleset], *, distrust: Collection[ChainKey] | None = ()
+    ) -> int:
         """Make the kernel hold exactly `rulesets`, writing only the difference.
 
         Reads both tables back (one listing each), rebuilds the records of
@@ -503,7 +506,11 @@ class NftBackend:
         set elements of what is kept survive.  Both tables are replaced
         (one transaction, as `replace_all`) only when there are none yet or
         their layout is not this version's.  Returns the number of commands
-        sent (0: the kernel was not written)."""
+        sent (0: the kernel was not written).
+
+        `distrust` names chains ((family, name); None: every chain) whose
+        rules are rewritten whatever their comments say: the chains a
+        foreign transaction touched (see `repair`)."""
         wanted = {rs.port.portdev: rs for rs in rulesets}
         if len(wanted) != len(rulesets):
             raise BackendError("a port is given twice to reconcile")
@@ -519,6 +526,7 @@ class NftBackend:
                     log.warning("nft: the tables of %s are replaced: %s", self._where(), problem)
                 return self._apply_locked(
                     ctx, Changes(set=tuple(rulesets), replace_all=True), caps)
+            readback.distrust(listing, distrust)
             self._claim(ctx)
             if not wanted:
                 sent = self._apply_locked(ctx, Changes(replace_all=True), caps)
@@ -751,23 +759,24 @@ class NftBackend:
         with self._state_lock:
             return dict(self._rulesets)
 
+    def repair(self, distrust: Collection[ChainKey] | None = None) -> int:
+        """Bring the kernel back to the recorded state after a foreign edit,
+        in one transaction: `reconcile` with the recorded rulesets, every
+        chain in `distrust` ((family, name); None: all of them) rewritten
+        whatever its comments say.  Tables, sets (with the operator's ipset
+        elements and the connlimit counts), port ids and untouched chains
+        stay.  Never "repairs" another root's tables away: after a flush
+        the tables are claimed again first, which another root may win.
+        Returns the number of commands sent."""
+        with self._state_lock:
+            rulesets = list(self._rulesets.values())
+        if not rulesets:
+            return 0  # nothing of ours should be there
+        return self.reconcile(rulesets, distrust=distrust)
+
     def reinstall(self) -> None:
-        """Rebuild both tables from the recorded state in one transaction,
-        keeping the elements the operator put into our ipset sets."""
-        caps = self.capabilities()
-        with self._kernel() as ctx:
-            if not self._rulesets:
-                return  # nothing of ours should be there
-            # Never "repair" another root's tables away; after a flush the
-            # tables are claimed again first, which another root may win.
-            self._claim(ctx)
-            batch, records = self._reinstall_batch(ctx, caps)
-            rc, err = self._send(ctx, batch)
-            if rc != 0:
-                raise BackendError(f"nft refused the repair transaction: {err.strip()}")
-            self._base_ready = True
-            with self._state_lock:
-                self._records = records
+        """Rewrite every chain from the recorded state (`repair` of all)."""
+        self.repair(None)
 
     def _reinstall_batch(
         self, ctx: NftContext, caps: Capabilities

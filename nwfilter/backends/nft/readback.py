@@ -22,7 +22,7 @@ expressions normalised (ether types as names, `th` as `tcp`, ...).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,16 @@ def _elements(elems: Iterable[Any]) -> tuple[dict[Any, str | None], bool]:
         target = data.get("jump", {}).get("target") if isinstance(data, dict) else None
         found[key] = target if isinstance(target, str) else None
     return found, odd
+
+
+def distrust(listing: Listing, chains: Collection[ChainKey] | None) -> None:
+    """Forget the digests of `chains` (None: of every chain), so that
+    their rules are rewritten: after a foreign transaction touched them, a
+    comment of ours may sit on a rule that is not."""
+    keys = list(listing.digests) if chains is None else [k for k in chains
+                                                         if k in listing.digests]
+    for key in keys:
+        listing.digests[key] = [UNKNOWN] * max(1, len(listing.digests[key]))
 
 
 def layout_problem(listing: Listing) -> str | None:
