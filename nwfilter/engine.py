@@ -232,10 +232,11 @@ class Engine:
     def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
         rulesets: list[Ruleset] = []
         warnings: list[str] = []
+        # Not checked against the backend here: reconciling renders every
+        # rule anyway, and a port it refuses fails closed in `_apply_start`.
         for binding in self.bindings.all():
             try:
                 rs = compiler.compile(binding, self._learnt.get(binding.portdev))
-                self.backend.check(rs)
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "

@@ -4,8 +4,11 @@
 `apply()` as one libnftables JSON batch (one kernel transaction), and keeps
 an in-memory record of what it owns per port, updated only after the kernel
 accepted the batch; so the cost of a change grows with what changed and the
-tables are never listed on the apply path.  Only the rare transactions that
-drop and recreate the tables (`replace_all`, `reinstall`) first read the
+tables are never listed on the apply path.  `reconcile()` (an engine's
+start) and `repair()` (the monitor's) list both tables once, rebuild those
+records from what the kernel holds (`readback`) and write only what
+differs.  Only the rare transactions that drop and recreate the tables
+(`replace_all`: no tables yet, or another layout) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
 Every transaction that creates, drops or recreates our tables first reads
@@ -557,10 +560,14 @@ class NftBackend:
         return len(batch.commands)
 
     def _list_tables(self, ctx: NftContext) -> readback.Listing:
-        answers: dict[str, Any] = {}
-        for family in (BRIDGE, INET):
-            rc, out, _err = ctx.json_cmd(readback.list_table(family))
-            answers[family] = out if rc == 0 else None
+        answers: dict[str, str | None] = {}
+        was_json = ctx.set_json_output(False)
+        try:
+            for family in (BRIDGE, INET):
+                rc, out, _err = ctx.cmd(readback.list_command(family))
+                answers[family] = out if rc == 0 else None
+        finally:
+            ctx.set_json_output(was_json)
         return readback.parse(answers)
 
     def _forget(self) -> None:

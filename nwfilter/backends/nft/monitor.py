@@ -163,7 +163,7 @@ Distrust = frozenset[tuple[str, str]] | None
 
 
 class NftMonitor:
-    """Watches the backend's namespace and re-applies its state after foreign edits.
+    """Watches the backend's namespace and repairs its state after foreign edits.
 
     `repair` is called (from the monitor thread) to restore the recorded
     state, with the chains to rewrite (`Distrust`); for a backend, its
