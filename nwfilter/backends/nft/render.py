@@ -569,7 +569,9 @@ def digest(exprs: list[Json], text: str) -> str:
     # repr, not json.dumps (three times slower): the renderer builds every
     # expression in a fixed key order, and a change of that order only
     # rewrites chains once.
-    return hashlib.sha256(f"{text}\0{exprs!r}".encode()).hexdigest()[:DIGEST_LEN]
+    # An origin may hold lone surrogates (bytes that were not UTF-8).
+    raw = f"{text}\0{exprs!r}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()[:DIGEST_LEN]
 
 
 def rule_comment(text: str, sig: str) -> str:

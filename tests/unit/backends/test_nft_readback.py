@@ -95,3 +95,13 @@ def test_a_distrusted_chain_matches_nothing_rendered() -> None:
     readback.distrust(listing, [("bridge", "vnet0/from/root"), ("inet", "vnet0/from")])
     assert set(listing.digests[("bridge", "vnet0/from/root")]) == {readback.UNKNOWN}
     assert listing.digests[("inet", "vnet0/from")] == [readback.UNKNOWN]
+
+
+def test_a_comment_ends_with_the_digest_of_its_rule() -> None:
+    exprs = [{"drop": None}]
+    text = "filter 'n\udcff' rule 1 " + "x" * 200  # a byte that was not UTF-8; too long
+    comment = render.rule_comment(text, render.digest(exprs, text))
+    assert len(comment.encode()) <= render.MAX_COMMENT_BYTES
+    assert render.digest_of(comment) == render.digest(exprs, text)
+    assert render.digest(exprs, text) != render.digest([{"accept": None}], text)
+    assert render.digest_of(comment + " ") is None
