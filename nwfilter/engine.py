@@ -2,8 +2,10 @@
 
 `Engine` owns the operations that change what the kernel enforces:
 defining and undefining filters (rebuilding every affected binding in one
-transaction), creating and deleting bindings, re-applying everything at
-start, and re-applying a port after IP learning.
+transaction), creating and deleting bindings, reconciling the kernel with
+every binding at start, and re-applying a port after IP learning.  What
+is applied is the backend's to know (`Backend.recorded`); the engine keeps
+no copy.
 
 Failure rules: every change compiles in memory first, then makes one
 kernel transaction, then writes files.  If the kernel refuses, nothing
@@ -160,8 +162,7 @@ class Engine:
         self.pool = FilterPool.for_root(self.root, stock_dir=stock_dir)
         self.bindings = BindingTable(self.root / "run" / "bindings")
         self.coordinator = RebuildCoordinator()
-        # Guarded by bindings.lock: what we applied, and what was learnt.
-        self._applied: dict[str, Ruleset] = {}
+        # Guarded by bindings.lock: what was learnt.
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
         self._learnt_generation = 0
         self._started = False  # set by start(), cleared by close()
@@ -176,10 +177,13 @@ class Engine:
     # ------------------------------------------------------------ life cycle
 
     def start(self, *, read_only: bool = False) -> list[str]:
-        """Load the pool and the bindings and re-apply every binding.
+        """Load the pool and the bindings and reconcile the kernel with them.
 
-        The backend's state is replaced wholesale in one transaction, so
-        whatever an earlier process left is brought in line.  A binding that
+        The backend reads back what the kernel holds and writes only what
+        differs from what the bindings compile to, in one transaction (none
+        when nothing differs), so whatever an earlier process left is
+        brought in line while names, port ids, counters and dynamic sets
+        survive a restart.  A binding that
         cannot be compiled fails closed: its port drops everything until its
         filters are fixed, and a warning says why.  Returns the warnings.
 
@@ -241,10 +245,11 @@ class Engine:
     def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
         rulesets: list[Ruleset] = []
         warnings: list[str] = []
+        # Not checked against the backend here: reconciling renders every
+        # rule anyway, and a port it refuses fails closed in `_apply_start`.
         for binding in counted(self.progress, "compiling bindings", self.bindings.all()):
             try:
                 rs = compiler.compile(binding, self._learnt.get(binding.portdev))
-                self.backend.check(rs)
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "
@@ -258,23 +263,18 @@ class Engine:
     def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
         self.progress(f"applying the rules of {len(rulesets)} ports", 0, 0)
         try:
-            self.backend.apply(Changes(set=tuple(rulesets), replace_all=True))
-            for rs in rulesets:
-                self._applied[rs.port.portdev] = rs
+            self.backend.reconcile(rulesets)
             return []
         except ConflictError:
             raise  # another root took the namespace meanwhile: change nothing
         except NwfilterError as exc:
-            warnings = [f"re-applying all bindings at once failed: {exc.message}"]
+            warnings = [f"reconciling the kernel with all bindings at once failed: "
+                        f"{exc.message}"]
         # Fail closed first (every port drops), then bring ports up one by one.
-        closed = tuple(drop_all(rs.port) for rs in rulesets)
-        self.backend.apply(Changes(set=closed, replace_all=True))
-        for rs in closed:
-            self._applied[rs.port.portdev] = rs
+        self.backend.reconcile([drop_all(rs.port) for rs in rulesets])
         for rs in rulesets:
             try:
                 self.backend.apply(Changes(set=(rs,)))
-                self._applied[rs.port.portdev] = rs
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{rs.port.portdev}' drops all traffic: its rules were refused: "
@@ -381,7 +381,8 @@ class Engine:
                             self._compile(compiler, b, check=dry_run)
                             for b in counted(self.progress, "rebuilding ports", affected)
                         ]
-                old = {b.portdev: self._applied.get(b.portdev) for b in affected}
+                applied = self.backend.recorded()
+                old = {b.portdev: applied.get(b.portdev) for b in affected}
                 rebuilt = tuple(b.portdev for b in affected)
                 if dry_run:
                     # A read-only engine applied nothing itself: what is in
@@ -406,8 +407,6 @@ class Engine:
                     if new:
                         self._restore(old)
                     raise
-                for rs in new:
-                    self._applied[rs.port.portdev] = rs
         log.info("defined filter '%s'; rebuilt %d port(s)", fdef.name, len(rebuilt))
         return outcome(True, rebuilt)
 
@@ -507,8 +506,6 @@ class Engine:
             except NwfilterError:
                 self._restore({b.portdev: None for b in defs})
                 raise
-            for rs in new:
-                self._applied[rs.port.portdev] = rs
         log.info("bound %d port(s)", len(defs))
         for b in defs:
             self.events.publish(EventKind.BINDING_CREATED, "port", b.portdev, {
@@ -535,13 +532,13 @@ class Engine:
             binding = self.bindings.get(portdev)
             if binding is None:
                 raise NotFoundError(f"no binding for port '{portdev}'")
+            old = self.backend.recorded().get(portdev)
             self.backend.clear(portdev)
             try:
                 self.bindings.remove_locked(portdev)
             except NwfilterError:
-                self._restore({portdev: self._applied.get(portdev)})
+                self._restore({portdev: old})
                 raise
-            self._applied.pop(portdev, None)
             self._learnt.pop(portdev, None)
         self.events.publish(EventKind.BINDING_DELETED, "port", portdev, {
             "filter": binding.filterref.filter, "owner": binding.owner_name,
@@ -559,7 +556,7 @@ class Engine:
     def ruleset(self, portdev: str) -> Ruleset:
         """The rules in force for a bound port (compiled now if none were applied)."""
         binding = self.binding(portdev)
-        applied = self._applied.get(portdev)
+        applied = self.backend.recorded().get(portdev)
         if applied is not None:
             return applied
         with self.pool.lock.read():
@@ -578,7 +575,6 @@ class Engine:
             if binding is not None:
                 rs = self._compile(Compiler(self.pool.snapshot()), binding, learnt)
                 self.backend.apply(Changes(set=(rs,)))
-                self._applied[portdev] = rs
             # Recorded only once the kernel holds the rules that use it.
             self._learnt[portdev] = learnt
             self._learnt_generation += 1
@@ -598,7 +594,8 @@ class Engine:
             bindings = [b for b in self.bindings.all() if wanted is None or b.portdev in wanted]
             if not bindings:
                 return {}
-            applied = {b.portdev: self._applied.get(b.portdev) for b in bindings}
+            recorded = self.backend.recorded()
+            applied = {b.portdev: recorded.get(b.portdev) for b in bindings}
             snapshot = self.pool.snapshot()
         try:
             held = self.backend.owner()

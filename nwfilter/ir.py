@@ -281,8 +281,9 @@ class Changes:
     """One transaction for a backend: rulesets to install or replace, ports to clear.
 
     With `replace_all`, `set` is the complete state: the backend drops every
-    other object it owns in the same transaction.  A freshly started engine
-    uses it, since its backend cannot know what an earlier process left.
+    other object it owns and recreates its tables in the same transaction
+    (a backend does so when the tables' layout changed; a starting engine
+    reconciles instead, see `Backend.reconcile`).
     """
 
     set: tuple[Ruleset, ...] = ()

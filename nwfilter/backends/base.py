@@ -1,12 +1,18 @@
 """The contract every backend fulfils.
 
 Lifecycle: construct (cheap, no kernel access) → `probe()` (checks that the
-technology is usable, changes nothing) → any number of `apply()` calls, each
-one all-or-nothing → `clear()`/`clear_all()` to remove what the backend owns.
+technology is usable, changes nothing) → `reconcile()` (an engine's start:
+read back what the kernel holds, write only the difference) → any number of
+`apply()` calls, each one all-or-nothing → `clear()`/`clear_all()` to remove
+what the backend owns.
 A backend only ever touches objects it owns, under names derived from the
 port, so teardown is "delete what I own" and is idempotent.  Every method is
 thread-safe: a backend runs one kernel transaction at a time under its own
 lock (level BACKEND), so callers add no lock of their own around it.
+
+What is applied: the backend is its one owner.  `recorded()` answers, per
+port, the ruleset the kernel holds as far as the backend knows (set by
+`reconcile()` and every accepted `apply()`); the engine keeps no copy.
 
 Ownership: one state root owns a namespace's objects, and the kernel objects
 say which (`Owner`).  The engine names its root with `set_owner()` before the
@@ -18,6 +24,7 @@ one owner: the kernel refuses the second claim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +75,17 @@ class Backend(Protocol):
         """Install/replace `changes.set` and remove `changes.remove` in one
         transaction.  On failure raise `BackendError` naming the port and the
         rule, and leave the kernel exactly as it was."""
+
+    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+        """Make the kernel hold exactly `rulesets` (one per port; every other
+        object of ours goes): read back what it holds, write only what
+        differs, in one transaction, or none when nothing differs.  What is
+        kept (names, port ids, counters, dynamic set contents) stays.  On
+        failure raise `BackendError` and leave the kernel as it was.
+        Returns the number of writes (0: the kernel was not written)."""
+
+    def recorded(self) -> dict[str, Ruleset]:
+        """The ruleset of every port as the kernel holds it (a copy)."""
 
     def clear(self, portdev: str) -> None:
         """Remove everything owned for one port; a no-op if nothing is there."""

@@ -5,8 +5,11 @@ Used by tests and by dry runs.  It keeps the backend contract exactly:
 transaction fail and nothing changes), and every successful transaction
 is counted so tests can check how many kernel transactions an operation took.
 
-Ownership is kept as a kernel would: a `MemoryHost` stands for one network
-namespace and remembers which root holds it while rules are applied.  Each
+The "kernel" is a `MemoryHost`: it stands for one network namespace, holds
+the rulesets applied there (`MemoryHost.rulesets`) and remembers which root
+holds it while rules are applied.  `reconcile` compares what the host holds
+with what it is given and counts a transaction only when they differ, so a
+restart with nothing changed makes none, as on a real kernel.  Each
 backend gets a private host unless one is shared, so tests can put two roots
 on one "namespace" without root privileges.  `preconditions` reports what a
 test puts in `MemoryHost.broken`.
@@ -15,6 +18,7 @@ test puts in `MemoryHost.broken`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from nwfilter.backends.base import Owner
 from nwfilter.errors import BackendError, ConflictError
@@ -23,9 +27,10 @@ from nwfilter.render_text import render_text
 
 
 class MemoryHost:
-    """One simulated namespace: who owns it, and what is broken in it."""
+    """One simulated namespace: what it holds, who owns it, what is broken in it."""
 
     def __init__(self) -> None:
+        self.rulesets: dict[str, Ruleset] = {}  # what the "kernel" holds, per port
         self.owner: Owner | None = None
         self.broken: list[str] = []  # layer-3 preconditions that do not hold
         self.mutex = threading.Lock()
@@ -40,7 +45,7 @@ class MemoryBackend:
         self.netns = netns
         self.host = host or MemoryHost()
         self._owner: Owner | None = None
-        self.rulesets: dict[str, Ruleset] = {}
+        self._recorded: dict[str, Ruleset] = {}  # what this backend applied
         self.fail_on: set[str] = set()  # ports whose apply fails
         self.transactions = 0  # successful apply() calls
         self.attempts = 0  # every apply() call
@@ -53,6 +58,46 @@ class MemoryBackend:
     def check(self, ruleset: Ruleset) -> None:
         """Everything the IR can say is representable here."""
 
+    @property
+    def rulesets(self) -> dict[str, Ruleset]:
+        """What the simulated kernel holds (tests may set it, as leftovers
+        of an earlier process)."""
+        return self.host.rulesets
+
+    @rulesets.setter
+    def rulesets(self, value: dict[str, Ruleset]) -> None:
+        self.host.rulesets = value
+
+    def recorded(self) -> dict[str, Ruleset]:
+        with self._mutex:
+            return dict(self._recorded)
+
+    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+        with self._mutex:
+            self.attempts += 1
+            wanted = {rs.port.portdev: rs for rs in rulesets}
+            if len(wanted) != len(rulesets):
+                raise BackendError("a port is given twice to reconcile")
+            held = self.host.rulesets
+            differ = sorted(
+                p for p in set(wanted) | set(held) if wanted.get(p) != held.get(p))
+            for portdev in differ:
+                if portdev in self.fail_on:
+                    raise BackendError(
+                        f"the kernel refused the rules for port '{portdev}' (simulated failure)"
+                    )
+            with self.host.mutex:
+                self._check_owner()
+                if differ:
+                    self.host.owner = self._owner if wanted else None
+            if differ:
+                # What is equal stays as it was, as a kernel keeps it.
+                self.host.rulesets = {p: held[p] if held.get(p) == rs else rs
+                                      for p, rs in wanted.items()}
+                self.transactions += 1
+            self._recorded = dict(wanted)
+            return len(differ)
+
     def apply(self, changes: Changes) -> None:
         with self._mutex:
             self.attempts += 1
@@ -64,15 +109,19 @@ class MemoryBackend:
                     )
             if changes.is_empty():
                 return
-            new = {} if changes.replace_all else dict(self.rulesets)
+            new = {} if changes.replace_all else dict(self.host.rulesets)
+            mine = {} if changes.replace_all else dict(self._recorded)
             for portdev in changes.remove:
                 new.pop(portdev, None)
+                mine.pop(portdev, None)
             for rs in changes.set:
                 new[rs.port.portdev] = rs
+                mine[rs.port.portdev] = rs
             with self.host.mutex:
                 self._check_owner()
                 self.host.owner = self._owner if new else None
-            self.rulesets = new
+            self.host.rulesets = new
+            self._recorded = mine
             self.transactions += 1
 
     def _check_owner(self) -> None:
@@ -85,21 +134,23 @@ class MemoryBackend:
 
     def clear(self, portdev: str) -> None:
         with self._mutex:
-            if portdev in self.rulesets:
-                new = dict(self.rulesets)
+            if portdev in self.host.rulesets:
+                new = dict(self.host.rulesets)
                 del new[portdev]
                 with self.host.mutex:
                     self._check_owner()
                     if not new:
                         self.host.owner = None
-                self.rulesets = new
+                self.host.rulesets = new
+            self._recorded.pop(portdev, None)
 
     def clear_all(self) -> None:
         with self._mutex:
             with self.host.mutex:
                 self._check_owner()
                 self.host.owner = None
-            self.rulesets = {}
+            self.host.rulesets = {}
+            self._recorded = {}
 
     def set_owner(self, owner: Owner) -> None:
         self._owner = owner
@@ -111,8 +162,8 @@ class MemoryBackend:
         return tuple(self.host.broken)
 
     def ports(self) -> tuple[str, ...]:
-        return tuple(sorted(self.rulesets))
+        return tuple(sorted(self.host.rulesets))
 
     def read_back(self, portdev: str) -> str:
-        rs = self.rulesets.get(portdev)
+        rs = self.host.rulesets.get(portdev)
         return "" if rs is None else render_text(rs)

@@ -367,6 +367,21 @@ def test_kept_layer3_chain_keeps_its_connlimit_set(lab: BridgeLab) -> None:
     backend.clear_all()
 
 
+def test_rewritten_layer3_chain_keeps_its_connlimit_set(lab: BridgeLab) -> None:
+    g0 = lab.guests[0]
+    backend = _backend(lab)
+    limit = l3_rule([Match(Field.IP_PROTO, 6), Match(Field.CONNLIMIT_ABOVE, 4)], Verdict.DROP)
+    backend.apply(Changes(set=(with_l3(_clean(g0), to_vm=(limit,)),)))
+    sets = lab.run(lab.host, ["nft", "list", "sets"]).stdout
+    # Another rule joins the chain: it is rewritten, the set (now 'dynamic'
+    # in the kernel) stays and is not added again.
+    extra = l3_rule([Match(Field.IP_PROTO, 17)], Verdict.ACCEPT, idx=2)
+    backend.apply(Changes(set=(with_l3(_clean(g0), to_vm=(limit, extra)),)))
+    assert "ct count over 4" in backend.read_back(g0.portdev)
+    assert lab.run(lab.host, ["nft", "list", "sets"]).stdout == sets
+    backend.clear_all()
+
+
 def test_operator_filled_ipset_survives_monitor_and_rebuilds(lab: BridgeLab) -> None:
     g0, g1 = lab.guests
     backend = _backend(lab)

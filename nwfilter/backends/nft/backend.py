@@ -4,8 +4,11 @@
 `apply()` as one libnftables JSON batch (one kernel transaction), and keeps
 an in-memory record of what it owns per port, updated only after the kernel
 accepted the batch; so the cost of a change grows with what changed and the
-tables are never listed on the apply path.  Only the rare transactions that
-drop and recreate the tables (`replace_all`, `reinstall`) first read the
+tables are never listed on the apply path.  `reconcile()` (an engine's
+start) and `repair()` (the monitor's) list both tables once, rebuild those
+records from what the kernel holds (`readback`) and write only what
+differs.  Only the rare transactions that drop and recreate the tables
+(`replace_all`: no tables yet, or another layout) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
 Every transaction that creates, drops or recreates our tables first reads
@@ -27,7 +30,7 @@ import heapq
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,8 +42,9 @@ from nwfilter.ir import Changes, Ruleset
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.netns import in_netns
 
-from . import ownership, preconditions, render
+from . import ownership, preconditions, readback, render
 from .preconditions import BR_NF_SYSCTLS
+from .readback import ChainKey
 from .render import BRIDGE, INET, TABLE, Batch, Capabilities, PortRecord
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,16 @@ class _PortIds:
     def __init__(self) -> None:
         self._free: list[int] = []  # a heap
         self._next = 1
+
+    @classmethod
+    def reserving(cls, used: Iterable[int]) -> _PortIds:
+        """Ids with `used` (read back from the kernel) already taken."""
+        ids = cls()
+        taken = set(used)
+        ids._next = max(taken, default=0) + 1
+        ids._free = [i for i in range(1, ids._next) if i not in taken]
+        heapq.heapify(ids._free)
+        return ids
 
     def take(self) -> int:
         if self._free:
@@ -386,96 +400,227 @@ class NftBackend:
         # The lock covers render, send and bookkeeping: two applies never
         # render against the same stale record.
         with self._kernel() as ctx, gc_paused():
-            fresh = changes.replace_all
-            # Only read until the kernel said yes, then updated in place.
-            records = {} if fresh else self._records
-            previous_rulesets = {} if fresh else self._rulesets
-            ids = _PortIds() if fresh else self._ids
-            batch = Batch()
-            if fresh:
-                # An earlier process may have left tables we have no record
-                # of: replace them wholesale, atomically, in this transaction
-                # (if they are ours, or nobody's).
-                self._claim(ctx)
-                self._ensure_sysctls()
-                batch.extend(_drop_tables())
-                self._remark(batch)
-                batch.extend(render.render_base())
-            elif not self._base_ready:
-                self._claim(ctx)
-                self._ensure_sysctls()
-                batch.extend(render.render_base())
-            updates: dict[str, PortRecord | None] = {}  # None: removed
-            freed: list[int] = []
-            taken: list[int] = []
-            try:
-                for name in sorted(set(changes.remove)):
-                    old = records.get(name)
-                    if old is not None:
-                        batch.extend(render.render_remove(old))
-                        updates[name] = None
-                        freed.append(old.port_id)
-                for ruleset in sorted(changes.set, key=lambda r: r.port.portdev):
-                    portdev = ruleset.port.portdev
-                    previous = updates[portdev] if portdev in updates else records.get(portdev)
-                    if previous is None:
-                        port_id = ids.take()
-                        taken.append(port_id)
-                    else:
-                        port_id = previous.port_id
-                    port_batch, record = render.render_port(
-                        ruleset, port_id, previous, caps, previous_rulesets.get(portdev)
-                    )
-                    batch.extend(port_batch)
-                    updates[portdev] = record
-                remaining = (
-                    len(records)
-                    + sum(1 for n, r in updates.items() if r is not None and n not in records)
-                    - sum(1 for r in updates.values() if r is None)
+            self._apply_locked(ctx, changes, caps)
+
+    def _apply_locked(self, ctx: NftContext, changes: Changes, caps: Capabilities) -> int:
+        """`apply` with the lock held; the number of commands sent."""
+        fresh = changes.replace_all
+        # Only read until the kernel said yes, then updated in place.
+        records = {} if fresh else self._records
+        previous_rulesets = {} if fresh else self._rulesets
+        ids = _PortIds() if fresh else self._ids
+        batch = Batch()
+        if fresh:
+            # An earlier process may have left tables we have no record
+            # of: replace them wholesale, atomically, in this transaction
+            # (if they are ours, or nobody's).
+            self._claim(ctx)
+            self._ensure_sysctls()
+            batch.extend(_drop_tables())
+            self._remark(batch)
+            batch.extend(render.render_base())
+        elif not self._base_ready:
+            self._claim(ctx)
+            self._ensure_sysctls()
+            batch.extend(render.render_base())
+        updates: dict[str, PortRecord | None] = {}  # None: removed
+        freed: list[int] = []
+        taken: list[int] = []
+        try:
+            for name in sorted(set(changes.remove)):
+                old = records.get(name)
+                if old is not None:
+                    batch.extend(render.render_remove(old))
+                    updates[name] = None
+                    freed.append(old.port_id)
+            for ruleset in sorted(changes.set, key=lambda r: r.port.portdev):
+                portdev = ruleset.port.portdev
+                previous = updates[portdev] if portdev in updates else records.get(portdev)
+                if previous is None:
+                    port_id = ids.take()
+                    taken.append(port_id)
+                else:
+                    port_id = previous.port_id
+                port_batch, record = render.render_port(
+                    ruleset, port_id, previous, caps, previous_rulesets.get(portdev)
                 )
-                if not remaining:
-                    # The last port is gone: nothing of ours stays in the namespace.
-                    batch = _drop_tables()
-                elif fresh:
-                    batch.extend(self._kept_ipset_elements(
-                        ctx, (r for r in updates.values() if r is not None)))
+                batch.extend(port_batch)
+                updates[portdev] = record
+            remaining = (
+                len(records)
+                + sum(1 for n, r in updates.items() if r is not None and n not in records)
+                - sum(1 for r in updates.values() if r is None)
+            )
+            if not remaining:
+                # The last port is gone: nothing of ours stays in the namespace.
+                batch = _drop_tables()
+            elif fresh:
+                batch.extend(self._kept_ipset_elements(
+                    ctx, (r for r in updates.values() if r is not None)))
+            rc, err = self._send(ctx, batch)
+            if rc != 0:
+                where = self._locate_failure(ctx, batch, err)
+                ports = ", ".join(sorted({r.port.portdev for r in changes.set} |
+                                         set(changes.remove)))
+                raise BackendError(
+                    f"nft refused the transaction for {where or 'port(s) ' + ports}: "
+                    f"{err.strip() or 'rc ' + str(rc)}; nothing was changed"
+                )
+            wrong = self._prove_keys(ctx, updates, records) if remaining else []
+            if wrong:
+                self._undo(ctx, caps)
+                raise BackendError(
+                    "nft holds a dispatch key other than the port name: "
+                    f"{'; '.join(wrong)}; the transaction was undone"
+                )
+        except BaseException:
+            ids.give_back(taken)
+            raise
+        ids.give_back(freed)
+        self._ids = ids if remaining else _PortIds()
+        self._base_ready = remaining > 0
+        with self._state_lock:
+            if fresh:
+                self._records = {}
+                self._rulesets = {}
+            for name, new in updates.items():
+                if new is None:
+                    del self._records[name]
+                else:
+                    self._records[name] = new
+            for name in changes.remove:
+                self._rulesets.pop(name, None)
+            for ruleset in changes.set:
+                self._rulesets[ruleset.port.portdev] = ruleset
+        log.debug("nft: applied %d set, %d remove in %d commands", len(changes.set),
+                  len(changes.remove), len(batch.commands))
+        return len(batch.commands)
+
+    def reconcile(
+        self, rulesets: Sequence[Ruleset], *, distrust: Collection[ChainKey] | None = ()
+    ) -> int:
+        """Make the kernel hold exactly `rulesets`, writing only the difference.
+
+        Reads both tables back (one listing each), rebuilds the records of
+        what each port owns from them (chains, dispatch elements, port ids,
+        connlimit sets, the digest of every rule), renders `rulesets`
+        against those records and sends what differs in one transaction:
+        none at all when nothing does.  Port ids, chain names, counters and
+        set elements of what is kept survive.  Both tables are replaced
+        (one transaction, as `replace_all`) only when there are none yet or
+        their layout is not this version's.  Returns the number of commands
+        sent (0: the kernel was not written).
+
+        `distrust` names chains ((family, name); None: every chain) whose
+        rules are rewritten whatever their comments say: the chains a
+        foreign transaction touched (see `repair`)."""
+        wanted = {rs.port.portdev: rs for rs in rulesets}
+        if len(wanted) != len(rulesets):
+            raise BackendError("a port is given twice to reconcile")
+        caps = self.capabilities()
+        with self._kernel() as ctx, gc_paused():
+            listing = self._list_tables(ctx)
+            if not listing.tables and not wanted:
+                self._forget()
+                return 0
+            problem = readback.layout_problem(listing) if listing.tables else None
+            if not listing.tables or problem is not None:
+                if problem is not None:
+                    log.warning("nft: the tables of %s are replaced: %s", self._where(), problem)
+                return self._apply_locked(
+                    ctx, Changes(set=tuple(rulesets), replace_all=True), caps)
+            readback.distrust(listing, distrust)
+            self._claim(ctx)
+            if not wanted:
+                sent = self._apply_locked(ctx, Changes(replace_all=True), caps)
+                self._forget()
+                return sent
+            self._ensure_sysctls()
+            batch, before, records, ids = self._reconcile_batch(listing, wanted, caps)
+            if batch.commands:
                 rc, err = self._send(ctx, batch)
                 if rc != 0:
                     where = self._locate_failure(ctx, batch, err)
-                    ports = ", ".join(sorted({r.port.portdev for r in changes.set} |
-                                             set(changes.remove)))
                     raise BackendError(
-                        f"nft refused the transaction for {where or 'port(s) ' + ports}: "
-                        f"{err.strip() or 'rc ' + str(rc)}; nothing was changed"
-                    )
-                wrong = self._prove_keys(ctx, updates, records) if remaining else []
-                if wrong:
-                    self._undo(ctx, caps)
-                    raise BackendError(
-                        "nft holds a dispatch key other than the port name: "
-                        f"{'; '.join(wrong)}; the transaction was undone"
-                    )
-            except BaseException:
-                ids.give_back(taken)
-                raise
-            ids.give_back(freed)
-            self._ids = ids if remaining else _PortIds()
-            self._base_ready = remaining > 0
+                        f"nft refused to reconcile {where or self._where()}: "
+                        f"{err.strip() or 'rc ' + str(rc)}; nothing was changed")
+            self._ids = ids
+            self._base_ready = True
             with self._state_lock:
-                if fresh:
-                    self._records = {}
-                    self._rulesets = {}
-                for name, new in updates.items():
-                    if new is None:
-                        del self._records[name]
-                    else:
-                        self._records[name] = new
-                for name in changes.remove:
-                    self._rulesets.pop(name, None)
-                for ruleset in changes.set:
-                    self._rulesets[ruleset.port.portdev] = ruleset
-        log.debug("nft: applied %d set, %d remove in %d commands", len(changes.set),
-                  len(changes.remove), len(batch.commands))
+                self._records = records
+                self._rulesets = dict(wanted)
+            wrong = self._prove_keys(ctx, dict(records), before)
+            if wrong:
+                # Port names that reach this are refused by check_port_name;
+                # the records say what the kernel holds, the start fails.
+                raise BackendError("nft holds a dispatch key other than the port name: "
+                                   + "; ".join(wrong))
+        log.info("nft: reconciled %d port(s) in %s with %d command(s)", len(wanted),
+                 self._where(), len(batch.commands))
+        return len(batch.commands)
+
+    def _list_tables(self, ctx: NftContext) -> readback.Listing:
+        answers: dict[str, str | None] = {}
+        was_json = ctx.set_json_output(False)
+        try:
+            for family in (BRIDGE, INET):
+                rc, out, _err = ctx.cmd(readback.list_command(family))
+                answers[family] = out if rc == 0 else None
+        finally:
+            ctx.set_json_output(was_json)
+        return readback.parse(answers)
+
+    def _forget(self) -> None:
+        self._ids = _PortIds()
+        self._base_ready = False
+        with self._state_lock:
+            self._records = {}
+            self._rulesets = {}
+
+    def _reconcile_batch(
+        self, listing: readback.Listing, wanted: dict[str, Ruleset], caps: Capabilities
+    ) -> tuple[Batch, dict[str, PortRecord], dict[str, PortRecord], _PortIds]:
+        """The commands taking the kernel from `listing` to `wanted`, the
+        records read back, the records afterwards, and the port ids."""
+        known = readback.port_ids(listing, wanted)
+        ids = _PortIds.reserving(known.values())
+        before = {
+            portdev: readback.port_record(listing, portdev, known.get(portdev) or ids.take())
+            for portdev in sorted(wanted)
+        }
+        batch = Batch()
+        drift = readback.base_drift(listing)
+        if drift:
+            batch.extend(render.render_base(drift))
+        # Dispatch elements no port owns exactly go first (before any chain
+        # they may point to is deleted); the ports add theirs last.
+        owned: set[tuple[tuple[str, str], Any]] = set()
+        for record in before.values():
+            owned.update(((BRIDGE, render.L2_MAP[h]), record.portdev) for h in record.l2_hooks)
+            owned.update(((INET, render.L3_MAP[h]), record.port_id << render.shift(h))
+                         for h in record.l3_hooks)
+        for (family, vmap), elements in sorted(listing.elements.items()):
+            for key in sorted(elements, key=repr):
+                if ((family, vmap), key) not in owned:
+                    batch.add(render.delete_element(family, vmap, key))
+        kept = {(BRIDGE, n) for r in before.values() for n in r.bridge_chains}
+        kept |= {(INET, n) for r in before.values() for n in r.inet_chains}
+        stale = sorted(listing.port_chains() - kept)
+        for family, name in stale:
+            batch.add({"flush": {"chain": {"family": family, "table": TABLE, "name": name}}})
+        records: dict[str, PortRecord] = {}
+        for portdev, record in before.items():
+            port_batch, records[portdev] = render.render_port(
+                wanted[portdev], record.port_id, record, caps)
+            batch.extend(port_batch)
+        for family, name in stale:
+            batch.add({"delete": {"chain": {"family": family, "table": TABLE, "name": name}}})
+        used = {name for r in records.values() for names in r.chain_sets.values()
+                for name in names}
+        handled = {name for r in before.values() for name in r.sets}
+        for name in sorted(set(listing.sets) - used - handled):
+            batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+        return batch, before, records, ids
 
     def _prove_keys(
         self, ctx: NftContext, updates: dict[str, PortRecord | None],
@@ -621,23 +766,24 @@ class NftBackend:
         with self._state_lock:
             return dict(self._rulesets)
 
+    def repair(self, distrust: Collection[ChainKey] | None = None) -> int:
+        """Bring the kernel back to the recorded state after a foreign edit,
+        in one transaction: `reconcile` with the recorded rulesets, every
+        chain in `distrust` ((family, name); None: all of them) rewritten
+        whatever its comments say.  Tables, sets (with the operator's ipset
+        elements and the connlimit counts), port ids and untouched chains
+        stay.  Never "repairs" another root's tables away: after a flush
+        the tables are claimed again first, which another root may win.
+        Returns the number of commands sent."""
+        with self._state_lock:
+            rulesets = list(self._rulesets.values())
+        if not rulesets:
+            return 0  # nothing of ours should be there
+        return self.reconcile(rulesets, distrust=distrust)
+
     def reinstall(self) -> None:
-        """Rebuild both tables from the recorded state in one transaction,
-        keeping the elements the operator put into our ipset sets."""
-        caps = self.capabilities()
-        with self._kernel() as ctx:
-            if not self._rulesets:
-                return  # nothing of ours should be there
-            # Never "repair" another root's tables away; after a flush the
-            # tables are claimed again first, which another root may win.
-            self._claim(ctx)
-            batch, records = self._reinstall_batch(ctx, caps)
-            rc, err = self._send(ctx, batch)
-            if rc != 0:
-                raise BackendError(f"nft refused the repair transaction: {err.strip()}")
-            self._base_ready = True
-            with self._state_lock:
-                self._records = records
+        """Rewrite every chain from the recorded state (`repair` of all)."""
+        self.repair(None)
 
     def _reinstall_batch(
         self, ctx: NftContext, caps: Capabilities

@@ -7,10 +7,11 @@ every committed transaction as a series of object messages (each carries
 its table name in attribute 1) closed by a NEWGEN message that names the
 committing task.  A transaction that touched a `nwfilter` table and was
 committed by a task outside this process is foreign: the monitor then asks
-the backend to rebuild both tables from its recorded state in one
-transaction, and logs what it repaired.  Elements added to or deleted from
-the sets standing for libvirt ipsets are not foreign edits: the operator
-fills those sets (docs/backends.md).  Our own transactions are
+the backend to repair (`NftBackend.repair`: reconcile with its recorded
+state, in one transaction), rewriting every chain the foreign transactions
+touched whatever their rule comments say, and logs what it repaired.
+Elements added to or deleted from the sets standing for libvirt ipsets are
+not foreign edits: the operator fills those sets (docs/backends.md).  Our own transactions are
 recognised by the committing thread id (a thread of this process), so they
 never trigger a repair.
 
@@ -61,6 +62,10 @@ NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
 NFT_MSG_NEWGEN = 15
 NFTA_TABLE_NAME = 1  # the table name's attribute in every object message
+NFTA_CHAIN_NAME = 3  # in chain messages
+NFTA_RULE_CHAIN = 2  # in rule messages
+NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN = 3, 5
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
 NFTA_SET_ELEM_LIST_SET = 2
 NFTA_GEN_PROC_PID = 2
 NFTA_GEN_PROC_NAME = 3
@@ -93,6 +98,7 @@ class Transaction:
 
     touched: list[str] = field(default_factory=list)
     others: set[str] = field(default_factory=set)  # "family table" of other tables
+    chains: set[tuple[str, str]] = field(default_factory=set)  # (family, chain) of ours
 
 
 FAMILY_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
@@ -123,9 +129,11 @@ def parse_events(
             comm = _text(attrs.get(NFTA_GEN_PROC_NAME, b""))
             others = pending.others if report_others else set()
             if (pending.touched or others) and not is_own(tid):
-                done.append((Transaction(list(pending.touched), set(others)), tid, comm))
+                done.append((Transaction(list(pending.touched), set(others),
+                                         set(pending.chains)), tid, comm))
             pending.touched.clear()
             pending.others.clear()
+            pending.chains.clear()
             continue
         name = _text(attrs.get(NFTA_TABLE_NAME, b""))
         if name != table or family not in (NFPROTO_INET, NFPROTO_BRIDGE):
@@ -139,6 +147,10 @@ def parse_events(
         ):
             continue  # the operator filling an ipset set
         pending.touched.append(MSG_NAMES.get(kind, f"message {kind}"))
+        chain_attr = {NFT_MSG_NEWCHAIN: NFTA_CHAIN_NAME, NFT_MSG_DELCHAIN: NFTA_CHAIN_NAME,
+                      NFT_MSG_NEWRULE: NFTA_RULE_CHAIN, NFT_MSG_DELRULE: NFTA_RULE_CHAIN}.get(kind)
+        if chain_attr is not None and chain_attr in attrs:
+            pending.chains.add((FAMILY_NAMES[family], _text(attrs[chain_attr])))
     return done
 
 
@@ -150,17 +162,23 @@ def _thread_of_this_process(tid: int) -> bool:
     return os.path.exists(f"/proc/self/task/{tid}")
 
 
+#: What `repair` is given: the (family, chain) pairs foreign transactions
+#: touched, or None when events were lost and every chain is suspect.
+Distrust = frozenset[tuple[str, str]] | None
+
+
 class NftMonitor:
-    """Watches the backend's namespace and re-applies its state after foreign edits.
+    """Watches the backend's namespace and repairs its state after foreign edits.
 
     `repair` is called (from the monitor thread) to restore the recorded
-    state; by default the backend's `reinstall`.
+    state, with the chains to rewrite (`Distrust`); for a backend, its
+    `repair`.
     """
 
     def __init__(
         self,
         netns: str | None,
-        repair: Callable[[], None],
+        repair: Callable[[Distrust], object],
         *,
         table: str = "nwfilter",
         settle: float = 0.05,
@@ -196,7 +214,7 @@ class NftMonitor:
         def watch(scan: bool) -> tuple[str, ...]:
             return backend.preconditions(repair=True, scan=scan)
 
-        return cls(backend.netns, backend.reinstall, settle=settle, watch=watch, events=events)
+        return cls(backend.netns, backend.repair, settle=settle, watch=watch, events=events)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -236,6 +254,7 @@ class NftMonitor:
         due: float | None = None
         reasons: list[str] = []
         culprits: list[dict[str, object]] = []  # the same, for the event
+        suspect: set[tuple[str, str]] | None = set()
         scan_due: float | None = self._clock()  # scan once at start
         next_watch = self._clock()
         while not self._stop.is_set():
@@ -251,6 +270,8 @@ class NftMonitor:
                     reasons.append(f"{comm or '?'} (tid {tid}): {what}")
                     culprits.append({"command": comm, "tid": tid,
                                      "changes": sorted(set(txn.touched))})
+                    if suspect is not None:
+                        suspect |= txn.chains
                     due = due or self._clock() + self._settle
             except TimeoutError:
                 pass
@@ -261,12 +282,13 @@ class NftMonitor:
                     return
                 # Events were lost; we cannot tell whose they were, so repair.
                 reasons.append("event overflow")
+                suspect = None
                 pending = Transaction()
                 due = due or self._clock() + self._settle
             if due is not None and self._clock() >= due:
                 # A short settle time folds a burst of foreign edits into one repair.
                 try:
-                    self._repair()
+                    self._repair(None if suspect is None else frozenset(suspect))
                     self.repairs += 1
                     log.warning("nft state in %s repaired after foreign change: %s",
                                 self.netns or "host", "; ".join(reasons))
@@ -280,6 +302,7 @@ class NftMonitor:
                 due = None
                 reasons = []
                 culprits = []
+                suspect = set()
             now = self._clock()
             if scan_due is not None and now >= scan_due:
                 self._check(scan=True)

@@ -43,6 +43,7 @@ otherwise ``_`` followed by the hex of its bytes; interface names cannot hold
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -79,6 +80,12 @@ MAX_PORT_ID = 0xFFFF
 FROM_MASK = 0x0000FFFF
 TO_MASK = 0xFFFF0000
 MAX_COMMENT_BYTES = 120
+# Every rule's comment ends with the digest of what it renders, so that
+# what the kernel holds can be compared with what we would render without
+# parsing libnftables' normalised listing back (see `digest`).
+DIGEST_TAG = " #d="
+DIGEST_LEN = 10
+RULE_KEY_LEN = 10  # hex digits of `rule_key`, the end of a connlimit set's name
 # Name prefixes of our inet sets: per-port connlimit counters, and the sets
 # standing for libvirt ipsets, which the operator fills.
 CONNLIMIT_PREFIX = "cl"
@@ -205,6 +212,12 @@ class PortRecord:
     contents: dict[tuple[str, str], list[tuple[list[Json], str | None]]] = field(
         default_factory=dict, compare=False, hash=False
     )
+    # Per chain, the digests of its rules in order (`digest`): what decides
+    # whether a chain is rewritten.  A record read back from the kernel has
+    # these (from the rule comments) and no `contents`.
+    digests: dict[tuple[str, str], tuple[str, ...]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass
@@ -235,6 +248,11 @@ def _tag(text: str) -> str:
     return "_" + text.encode().hex()
 
 
+def port_tag(portdev: str) -> str:
+    """The prefix of every chain name (and connlimit set name) of a port."""
+    return _tag(portdev)
+
+
 def l2_chain_name(portdev: str, hook: Hook, chain: str) -> str:
     name = f"{_tag(portdev)}/{HOOK_WORD[hook]}/{_tag(chain)}"
     if len(name) > MAX_NAME:
@@ -254,18 +272,42 @@ def ipset_name(name: str, family: Family) -> str:
 # -- base objects ----------------------------------------------------------
 
 
-def render_base() -> Batch:
-    """Tables, base chains and verdict maps; 'add' is idempotent in nft."""
+#: What the tables' base objects are: (family, name) of every verdict map
+#: and base chain.  Anything else with a hook in our tables is not ours.
+BASE_MAPS = (
+    (BRIDGE, "from_vm", "ifname"), (BRIDGE, "to_vm", "ifname"),
+    (INET, "l3_from", "mark"), (INET, "l3_to", "mark"),
+)
+# The layout of our tables (names, hooks, maps, how rules are commented).
+# Base chain rules carry it in their comment; a start that finds another
+# value (or none) replaces both tables instead of reconciling them.
+LAYOUT_VERSION = 1
+LAYOUT_TAG = "nwfilter layout "
+BASE_COMMENT = f"{LAYOUT_TAG}{LAYOUT_VERSION}"
+
+
+def base_chains() -> dict[tuple[str, str], tuple[str, int]]:
+    """(family, name) -> (hook, priority) of every base chain."""
+    out = {(BRIDGE, name): (hook, prio) for name, hook, prio, _k, _m in BRIDGE_BASE}
+    out.update({(INET, name): (hook, prio) for name, hook, prio, _k, _m in INET_BASE})
+    return out
+
+
+def render_base(only: frozenset[tuple[str, str]] | None = None) -> Batch:
+    """Tables, base chains and verdict maps; 'add' is idempotent in nft.
+    With `only`, just those maps and base chains ((family, name)), without
+    the tables: the repair of a base object that drifted."""
     batch = Batch()
-    batch.add({"add": {"table": {"family": BRIDGE, "name": TABLE}}})
-    batch.add({"add": {"table": {"family": INET, "name": TABLE}}})
-    for vmap in ("from_vm", "to_vm"):
-        batch.add({"add": {"map": {"family": BRIDGE, "table": TABLE, "name": vmap,
-                                   "type": "ifname", "map": "verdict"}}})
-    for vmap in ("l3_from", "l3_to"):
-        batch.add({"add": {"map": {"family": INET, "table": TABLE, "name": vmap,
-                                   "type": "mark", "map": "verdict"}}})
+    if only is None:
+        batch.add({"add": {"table": {"family": BRIDGE, "name": TABLE}}})
+        batch.add({"add": {"table": {"family": INET, "name": TABLE}}})
+    for family, vmap, key_type in BASE_MAPS:
+        if only is None or (family, vmap) in only:
+            batch.add({"add": {"map": {"family": family, "table": TABLE, "name": vmap,
+                                       "type": key_type, "map": "verdict"}}})
     for name, hook, prio, key, vmap in BRIDGE_BASE:
+        if only is not None and (BRIDGE, name) not in only:
+            continue
         keep = TO_MASK if key == "iifname" else FROM_MASK
         batch.add({"add": {"chain": {"family": BRIDGE, "table": TABLE, "name": name,
                                      "type": "filter", "hook": hook, "prio": prio,
@@ -273,17 +315,31 @@ def render_base() -> Batch:
         batch.add({"flush": {"chain": {"family": BRIDGE, "table": TABLE, "name": name}}})
         # Clear our half of the mark first so a stale value can never select
         # another port's layer-3 chain.
-        batch.add(_rule(BRIDGE, name, [_mark_set(keep, 0)]))
+        batch.add(_rule(BRIDGE, name, [_mark_set(keep, 0)], BASE_COMMENT))
         batch.add(_rule(BRIDGE, name, [
-            {"vmap": {"key": {"meta": {"key": key}}, "data": f"@{vmap}"}}]))
+            {"vmap": {"key": {"meta": {"key": key}}, "data": f"@{vmap}"}}], BASE_COMMENT))
     for name, hook, prio, mask, vmap in INET_BASE:
+        if only is not None and (INET, name) not in only:
+            continue
         batch.add({"add": {"chain": {"family": INET, "table": TABLE, "name": name,
                                      "type": "filter", "hook": hook, "prio": prio,
                                      "policy": "accept"}}})
         batch.add({"flush": {"chain": {"family": INET, "table": TABLE, "name": name}}})
         batch.add(_rule(INET, name, [
-            {"vmap": {"key": {"&": [{"meta": {"key": "mark"}}, mask]}, "data": f"@{vmap}"}}]))
+            {"vmap": {"key": {"&": [{"meta": {"key": "mark"}}, mask]}, "data": f"@{vmap}"}}],
+            BASE_COMMENT))
     return batch
+
+
+def base_digests() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(family, name) -> the digests of each base chain's rules, in order."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for command in render_base().commands:
+        rule = command.get("add", {}).get("rule")
+        if rule is not None:
+            out.setdefault((rule["family"], rule["chain"]), []).append(
+                digest_of(rule["comment"]) or "")
+    return {key: tuple(value) for key, value in out.items()}
 
 
 # -- one port --------------------------------------------------------------
@@ -315,6 +371,8 @@ def render_port(
     old_l2 = previous.l2_hooks if previous else frozenset()
     old_l3 = previous.l3_hooks if previous else frozenset()
     old_contents = previous.contents if previous else {}
+    old_digests = previous.digests if previous else {}
+    mark_text = port_id_comment(port_id)
 
     bridge_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
     inet_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
@@ -377,15 +435,27 @@ def render_port(
             chain_sets[cname] = frozenset(name for (_, name) in used)
             sets.update(used)
 
+    digests: dict[tuple[str, str], tuple[str, ...]] = {}
+    for fam, new in ((BRIDGE, bridge_chains), (INET, inet_chains)):
+        for name, rules in new.items():
+            before = old_contents.get((fam, name))
+            if before is rules and (fam, name) in old_digests:
+                digests[(fam, name)] = old_digests[(fam, name)]
+            else:
+                digests[(fam, name)] = tuple(
+                    digest(exprs, origin if origin is not None else mark_text)
+                    for exprs, origin in rules)
+    unchanged = {key for key, value in digests.items() if old_digests.get(key) == value}
+    # Sets the rewritten chains use ('add' keeps an existing ipset set and its
+    # elements).  A connlimit set the port has is never added again: a set
+    # statement made it 'dynamic' in the kernel, a flag libnftables 1.0.6's
+    # JSON cannot say, so 'add' would differ from it and fail with EEXIST.
+    needed = {name for cname in inet_chains if (INET, cname) not in unchanged
+              for name in chain_sets.get(cname, ())} - old_sets
     for (family, name), spec in sorted(sets.items()):
-        batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name, **spec}}})
-
-    unchanged = {
-        (fam, name)
-        for fam, new in ((BRIDGE, bridge_chains), (INET, inet_chains))
-        for name, rules in new.items()
-        if (before := old_contents.get((fam, name))) is rules or before == rules
-    }
+        if name in needed:
+            batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name,
+                                       **spec}}})
     # 1. chains: create new ones, flush kept ones whose rules changed (drops
     # their jumps too); a chain whose rules are the same is left alone.
     for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
@@ -406,8 +476,9 @@ def render_port(
         for name, chain_rules in table_chains.items():
             if (fam, name) in unchanged:
                 continue
-            for exprs, origin in chain_rules:
-                batch.add(_rule(fam, name, exprs, origin),
+            for (exprs, origin), sig in zip(chain_rules, digests[(fam, name)], strict=True):
+                text = origin if origin is not None else mark_text
+                batch.add(_rule(fam, name, exprs, text, sig),
                           (portdev, origin) if origin is not None else None)
     # 4. chains no longer used.
     for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
@@ -440,6 +511,7 @@ def render_port(
             **{(BRIDGE, name): rules for name, rules in bridge_chains.items()},
             **{(INET, name): rules for name, rules in inet_chains.items()},
         },
+        digests=digests,
     )
     return batch, record
 
@@ -461,6 +533,16 @@ def render_remove(record: PortRecord) -> Batch:
     return batch
 
 
+def delete_element(family: str, vmap: str, key: str | int) -> Json:
+    """The command deleting one dispatch element."""
+    return _element("delete", family, vmap, key, None)
+
+
+def shift(hook: Hook) -> int:
+    """Where a port id sits in the mark for `hook`."""
+    return _shift(hook)
+
+
 def _shift(hook: Hook) -> int:
     return 0 if hook is Hook.FROM_VM else 16
 
@@ -471,16 +553,69 @@ def _element(verb: str, family: str, vmap: str, key: str | int, target: str | No
                                "elem": [elem]}}}
 
 
-def _rule(family: str, chain: str, exprs: list[Json], comment: str | None = None) -> Json:
-    body: Json = {"family": family, "table": TABLE, "chain": chain, "expr": exprs}
-    if comment:
-        body["comment"] = comment_text(comment)
+def _rule(
+    family: str, chain: str, exprs: list[Json], text: str, sig: str | None = None
+) -> Json:
+    body: Json = {"family": family, "table": TABLE, "chain": chain, "expr": exprs,
+                  "comment": rule_comment(text, sig or digest(exprs, text))}
     return {"add": {"rule": body}}
 
 
-def comment_text(text: str) -> str:
+def digest(exprs: list[Json], text: str) -> str:
+    """A short digest of one rendered rule (its expressions and the text of
+    its comment), carried at the end of the rule's comment.
+
+    Comparing these per chain is how a start tells what the kernel holds
+    from what it would render: libnftables lists expressions normalised
+    (ether types as names, `th` as `tcp`, ...), so the rendered JSON and the
+    listed JSON differ for equal rules.  The digest says what we wrote; a
+    foreign edit that keeps our comment is the monitor's or the audit's to
+    find (docs/backends.md, Trust boundary)."""
+    # repr, not json.dumps (three times slower): the renderer builds every
+    # expression in a fixed key order, and a change of that order only
+    # rewrites chains once.
+    # An origin may hold lone surrogates (bytes that were not UTF-8).
+    raw = f"{text}\0{exprs!r}".encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()[:DIGEST_LEN]
+
+
+def rule_comment(text: str, sig: str) -> str:
+    """`text` (cut to fit) followed by the digest tag."""
+    room = MAX_COMMENT_BYTES - len(DIGEST_TAG) - DIGEST_LEN
+    return comment_text(text, room) + DIGEST_TAG + sig
+
+
+_DIGEST = re.compile(re.escape(DIGEST_TAG) + f"([0-9a-f]{{{DIGEST_LEN}}})" + r"\Z")
+
+
+def digest_of(comment: object) -> str | None:
+    """The digest a rule comment carries, or None (no comment of ours)."""
+    if not isinstance(comment, str):
+        return None
+    found = _DIGEST.search(comment)
+    return found.group(1) if found else None
+
+
+def port_id_comment(port_id: int) -> str:
+    """The comment text of a root chain's mark-stamping rule."""
+    return f"port id {port_id}"
+
+
+_PORT_ID = re.compile(r"port id (\d+)" + re.escape(DIGEST_TAG))
+
+
+def port_id_of(comment: object) -> int | None:
+    """The port id a mark-stamping rule's comment names, or None."""
+    if not isinstance(comment, str):
+        return None
+    found = _PORT_ID.match(comment)
+    return int(found.group(1)) if found else None
+
+
+@functools.lru_cache(maxsize=4096)
+def comment_text(text: str, limit: int = MAX_COMMENT_BYTES) -> str:
     """`text` as a rule comment: printable, valid UTF-8, at most
-    `MAX_COMMENT_BYTES` (nft keeps comments as user data of limited size).
+    `limit` bytes (nft keeps comments as user data of limited size).
 
     nft prints a comment between double quotes without escaping it, so a '"'
     or a line break would make `nft list ruleset` unloadable; a lone
@@ -499,7 +634,7 @@ def comment_text(text: str) -> str:
         else:
             piece = ch
         size += len(piece.encode())
-        if size > MAX_COMMENT_BYTES:
+        if size > limit:
             break
         out.append(piece)
     return "".join(out)
@@ -850,7 +985,7 @@ def _connlimit(
 def rule_key(rule: Rule) -> str:
     """A short stable key for a rule's own objects (connlimit sets)."""
     text = repr((rule.family, rule.matches, rule.verdict, rule.target, rule.origin))
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return hashlib.sha256(text.encode()).hexdigest()[:RULE_KEY_LEN]
 
 
 def _ipset(

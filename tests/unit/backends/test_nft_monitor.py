@@ -54,3 +54,16 @@ def test_operator_filling_an_ipset_set_is_not_foreign() -> None:
     # Other tables and our own transactions never count.
     assert _parse(_element(new, inet, "filter", "cl4_x"), _gen(OTHER_TID)) == []
     assert _parse(_element(new, inet, "nwfilter", "cl4_x"), _gen(OWN_TID)) == []
+
+
+def test_a_foreign_transaction_names_the_chains_it_touched() -> None:
+    inet, bridge = monitor.NFPROTO_INET, monitor.NFPROTO_BRIDGE
+    table = _attr(1, b"nwfilter\0")
+    (txn, _tid, _comm), = _parse(
+        _msg(monitor.NFT_MSG_DELRULE, bridge, table,
+             _attr(monitor.NFTA_RULE_CHAIN, b"vnet0/from/mac\0")),
+        _msg(monitor.NFT_MSG_DELCHAIN, inet, table,
+             _attr(monitor.NFTA_CHAIN_NAME, b"vnet1/to\0")),
+        _element(monitor.NFT_MSG_DELSETELEM, bridge, "nwfilter", "to_vm"),
+        _gen(OTHER_TID))
+    assert txn.chains == {("bridge", "vnet0/from/mac"), ("inet", "vnet1/to")}

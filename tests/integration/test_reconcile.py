@@ -1,0 +1,462 @@
+"""Engine start reconciles the kernel with the bindings: it reads our two
+tables back and writes only what differs.  `nft monitor`, run inside the
+lab's namespace, records every transaction, so "nothing written" is seen,
+not inferred."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nwfilter.backends.nft import NftBackend
+from nwfilter.backends.nft.monitor import NftMonitor
+from nwfilter.compile import Compiler
+from nwfilter.conf.model import BindingDef, FilterRef, Parameter
+from nwfilter.daemon import close, serve
+from nwfilter.engine import Engine
+from nwfilter.netlab import NetLab
+from nwfilter.netns import in_netns
+from tests.integration.conftest import HOST_IP, BridgeLab, build_bridge_lab
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+REPO = Path(__file__).resolve().parents[2]
+STOCK = REPO / "filters"
+LIMIT = """<filter name='conn-limit' chain='root'>
+  <rule action='drop' direction='in' priority='100'>
+    <tcp dstportstart='8080' connlimit-above='3'/>
+  </rule>
+  <rule action='accept' direction='inout' priority='500'>
+    <all/>
+  </rule>
+</filter>"""
+BLOCKED = """<filter name='block-set' chain='root'>
+  <rule action='drop' direction='in' priority='100'>
+    <all ipset='blocked' ipsetflags='src'/>
+  </rule>
+  <filterref filter='clean-traffic'/>
+</filter>"""
+
+
+@pytest.fixture
+def lab3() -> Iterator[BridgeLab]:
+    with NetLab() as netlab:
+        yield build_bridge_lab(netlab, n_guests=3)
+
+
+class NftEvents:
+    """`nft monitor` in a namespace, captured to a file.  `take()` returns
+    the events on our tables since the last call, once a marker transaction
+    on a table of its own shows that everything before it was written."""
+
+    def __init__(self, lab: BridgeLab, path: Path) -> None:
+        self.lab = lab
+        self.path = path
+        self._seen = 0
+        self._marks = 0
+        self._out = path.open("w")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.host, "nft", "monitor"],
+            stdout=self._out, stderr=subprocess.STDOUT)
+        self.take()
+
+    def _lines(self) -> list[str]:
+        return self.path.read_text().splitlines()
+
+    def take(self) -> list[str]:
+        self._marks += 1
+        mark = f"nwt_mark{self._marks}"
+        deadline = time.monotonic() + 10
+        while True:
+            self.lab.run(self.lab.host, ["nft", "add", "table", "ip", mark])
+            self.lab.run(self.lab.host, ["nft", "delete", "table", "ip", mark])
+            for _ in range(20):
+                lines = self._lines()
+                hits = [i for i, line in enumerate(lines) if mark in line]
+                if hits:
+                    new = [line for line in lines[self._seen:hits[0]] if " nwfilter " in line]
+                    self._seen = hits[-1] + 1
+                    return new
+                time.sleep(0.05)
+            assert time.monotonic() < deadline, "nft monitor shows no events"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        self._out.close()
+
+
+@pytest.fixture
+def events(lab3: BridgeLab, tmp_path: Path) -> Iterator[NftEvents]:
+    watch = NftEvents(lab3, tmp_path / "monitor.txt")
+    try:
+        yield watch
+    finally:
+        watch.close()
+
+
+def new_engine(root: Path, lab: BridgeLab) -> Engine:
+    return Engine(root, NftBackend(netns=lab.host), stock_dir=STOCK)
+
+
+def binding(portdev: str, mac: str, flt: str, ip: str | None = None) -> BindingDef:
+    params = (Parameter("IP", ip),) if ip else ()
+    return BindingDef(f"vm-{portdev}", uuid.uuid4(), portdev, mac, FilterRef(flt, params))
+
+
+def listing(lab: BridgeLab) -> dict[str, Any]:
+    """Both tables with handles: equal listings mean no object was recreated."""
+    out = {}
+    for family in ("bridge", "inet"):
+        text = lab.run(lab.host, ["nft", "-a", "-j", "list", "table", family, "nwfilter"]).stdout
+        out[family] = [x for x in json.loads(text)["nftables"] if "metainfo" not in x]
+    return out
+
+
+def elements(lab: BridgeLab, family: str, name: str) -> list[Any]:
+    kind = "set" if name.startswith(("cl", "ipset")) else "map"
+    found = lab.run(lab.host, ["nft", "-j", "list", kind, family, "nwfilter", name], check=False)
+    if found.returncode != 0:
+        return []  # no tables: no bound port
+    for item in json.loads(found.stdout)["nftables"]:
+        body = item.get("set") or item.get("map")
+        if body is not None:
+            return list(body.get("elem", []))
+    return []
+
+
+def connlimit_sets(lab: BridgeLab) -> list[str]:
+    text = lab.run(lab.host, ["nft", "-j", "list", "sets", "inet"]).stdout
+    return sorted(x["set"]["name"] for x in json.loads(text)["nftables"]
+                  if "set" in x and x["set"]["name"].startswith("cl"))
+
+
+def cli(root: Path, lab: BridgeLab, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "nwfilter.cli", "--root", str(root), "--backend", "nft",
+         "--netns", lab.host, *argv], capture_output=True, text=True, timeout=60, env=env,
+        check=True)
+
+
+def open_connections(lab: BridgeLab, client: int, server: int, count: int,
+                     held: list[socket.socket]) -> None:
+    """`count` TCP connections from guest `client` to port 8080 of guest `server`."""
+    dst = lab.guests[server]
+    with in_netns(dst.ns):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((dst.ip, 8080))
+    srv.listen(16)
+    held.append(srv)
+    for _ in range(count):
+        with in_netns(lab.guests[client].ns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(2)
+        sock.connect((dst.ip, 8080))
+        held.append(sock)
+        conn, _ = srv.accept()
+        held.append(conn)
+
+
+def bind_three(root: Path, lab: BridgeLab) -> None:
+    g0, g1, g2 = lab.guests
+    engine = new_engine(root, lab)
+    engine.start()
+    try:
+        engine.define_filter(LIMIT)
+        engine.define_filter(BLOCKED)
+        engine.create_bindings([
+            binding(g0.portdev, g0.mac, "clean-traffic", g0.ip),
+            binding(g1.portdev, g1.mac, "conn-limit"),
+            binding(g2.portdev, g2.mac, "block-set", g2.ip),
+        ])
+    finally:
+        engine.close()
+    lab.run(lab.host, ["nft", "add", "element", "inet", "nwfilter", "ipset4_blocked",
+                       "{ 192.0.2.0/24 }"])
+
+
+def test_restart_and_commands_write_nothing_but_the_new_port(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    held: list[socket.socket] = []
+    try:
+        open_connections(lab3, 0, 1, 2, held)
+        assert events.take()  # the setup wrote, and the monitor saw it
+        before = listing(lab3)
+        counted = elements(lab3, "inet", connlimit_sets(lab3)[0])
+        assert counted, "the connlimit set counts the open connections"
+
+        engine = new_engine(root, lab3)
+        assert engine.start() == []
+        engine.close()
+        assert events.take() == []
+        cli(root, lab3, "nwfilter-list")
+        cli(root, lab3, "nwfilter-binding-list")
+        assert events.take() == []
+        assert listing(lab3) == before  # same objects, same handles, same elements
+
+        xml = tmp_path / "vnet9.xml"
+        xml.write_text(
+            "<filterbinding><owner><name>vm9</name>"
+            "<uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a19</uuid></owner>"
+            "<portdev name='vnet9'/><mac address='52:54:00:00:00:09'/>"
+            "<filterref filter='conn-limit'/></filterbinding>")
+        cli(root, lab3, "nwfilter-binding-create", str(xml))
+        added = events.take()
+        assert added and all("vnet9" in line for line in added), added
+        after = listing(lab3)
+        for family in ("bridge", "inet"):
+            old = [json.dumps(x, sort_keys=True) for x in before[family]
+                   if "map" not in x and "set" not in x]
+            new = {json.dumps(x, sort_keys=True) for x in after[family]}
+            assert [x for x in old if x not in new] == []  # every object of before is kept
+        # port ids (the layer-3 dispatch keys) of the old ports are unchanged
+        for vmap in ("l3_from", "l3_to"):
+            old_elems = elements_of(before, vmap)
+            new_elems = elements_of(after, vmap)
+            assert {k: v for k, v in new_elems.items() if "vnet9" not in v} == old_elems
+        assert elements(lab3, "inet", connlimit_sets(lab3)[0]) == counted
+        assert elements(lab3, "inet", "ipset4_blocked")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def elements_of(tables: dict[str, Any], vmap: str) -> dict[int, str]:
+    for item in tables["inet"]:
+        if "map" in item and item["map"]["name"] == vmap:
+            return {k: json.dumps(v) for k, v in item["map"].get("elem", [])}
+    return {}
+
+
+def test_open_connection_survives_engine_and_daemon_restarts(
+    lab3: BridgeLab, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    guest = lab3.guests[1]  # conn-limit: layer-3 rules and conntrack
+    with in_netns(lab3.host):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((HOST_IP, 9000))
+    srv.listen(1)
+    with in_netns(guest.ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.settimeout(2)
+    try:
+        client.connect((HOST_IP, 9000))
+        conn, _ = srv.accept()
+        conn.settimeout(2)
+
+        def echo(payload: bytes) -> None:
+            client.sendall(payload)
+            assert conn.recv(64) == payload
+            conn.sendall(payload[::-1])
+            assert client.recv(64) == payload[::-1]
+
+        echo(b"before")
+        engine = new_engine(root, lab3)
+        engine.start()
+        echo(b"during")
+        engine.close()
+        echo(b"engine-restarted")
+        for round_ in range(2):
+            daemon = serve(root, "nft", lab3.host, tmp_path / f"d{round_}.sock")
+            thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+            thread.start()
+            echo(b"daemon-%d" % round_)
+            daemon.shutdown()
+            close(daemon)
+            thread.join(5)
+        echo(b"after")
+    finally:
+        client.close()
+        srv.close()
+
+
+def _last_handle(lab: BridgeLab, family: str, chain: str) -> str:
+    text = lab.run(lab.host, ["nft", "-a", "list", "chain", family, "nwfilter", chain]).stdout
+    lines = [line for line in text.splitlines() if "# handle" in line]
+    return lines[-1].rsplit("# handle ", 1)[1].strip()
+
+
+def test_drift_is_repaired_and_nothing_else_is_written(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    p0, p1 = lab3.guests[0].portdev, lab3.guests[1].portdev
+    nft = ["nft"]
+    # (what, commands done by hand, a word every repair event holds)
+    cases = [
+        ("a deleted rule",
+         [[*nft, "delete", "rule", "bridge", "nwfilter", f"{p0}/from/mac", "handle",
+           _last_handle(lab3, "bridge", f"{p0}/from/mac")]], f"{p0}/from/mac"),
+        ("a deleted chain",
+         [[*nft, "flush", "chain", "bridge", "nwfilter", f"{p0}/from/root"],
+          [*nft, "delete", "chain", "bridge", "nwfilter", f"{p0}/from/arp-ip"]], f"{p0}/from/"),
+        ("a deleted map element",
+         [[*nft, "delete", "element", "bridge", "nwfilter", "to_vm", f"{{ {p1} }}"]],
+         f"{p1}/to/root"),
+        ("a flushed chain", [[*nft, "flush", "chain", "inet", "nwfilter", f"{p1}/to"]], p1),
+    ]
+    events.take()
+    before = listing(lab3)
+    for what, commands, word in cases:
+        for command in commands:
+            lab3.run(lab3.host, command)
+        assert events.take(), f"{what}: the edit was not seen"
+        engine = new_engine(root, lab3)
+        engine.start()
+        engine.close()
+        repaired = events.take()
+        assert repaired, f"{what}: nothing was repaired"
+        assert all(word in line for line in repaired), (what, repaired)
+        again = new_engine(root, lab3)
+        again.start()
+        again.close()
+        assert events.take() == [], f"{what}: a second start still writes"
+    # every object the edits did not touch kept its handle
+    after = {json.dumps(x, sort_keys=True) for x in after_objects(listing(lab3))}
+    untouched = [x for x in after_objects(before)
+                 if p0 not in json.dumps(x) and p1 not in json.dumps(x)]
+    assert untouched
+    assert [x for x in untouched if json.dumps(x, sort_keys=True) not in after] == []
+
+
+def after_objects(tables: dict[str, Any]) -> list[Any]:
+    """Chains, rules and sets (maps hold every port's elements)."""
+    return [x for family in ("bridge", "inet") for x in tables[family] if "map" not in x]
+
+
+STREAM = """
+import random, sys
+from nwfilter import cli
+root, ns, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+base = ["--root", root, "--backend", "nft", "--netns", ns, "-q"]
+flt = "<filter name='churn' chain='root'><rule action='accept' direction='out' " \\
+      "priority='{p}'><mac srcmacaddr='52:54:00:00:00:{m:02x}'/></rule>" \\
+      "<filterref filter='clean-traffic'/></filter>"
+i = 0
+while True:
+    i += 1
+    port = f"vk{rng.randrange(12)}"
+    what = rng.random()
+    if what < 0.45:
+        path = f"{root}.{port}.xml"
+        with open(path, "w") as out:
+            out.write("<filterbinding><owner><name>vm</name>"
+                      "<uuid>c2a3f1a2-8d4e-4a51-9a9e-2f6f1d8e7a19</uuid></owner>"
+                      f"<portdev name='{port}'/><mac address='52:54:00:00:01:01'/>"
+                      "<filterref filter='churn'><parameter name='IP' value='10.1.0.1'/>"
+                      "</filterref></filterbinding>")
+        cli.main([*base, "nwfilter-binding-create", path])
+    elif what < 0.8:
+        cli.main([*base, "nwfilter-binding-delete", port])
+    else:
+        path = f"{root}.churn.xml"
+        with open(path, "w") as out:
+            out.write(flt.format(p=rng.randrange(100, 900), m=rng.randrange(256)))
+        cli.main([*base, "nwfilter-define", path])
+"""
+
+
+def test_kill_at_random_moments_leaves_the_kernel_as_the_records_say(
+    lab3: BridgeLab, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM)
+    (tmp_path / "churn0.xml").write_text(
+        "<filter name='churn' chain='root'><filterref filter='clean-traffic'/></filter>")
+    cli(root, lab3, "nwfilter-define", str(tmp_path / "churn0.xml"))
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(root), lab3.host, str(attempt)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.8, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        engine = new_engine(root, lab3)
+        engine.start()
+        try:
+            bound = sorted(b.portdev for b in engine.list_bindings())
+            backend = engine.backend
+            assert isinstance(backend, NftBackend)
+            kernel_ports = sorted(key for key, _target in
+                                  elements(lab3, "bridge", "from_vm"))
+            assert kernel_ports == bound, attempt
+            compiler = Compiler(engine.pool.snapshot())
+            wanted = [compiler.compile(b, None) for b in engine.list_bindings()]
+            assert backend.recorded() == {rs.port.portdev: rs for rs in wanted}
+            # the kernel holds exactly what the records render to
+            assert backend.reconcile(wanted) == 0, attempt
+        finally:
+            engine.close()
+
+
+def test_monitor_repairs_a_foreign_edit_that_keeps_our_comment(
+    lab3: BridgeLab, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    p0 = lab3.guests[0].portdev
+    chain = f"{p0}/from/mac"
+    held: list[socket.socket] = []
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        open_connections(lab3, 0, 1, 2, held)
+        counted = elements(lab3, "inet", connlimit_sets(lab3)[0])
+        before = after_objects(listing(lab3))
+        backend = engine.backend
+        assert isinstance(backend, NftBackend)
+        with NftMonitor.for_backend(backend) as monitor:
+            text = lab3.run(lab3.host, ["nft", "-a", "-j", "list", "chain", "bridge",
+                                        "nwfilter", chain]).stdout
+            last = [x["rule"] for x in json.loads(text)["nftables"] if "rule" in x][-1]
+            assert last["expr"] == [{"drop": None}]
+            # The rule now accepts, under the comment (and digest) of ours.
+            lab3.run(lab3.host, ["nft", "replace", "rule", "bridge", "nwfilter", chain,
+                                 "handle", str(last["handle"]), "accept", "comment",
+                                 json.dumps(last["comment"])])
+
+            def dropping() -> bool:
+                out = lab3.run(lab3.host, ["nft", "list", "chain", "bridge", "nwfilter",
+                                           chain]).stdout
+                return "drop comment" in out
+
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not dropping():
+                time.sleep(0.05)
+            assert dropping(), "the foreign rule was not repaired"
+            assert monitor.repairs >= 1 and monitor.last_error is None
+        # the repair rewrote that chain only: everything else kept its handle
+        now = {json.dumps(x, sort_keys=True) for x in after_objects(listing(lab3))}
+        untouched = [x for x in before if chain not in json.dumps(x)]
+        assert [x for x in untouched if json.dumps(x, sort_keys=True) not in now] == []
+        assert elements(lab3, "inet", connlimit_sets(lab3)[0]) == counted
+    finally:
+        engine.close()
+        for sock in held:
+            sock.close()
