@@ -33,27 +33,37 @@ from nwfilter.connserver import (
     raise_nofile_limit,
 )
 from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.eventloop import EventLoop
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.events import EventBus, Subscription
+from nwfilter.network.manager import NetworkManager
 from nwfilter.printable import configure_logging
 
 log = logging.getLogger(__name__)
+
+#: how often the dnsmasq of each active network is checked (and restarted)
+SUPERVISE_INTERVAL = 1.0
 
 
 class DaemonContext:
     """What the API's handlers work on in the daemon: its engine and domains."""
 
-    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus) -> None:
+    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus,
+                 networks: NetworkManager) -> None:
         self._engine = engine
         self._manager = manager
         self._bus = bus
+        self._networks = networks
 
     def engine(self) -> Engine:
         return self._engine
 
     def domains(self) -> DomainManager:
         return self._manager
+
+    def networks(self) -> NetworkManager:
+        return self._networks
 
     def events(self) -> EventBus:
         return self._bus
@@ -136,12 +146,19 @@ class Server(ConnectionServer):
         engine: Engine,
         manager: DomainManager,
         limits: Limits | None = None,
+        networks: NetworkManager | None = None,
     ) -> None:
         super().__init__(limits)
         self.engine = engine
         self.domains = manager
         self.events = engine.events
-        self.context = DaemonContext(engine, manager, engine.events)
+        if networks is None:
+            networks = NetworkManager(engine.root, engine.backend.netns, lambda: engine.owner,
+                                      events=engine.events)
+        self.networks = networks
+        self.context = DaemonContext(engine, manager, engine.events, networks)
+        # The domain core's event loop: dnsmasq supervision (and IP learning).
+        self.loop = EventLoop()
         self.path = bound.path
         self.monitor: NftMonitor | None = None
         self.add_listener(bound, functools.partial(_answer, self.context))
@@ -175,12 +192,17 @@ def serve(
     except BaseException:
         bound.close()
         raise
-    # Domains that survived a restart are found again (their filters were
-    # re-applied by the engine) and the ones marked autostart are started.
-    manager = DomainManager.for_engine(engine, netns=netns)
+    # Networks first: autostart domains may attach to them.  Domains that
+    # survived a restart are found again (their filters were re-applied by
+    # the engine) and the ones marked autostart are started.
+    networks = NetworkManager(root, netns, lambda: engine.owner, events=engine.events)
+    manager = DomainManager.for_engine(engine, netns=netns, networks=networks.attachment)
     try:
+        networks.load()
+        networks.supervise()
+        networks.autostart()
         manager.start(autostart=True)
-        server = Server(bound, engine, manager, limits)
+        server = Server(bound, engine, manager, limits, networks)
     except BaseException:
         bound.close()
         engine.close()
@@ -190,6 +212,12 @@ def serve(
         # ruleset`, a firewall reload) is repaired from the recorded state.
         server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
+    server.loop.start()
+
+    def supervise(_timer: int, _opaque: object) -> None:
+        networks.supervise()
+
+    server.loop.add_timeout(SUPERVISE_INTERVAL, supervise)
     return server
 
 
@@ -197,6 +225,7 @@ def close(server: Server) -> None:
     """Stop serving and watching; the kernel keeps every binding's rules."""
     if server.monitor is not None:
         server.monitor.stop()
+    server.loop.stop()
     server.server_close()
     server.engine.close()
 

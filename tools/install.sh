@@ -3,7 +3,7 @@
 # virtualenv (.venv) holding the project and its test tools.  Idempotent.
 set -eu
 cd "$(dirname "$0")/.."
-PKGS="nftables libnftables1 iptables ebtables iproute2 iputils-ping busybox python3-venv libvirt0"
+PKGS="nftables libnftables1 iptables ebtables iproute2 iputils-ping busybox python3-venv libvirt0 dnsmasq-base"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from nwfilter.commands import bindings, domains, events, filters, host, sandbox
+from nwfilter.commands import bindings, domains, events, filters, host, networks, sandbox
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, events, sandbox, host)
+    return (filters, bindings, domains, networks, events, sandbox, host)
