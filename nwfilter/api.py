@@ -240,9 +240,38 @@ def _binding_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
         "xml": format_binding(engine.binding(portdev)),
         **_enforced(engine, portdev, engine.enforcement([portdev])),
     }
+    result["learnt"] = learnt_rows(engine, portdev)
     if p["rules"]:
         result["rules"] = render_text(engine.ruleset(p["portdev"]))
     return result
+
+
+def learnt_rows(engine: Engine, portdev: str) -> list[dict[str, Any]]:
+    """The addresses learnt for a port: variable, address, source, lease."""
+    return [
+        {"variable": var, "address": a.address, "source": a.source,
+         "learnt_at": a.learnt_at, "expires": a.expires, "server": a.server}
+        for var, addrs in sorted(engine.learnt_details(portdev).items()) for a in addrs
+    ]
+
+
+def _domain_ifaddr(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    """virsh domifaddr: each interface's addresses, given or learnt."""
+    manager = ctx.domains()
+    engine = ctx.engine()
+    out = []
+    for row in manager.interfaces(manager.resolve(p["domain"])):
+        if row.interface == "-":
+            continue
+        bound = engine.bindings.get(row.interface)
+        given = bound.filterref.param_dict().get("IP", []) if bound is not None else []
+        for address in given:
+            out.append({"interface": row.interface, "mac": row.mac, "variable": "IP",
+                        "address": address, "source": "given", "learnt_at": None,
+                        "expires": None, "server": None})
+        for learnt in learnt_rows(engine, row.interface):
+            out.append({"interface": row.interface, "mac": row.mac, **learnt})
+    return out
 
 
 def domain_row(summary: DomainSummary) -> dict[str, Any]:
@@ -402,6 +431,7 @@ METHODS: dict[str, Method] = {
         Method("domain.dumpxml", _domain_dumpxml, (_DOMAIN, Param("inactive", bool, False)),
                domains=True),
         Method("domain.iflist", _domain_iflist, (_DOMAIN,), domains=True),
+        Method("domain.ifaddr", _domain_ifaddr, (_DOMAIN,), domains=True),
         Method("domain.autostart", _domain_autostart,
                (_DOMAIN, Param("enable", bool, True)), writes=True, domains=True),
         Method("network.define", _net_define, (_XML, _SOURCE), writes=True),

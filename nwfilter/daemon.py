@@ -37,6 +37,7 @@ from nwfilter.domain.eventloop import EventLoop
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.events import EventBus, Subscription
+from nwfilter.learn.listener import Listener
 from nwfilter.network.manager import NetworkManager
 from nwfilter.printable import configure_logging
 
@@ -159,6 +160,7 @@ class Server(ConnectionServer):
         self.context = DaemonContext(engine, manager, engine.events, networks)
         # The domain core's event loop: dnsmasq supervision (and IP learning).
         self.loop = EventLoop()
+        self.learner: Listener | None = None
         self.path = bound.path
         self.monitor: NftMonitor | None = None
         self.add_listener(bound, functools.partial(_answer, self.context))
@@ -213,6 +215,8 @@ def serve(
         server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
     server.loop.start()
+    server.learner = Listener(engine, server.loop, netns)
+    server.learner.start()
 
     def supervise(_timer: int, _opaque: object) -> None:
         networks.supervise()
@@ -226,6 +230,8 @@ def close(server: Server) -> None:
     if server.monitor is not None:
         server.monitor.stop()
     server.loop.stop()
+    if server.learner is not None:
+        server.learner.stop()
     server.server_close()
     server.engine.close()
 
