@@ -128,3 +128,21 @@ def test_lease_expiry_returns_the_port_to_learning(tmp_path: Path) -> None:
         finally:
             server.kill()
             server.wait()
+
+
+def test_any_mode_learns_a_static_address_from_the_guests_first_packets(
+        tmp_path: Path) -> None:
+    with stack(tmp_path) as st:
+        st.call("network.start", network="default")
+        st.define_guest("g3", "52:54:00:20:00:03")  # clean-traffic, CTRL_IP_LEARNING any
+        st.call("domain.start", domain="g3")
+        ns = st.guest_ns("g3")
+        st.lab.run(ns, ["ip", "addr", "add", "192.168.122.60/24", "dev", "eth0"])
+        ping(st, "g3", "192.168.122.1")  # its ARP request is dropped, but seen
+        assert wait_for(lambda: learnt(st) == "192.168.122.60")
+        rows = st.call("domain.ifaddr", domain="g3")
+        assert [(r["address"], r["source"], r["expires"]) for r in rows] == [
+            ("192.168.122.60", "arp", None)]
+        assert wait_for(lambda: ping(st, "g3", "192.168.122.1"), timeout=15)
+        st.lab.run(ns, ["ip", "addr", "add", "192.168.122.61/24", "dev", "eth0"])
+        assert not ping(st, "g3", "192.168.122.1", source="192.168.122.61")
