@@ -26,6 +26,7 @@ from nwfilter.render_text import render_text
 if TYPE_CHECKING:
     from nwfilter.domain.driver import DomainManager, DomainSummary
     from nwfilter.engine import DefineOutcome, Engine
+    from nwfilter.network.manager import NetworkInfo, NetworkManager
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class ApiContext(Protocol):
     def engine(self) -> Engine: ...
 
     def domains(self) -> DomainManager: ...
+
+    def networks(self) -> NetworkManager: ...
 
     def events(self) -> events.EventBus:
         """The bus of this root's events; UnavailableError where none is
@@ -237,9 +240,38 @@ def _binding_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
         "xml": format_binding(engine.binding(portdev)),
         **_enforced(engine, portdev, engine.enforcement([portdev])),
     }
+    result["learnt"] = learnt_rows(engine, portdev)
     if p["rules"]:
         result["rules"] = render_text(engine.ruleset(p["portdev"]))
     return result
+
+
+def learnt_rows(engine: Engine, portdev: str) -> list[dict[str, Any]]:
+    """The addresses learnt for a port: variable, address, source, lease."""
+    return [
+        {"variable": var, "address": a.address, "source": a.source,
+         "learnt_at": a.learnt_at, "expires": a.expires, "server": a.server}
+        for var, addrs in sorted(engine.learnt_details(portdev).items()) for a in addrs
+    ]
+
+
+def _domain_ifaddr(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    """virsh domifaddr: each interface's addresses, given or learnt."""
+    manager = ctx.domains()
+    engine = ctx.engine()
+    out = []
+    for row in manager.interfaces(manager.resolve(p["domain"])):
+        if row.interface == "-":
+            continue
+        bound = engine.bindings.get(row.interface)
+        given = bound.filterref.param_dict().get("IP", []) if bound is not None else []
+        for address in given:
+            out.append({"interface": row.interface, "mac": row.mac, "variable": "IP",
+                        "address": address, "source": "given", "learnt_at": None,
+                        "expires": None, "server": None})
+        for learnt in learnt_rows(engine, row.interface):
+            out.append({"interface": row.interface, "mac": row.mac, **learnt})
+    return out
 
 
 def domain_row(summary: DomainSummary) -> dict[str, Any]:
@@ -320,9 +352,52 @@ def _events_subscribe(ctx: ApiContext, p: dict[str, Any]) -> Subscribed:
     return Subscribed({"kinds": names}, subscription)
 
 
+def network_row(info: NetworkInfo) -> dict[str, Any]:
+    return {
+        "name": info.name, "uuid": info.uuid, "active": info.active,
+        "persistent": info.persistent, "autostart": info.autostart, "bridge": info.bridge,
+        "forward": info.forward, "dnsmasq_pid": info.dnsmasq_pid,
+    }
+
+
+def _net_define(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    net = ctx.networks().define(p["xml"], source=p["source"])
+    return {"name": net.name, "uuid": str(net.uuid)}
+
+
+def _net_verb(verb: str) -> Handler:
+    def handler(ctx: ApiContext, p: dict[str, Any]) -> Json:
+        manager = ctx.networks()
+        calls: dict[str, Callable[[str], object]] = {
+            "undefine": manager.undefine, "start": manager.start, "destroy": manager.destroy,
+        }
+        calls[verb](p["network"])
+        return {"name": p["network"]}
+
+    return handler
+
+
+def _net_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return [network_row(i) for i in ctx.networks().list_networks()]
+
+
+def _net_info(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return network_row(ctx.networks().info(p["network"]))
+
+
+def _net_dumpxml(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return ctx.networks().dumpxml(p["network"], inactive=p["inactive"])
+
+
+def _net_autostart(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    ctx.networks().set_autostart(p["network"], p["enable"])
+    return {"name": p["network"], "autostart": p["enable"]}
+
+
 _XML = Param("xml", str, required=True)
 _SOURCE = Param("source", str, "<request>")
 _DOMAIN = Param("domain", str, required=True)
+_NETWORK = Param("network", str, required=True)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -356,8 +431,19 @@ METHODS: dict[str, Method] = {
         Method("domain.dumpxml", _domain_dumpxml, (_DOMAIN, Param("inactive", bool, False)),
                domains=True),
         Method("domain.iflist", _domain_iflist, (_DOMAIN,), domains=True),
+        Method("domain.ifaddr", _domain_ifaddr, (_DOMAIN,), domains=True),
         Method("domain.autostart", _domain_autostart,
                (_DOMAIN, Param("enable", bool, True)), writes=True, domains=True),
+        Method("network.define", _net_define, (_XML, _SOURCE), writes=True),
+        *(
+            Method(f"network.{verb}", _net_verb(verb), (_NETWORK,), writes=True)
+            for verb in ("undefine", "start", "destroy")
+        ),
+        Method("network.list", _net_list),
+        Method("network.info", _net_info, (_NETWORK,)),
+        Method("network.dumpxml", _net_dumpxml, (_NETWORK, Param("inactive", bool, False))),
+        Method("network.autostart", _net_autostart,
+               (_NETWORK, Param("enable", bool, True)), writes=True),
         # The reply is followed by one {"event": ...} line per event until the
         # client closes (nwfilter.connserver.Streaming).
         Method("events.subscribe", _events_subscribe, (Param("kinds", list),)),
@@ -404,6 +490,7 @@ class EmbeddedContext:
         self._netns = netns
         self._engine: Engine | None = None
         self._manager: DomainManager | None = None
+        self._networks: NetworkManager | None = None
         self._writable = False
         self.writes = False  # what the call being served needs
 
@@ -420,10 +507,23 @@ class EmbeddedContext:
 
         engine = self.engine()
         if self._manager is None:
-            manager = DomainManager.for_engine(engine, netns=self._netns)
+            networks = self.networks()
+            manager = DomainManager.for_engine(engine, netns=self._netns,
+                                               networks=networks.attachment)
             manager.start(autostart=False, take_over=self._writable)
             self._manager = manager
         return self._manager
+
+    def networks(self) -> NetworkManager:
+        from nwfilter.network.manager import NetworkManager
+
+        engine = self.engine()
+        if self._networks is None:
+            networks = NetworkManager(engine.root, engine.backend.netns, lambda: engine.owner,
+                                      events=engine.events)
+            networks.load(write=self._writable)
+            self._networks = networks
+        return self._networks
 
     def events(self) -> events.EventBus:
         raise UnavailableError(
@@ -433,6 +533,7 @@ class EmbeddedContext:
 
     def close(self) -> None:
         self._manager = None
+        self._networks = None
         if self._engine is not None:
             self._engine.close()
             self._engine = None

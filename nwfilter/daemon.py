@@ -38,29 +38,40 @@ from nwfilter.connserver import (
     raise_nofile_limit,
 )
 from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.eventloop import EventLoop
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError, PermissionDeniedError, StorageError
 from nwfilter.events import EventBus, Subscription
 from nwfilter.fileio import SafeDir
+from nwfilter.learn.listener import Listener
+from nwfilter.network.manager import NetworkManager
 from nwfilter.printable import configure_logging
 from nwfilter.sdlisten import check_inherited, inherited_sockets
 
 log = logging.getLogger(__name__)
 
+#: how often the dnsmasq of each active network is checked (and restarted)
+SUPERVISE_INTERVAL = 1.0
+
 
 class DaemonContext:
     """What the API's handlers work on in the daemon: its engine and domains."""
 
-    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus) -> None:
+    def __init__(self, engine: Engine, manager: DomainManager, bus: EventBus,
+                 networks: NetworkManager) -> None:
         self._engine = engine
         self._manager = manager
         self._bus = bus
+        self._networks = networks
 
     def engine(self) -> Engine:
         return self._engine
 
     def domains(self) -> DomainManager:
         return self._manager
+
+    def networks(self) -> NetworkManager:
+        return self._networks
 
     def events(self) -> EventBus:
         return self._bus
@@ -189,6 +200,7 @@ class Server(ConnectionServer):
         engine: Engine,
         manager: DomainManager,
         limits: Limits | None = None,
+        networks: NetworkManager | None = None,
         *,
         ro_bound: BoundSocket | None = None,
         admin_group: Group | None = None,
@@ -197,7 +209,14 @@ class Server(ConnectionServer):
         self.engine = engine
         self.domains = manager
         self.events = engine.events
-        self.context = DaemonContext(engine, manager, engine.events)
+        if networks is None:
+            networks = NetworkManager(engine.root, engine.backend.netns, lambda: engine.owner,
+                                      events=engine.events)
+        self.networks = networks
+        self.context = DaemonContext(engine, manager, engine.events, networks)
+        # The domain core's event loop: dnsmasq supervision (and IP learning).
+        self.loop = EventLoop()
+        self.learner: Listener | None = None
         self.path = bound.path
         self.ro_path = ro_bound.path if ro_bound is not None else None
         self.monitor: NftMonitor | None = None
@@ -305,12 +324,17 @@ def serve(
         for each in bounds:
             each.close()
         raise
-    # Domains that survived a restart are found again (their filters were
-    # re-applied by the engine) and the ones marked autostart are started.
-    manager = DomainManager.for_engine(engine, netns=netns)
+    # Networks first: autostart domains may attach to them.  Domains that
+    # survived a restart are found again (their filters were re-applied by
+    # the engine) and the ones marked autostart are started.
+    networks = NetworkManager(root, netns, lambda: engine.owner, events=engine.events)
+    manager = DomainManager.for_engine(engine, netns=netns, networks=networks.attachment)
     try:
+        networks.load()
+        networks.supervise()
+        networks.autostart()
         manager.start(autostart=True)
-        server = Server(bound, engine, manager, limits, ro_bound=ro_bound,
+        server = Server(bound, engine, manager, limits, networks, ro_bound=ro_bound,
                         admin_group=admin_group)
     except BaseException:
         for each in bounds:
@@ -322,6 +346,14 @@ def serve(
         # ruleset`, a firewall reload) is repaired from the recorded state.
         server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
+    server.loop.start()
+    server.learner = Listener(engine, server.loop, netns)
+    server.learner.start()
+
+    def supervise(_timer: int, _opaque: object) -> None:
+        networks.supervise()
+
+    server.loop.add_timeout(SUPERVISE_INTERVAL, supervise)
     return server
 
 
@@ -329,6 +361,9 @@ def close(server: Server) -> None:
     """Stop serving and watching; the kernel keeps every binding's rules."""
     if server.monitor is not None:
         server.monitor.stop()
+    server.loop.stop()
+    if server.learner is not None:
+        server.learner.stop()
     server.server_close()
     server.engine.close()
 

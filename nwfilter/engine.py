@@ -51,10 +51,13 @@ from nwfilter.errors import (
     NotFoundError,
     NwfilterError,
     StateError,
+    UndefinedVariableError,
 )
 from nwfilter.events import EventBus, EventKind
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Hook, Ruleset, drop_all
+from nwfilter.learn.policy import LEARNT_VAR, learning_mode, learning_ruleset
+from nwfilter.learn.store import LearntAddress, LearntStore
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.printable import printable
 from nwfilter.progress import ProgressHook, counted, no_progress
@@ -164,7 +167,9 @@ class Engine:
         self.coordinator = RebuildCoordinator()
         # Guarded by bindings.lock: what was learnt.
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._learnt_info: dict[str, dict[str, tuple[LearntAddress, ...]]] = {}
         self._learnt_generation = 0
+        self.learnt_store = LearntStore(self.root)
         self._started = False  # set by start(), cleared by close()
         self._read_only = False
         self.owner: Owner | None = None  # this root, as the kernel objects name it
@@ -173,6 +178,7 @@ class Engine:
         # What long work reports (compiling many ports): the command line
         # draws it on a terminal.
         self.progress: ProgressHook = no_progress
+        self._binding_observers: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ life cycle
 
@@ -209,6 +215,7 @@ class Engine:
         warnings = self._root_lock.run_dir.remove_temporaries()
         warnings.extend(self.pool.load())
         warnings.extend(self.bindings.load())
+        warnings.extend(self._load_learnt(prune=not read_only))
         self._read_only = read_only
         if read_only:
             self._started = True
@@ -227,6 +234,18 @@ class Engine:
             log.warning("%s", text)
             warnings.append(text)
         self._started = True
+        return warnings
+
+    def _load_learnt(self, *, prune: bool) -> list[str]:
+        """Learnt addresses of the bound ports whose leases still hold."""
+        info, warnings = self.learnt_store.load(
+            [b.portdev for b in self.bindings.all()], prune=prune
+        )
+        self._learnt_info = info
+        self._learnt = {
+            port: {var: tuple(a.address for a in addrs) for var, addrs in byvar.items()}
+            for port, byvar in info.items()
+        }
         return warnings
 
     def where(self) -> str:
@@ -249,7 +268,7 @@ class Engine:
         # rule anyway, and a port it refuses fails closed in `_apply_start`.
         for binding in counted(self.progress, "compiling bindings", self.bindings.all()):
             try:
-                rs = compiler.compile(binding, self._learnt.get(binding.portdev))
+                rs = self._compile(compiler, binding)
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "
@@ -450,7 +469,14 @@ class Engine:
         if learnt is None:
             learnt = self._learnt.get(binding.portdev)
         try:
-            rs = compiler.compile(binding, learnt)
+            try:
+                rs = compiler.compile(binding, learnt)
+            except UndefinedVariableError as exc:
+                # No IP given and none learnt yet: the port is held to the
+                # learning rules (DHCP and ARP probes only) until one is.
+                if exc.variable != LEARNT_VAR or learning_mode(binding) == "none":
+                    raise
+                rs = learning_ruleset(binding)
             if check:
                 self.backend.check(rs)
         except NwfilterError as exc:
@@ -507,10 +533,25 @@ class Engine:
                 self._restore({b.portdev: None for b in defs})
                 raise
         log.info("bound %d port(s)", len(defs))
+        self._bindings_changed()
         for b in defs:
             self.events.publish(EventKind.BINDING_CREATED, "port", b.portdev, {
                 "filter": b.filterref.filter, "owner": b.owner_name, "mac": b.mac,
             })
+
+    def add_binding_observer(self, observer: Callable[[], None]) -> None:
+        """Call `observer` (which must not block) after bindings were
+        created or deleted, with no lock held: the learning listener
+        follows the bound ports with it."""
+        self._binding_observers.append(observer)
+
+    def remove_binding_observer(self, observer: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._binding_observers.remove(observer)
+
+    def _bindings_changed(self) -> None:
+        for observer in list(self._binding_observers):
+            observer()
 
     def add_port_holder(self, holder: PortHolder) -> None:
         """Let `holder` (the domains) say who holds a port: `create_bindings`
@@ -540,6 +581,12 @@ class Engine:
                 self._restore({portdev: old})
                 raise
             self._learnt.pop(portdev, None)
+            self._learnt_info.pop(portdev, None)
+            try:
+                self.learnt_store.remove(portdev)
+            except NwfilterError as exc:
+                log.warning("port '%s': its learnt addresses stay on disk: %s", portdev, exc)
+        self._bindings_changed()
         self.events.publish(EventKind.BINDING_DELETED, "port", portdev, {
             "filter": binding.filterref.filter, "owner": binding.owner_name,
         })
@@ -562,25 +609,65 @@ class Engine:
         with self.pool.lock.read():
             return self._compile(Compiler(self.pool.snapshot()), binding, check=True)
 
-    def set_learnt(self, portdev: str, var: str, values: Sequence[str]) -> None:
+    def set_learnt(
+        self,
+        portdev: str,
+        var: str,
+        values: Sequence[str],
+        details: Sequence[LearntAddress] | None = None,
+    ) -> None:
         """Record learnt values of a variable (e.g. IP) and re-apply the port."""
+        if details is None:
+            details = [LearntAddress(v, "given", time.time()) for v in values]
+        self.set_learnt_many([(portdev, var, tuple(details))])
+
+    def set_learnt_many(
+        self, changes: Sequence[tuple[str, str, Sequence[LearntAddress]]]
+    ) -> list[str]:
+        """Record learnt addresses (an empty list withdraws a variable) of
+        many ports and re-apply them all in one kernel transaction; the
+        ports re-applied.  A port with no binding is skipped."""
         self._check_writable()
         with self.pool.lock.read(), self.bindings.lock:
-            learnt = dict(self._learnt.get(portdev, {}))
-            if values:
-                learnt[var] = tuple(values)
-            else:
-                learnt.pop(var, None)
-            binding = self.bindings.get(portdev)
-            if binding is not None:
-                rs = self._compile(Compiler(self.pool.snapshot()), binding, learnt)
-                self.backend.apply(Changes(set=(rs,)))
+            compiler = Compiler(self.pool.snapshot())
+            learnt: dict[str, dict[str, tuple[str, ...]]] = {}
+            info: dict[str, dict[str, tuple[LearntAddress, ...]]] = {}
+            for portdev, var, addrs in changes:
+                if self.bindings.get(portdev) is None:
+                    continue
+                values = learnt.setdefault(portdev, dict(self._learnt.get(portdev, {})))
+                details = info.setdefault(portdev, dict(self._learnt_info.get(portdev, {})))
+                if addrs:
+                    values[var] = tuple(a.address for a in addrs)
+                    details[var] = tuple(addrs)
+                else:
+                    values.pop(var, None)
+                    details.pop(var, None)
+            new: list[Ruleset] = []
+            for portdev, values in sorted(learnt.items()):
+                binding = self.bindings.get(portdev)
+                assert binding is not None
+                new.append(self._compile(compiler, binding, values))
+            if new:
+                self.backend.apply(Changes(set=tuple(new)))
             # Recorded only once the kernel holds the rules that use it.
-            self._learnt[portdev] = learnt
+            for portdev, values in learnt.items():
+                self._learnt[portdev] = values
+                self._learnt_info[portdev] = info[portdev]
+                try:
+                    self.learnt_store.save(portdev, info[portdev])
+                except NwfilterError as exc:
+                    log.warning("port '%s': learnt addresses not kept: %s", portdev, exc)
             self._learnt_generation += 1
+        return [rs.port.portdev for rs in new]
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))
+
+    def learnt_details(self, portdev: str) -> dict[str, tuple[LearntAddress, ...]]:
+        """The learnt addresses of a port, with their sources and leases."""
+        with self.bindings.lock:
+            return dict(self._learnt_info.get(portdev, {}))
 
     # ----------------------------------------------------------- enforcement
 

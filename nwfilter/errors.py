@@ -96,6 +96,19 @@ class UnresolvedError(NwfilterError):
     code = ErrorCode.UNRESOLVED
 
 
+class UndefinedVariableError(UnresolvedError):
+    """A variable a rule uses has no value; `variable` names it (the
+    engine learns `IP` instead of failing, see nwfilter.learn)."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None, *,
+                 variable: str = "") -> None:
+        super().__init__(message, code)
+        self.variable = variable
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.code), {"variable": self.variable})
+
+
 class UnsupportedError(NwfilterError):
     """Valid input that the selected backend cannot express exactly."""
 

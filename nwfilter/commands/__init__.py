@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from nwfilter.commands import bindings, complete, domains, events, filters, host, sandbox
+from nwfilter.commands import (
+    bindings,
+    complete,
+    domains,
+    events,
+    filters,
+    host,
+    networks,
+    sandbox,
+)
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, events, sandbox, host, complete)
+    return (filters, bindings, domains, networks, events, sandbox, host, complete)

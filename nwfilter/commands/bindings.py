@@ -8,8 +8,10 @@ import sys
 from typing import Any
 
 from nwfilter.commands.context import Context
+from nwfilter.commands.domains import lease_text
 from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
+from nwfilter.printable import printable
 
 
 def register(subparsers: Any) -> None:
@@ -81,6 +83,12 @@ def dumpxml_handler(args: argparse.Namespace, ctx: Context) -> int:
     result = ctx.call("binding.dumpxml", {"portdev": args.portdev, "rules": args.rules})
     text = result["xml"]
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    # After the root element, where a comment keeps the document valid XML.
+    for row in result.get("learnt", []):
+        server = f" from {row['server']}" if row["server"] else ""
+        lease = "" if row["expires"] is None else f", lease ends {lease_text(row['expires'])}"
+        line = f"learnt {row['variable']} {row['address']} ({row['source']}{server}{lease})"
+        sys.stdout.write(f"<!-- {printable(line).replace('--', '- -')} -->\n")
     if not result["enforced"]:
         ctx.warn([f"port {args.portdev} is not enforced: {result['reason']}"])
     if args.rules:

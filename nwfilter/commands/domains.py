@@ -1,7 +1,7 @@
 """The domain subcommands, named and worded like virsh's.
 
 `define`, `undefine`, `start`, `shutdown`, `destroy`, `suspend`, `resume`,
-`list`, `dominfo`, `domid`, `domuuid`, `domname`, `dumpxml`, `domiflist`,
+`list`, `dominfo`, `domid`, `domuuid`, `domname`, `dumpxml`, `domiflist`, `domifaddr`,
 `domstate` and `autostart`.  Each is one API call (`ctx.call`), answered by
 nwfilterd or the embedded engine.  A domain is named by its name, the id of
 a running domain, or its UUID, as virsh allows.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from nwfilter.commands.inputs import input_source, read_document
@@ -53,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_domiflist)
+
+    p = subparsers.add_parser(
+        "domifaddr", help="list a domain's interface addresses (given or learnt, with leases)")
+    p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_domifaddr)
 
     p = subparsers.add_parser("list", help="list domains (active ones unless --all)")
     p.add_argument("--all", action="store_true", help="active and inactive domains")
@@ -200,6 +207,29 @@ def cmd_domiflist(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     table = [(r["interface"], r["type"], r["source"], r["model"], r["mac"]) for r in rows]
     headers = ("Interface", "Type", "Source", "Model", "MAC")
+    sys.stdout.write(format_table(headers, table) + "\n")
+    return 0
+
+
+def lease_text(expires: float | None) -> str:
+    if expires is None:
+        return "-"
+    left = expires - time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
+    return f"{stamp} ({int(left)} s left)" if left > 0 else f"{stamp} (ended)"
+
+
+def cmd_domifaddr(args: argparse.Namespace, ctx: Context) -> int:
+    rows = ctx.call("domain.ifaddr", {"domain": args.domain})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [
+        (r["interface"], r["mac"], "ipv6" if r["variable"] == "IPV6" else "ipv4", r["address"],
+         r["source"], lease_text(r["expires"]))
+        for r in rows
+    ]
+    headers = ("Name", "MAC address", "Protocol", "Address", "Source", "Lease ends")
     sys.stdout.write(format_table(headers, table) + "\n")
     return 0
 

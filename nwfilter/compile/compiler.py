@@ -45,6 +45,7 @@ from nwfilter.errors import (
     DepthError,
     LoopError,
     NwfilterError,
+    UndefinedVariableError,
     UnresolvedError,
     UnsupportedError,
     ValidationError,
@@ -323,7 +324,7 @@ class Compiler:
             try:
                 built = _build(site, attrs)
             except NwfilterError as exc:
-                raise type(exc)(f"{site.origin}: {exc.message}", exc.code) from exc
+                raise _located(exc, f"{site.origin}: {exc.message}") from exc
             for i, rule in enumerate(built):
                 if rule is not None:
                     out[i].append(rule)
@@ -412,6 +413,13 @@ class _Frame:
         self.entries = iter(enumerate(fdef.entries, start=1))
 
 
+def _located(exc: NwfilterError, message: str) -> NwfilterError:
+    """`exc` again with `message` (an undefined variable keeps its name)."""
+    if isinstance(exc, UndefinedVariableError):
+        return UndefinedVariableError(message, exc.code, variable=exc.variable)
+    return type(exc)(message, exc.code)
+
+
 def _abbreviated(chain: Sequence[str], ends: int = 3) -> str:
     """`a -> b -> c -> ... (N more) ... -> x -> y -> z` for a long chain."""
     if len(chain) <= 2 * ends + 1:
@@ -437,7 +445,7 @@ def _prepare(site: _Site) -> None:
             m.check_attrs(rule.match.protocol, frozenset(a.name for a in rule.match.attrs))
         site.instances = _instances(site)
     except NwfilterError as exc:
-        raise type(exc)(f"{site.origin}: {exc.message}", exc.code) from exc
+        raise _located(exc, f"{site.origin}: {exc.message}") from exc
     if rule.match is not None:
         site.accesses = tuple(a.value for a in rule.match.attrs if isinstance(a.value, VarRef))
     if not site.accesses:
@@ -445,7 +453,7 @@ def _prepare(site: _Site) -> None:
         try:
             built = _build(site, attrs)
         except NwfilterError as exc:
-            raise type(exc)(f"{site.origin}: {exc.message}", exc.code) from exc
+            raise _located(exc, f"{site.origin}: {exc.message}") from exc
         site.constant = tuple(() if r is None else (r,) for r in built)
 
 

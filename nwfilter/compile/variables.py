@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nwfilter.conf.model import VarRef
-from nwfilter.errors import UnresolvedError, ValidationError
+from nwfilter.errors import UndefinedVariableError, UnresolvedError, ValidationError
 
 Lookup = Callable[[str], Sequence[str] | None]
 
@@ -53,7 +53,9 @@ def combinations(
         if found is None:
             found = lookup(ref.name)
             if found is None or not found:
-                raise UnresolvedError(f"variable '{ref.name}' is not defined for {where}")
+                raise UndefinedVariableError(
+                    f"variable '{ref.name}' is not defined for {where}", variable=ref.name
+                )
             values[ref.name] = found
         if ref.index is not None:
             if ref.index >= len(found):

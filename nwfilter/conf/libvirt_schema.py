@@ -1,6 +1,7 @@
 """libvirt's own RELAX NG schemas, for the documents we take from libvirt hosts.
 
-A domain document is valid here when libvirt's `domain.rng` says it is:
+A domain document is valid here when libvirt's `domain.rng` says it is,
+a network document when its `network.rng` does:
 the schemas come from the Debian package `libvirt0` (the client library,
 which starts no daemon), read from `/usr/share/libvirt/schemas` and compiled
 once per process on first use.  The directory can be named with
@@ -63,7 +64,16 @@ def validate_domain(root: etree._Element, where: str) -> None:
     dtype = checked.get("type", "")
     if dtype in CHECKED_AS:
         checked.set("type", CHECKED_AS[dtype])
-    schema = _schema("domain.rng")
+    _validate(checked, where, "domain")
+
+
+def validate_network(root: etree._Element, where: str) -> None:
+    """As `validate_domain`, with libvirt's network schema."""
+    _validate(copy.deepcopy(root), where, "network")
+
+
+def _validate(checked: etree._Element, where: str, kind: str) -> None:
+    schema = _schema(f"{kind}.rng")
     if schema.validate(checked):
         return
     errors = [(e.path or "", e.message) for e in schema.error_log]
@@ -77,7 +87,7 @@ def validate_domain(root: etree._Element, where: str) -> None:
     detail = f": {message}" if message else ""
     raise ValidationError(
         f"{where + ': ' if where else ''}<{tag}> at {path}{line} "
-        f"is not valid by libvirt's domain schema{detail}"
+        f"is not valid by libvirt's {kind} schema{detail}"
     )
 
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Protocol
 from uuid import UUID
 
 from nwfilter.conf.domain_xml import ATTACHABLE_TYPES
-from nwfilter.conf.model import BindingDef, DomainDef, InterfaceDef
+from nwfilter.conf.model import BindingDef, DomainDef, InterfaceDef, Parameter
 from nwfilter.domain.hypervisor import (
     Hypervisor,
     HypervisorEnv,
@@ -92,6 +92,18 @@ class FilterEngine(Protocol):
 
 
 BindingLookup = Callable[[str], BindingDef | None]
+
+
+class NetworkAttachment(Protocol):
+    @property
+    def bridge(self) -> str: ...
+
+    @property
+    def dhcp_servers(self) -> tuple[str, ...]: ...
+
+
+#: the bridge (and DHCP servers) of an active network; StateError if it is not
+NetworkLookup = Callable[[str], NetworkAttachment]
 
 
 def validate_domain_name(name: str) -> str:
@@ -378,7 +390,8 @@ def _read_status(name: str, status: Mapping[str, object]) -> _Status:
         raw_ports = status.get("ports")
         ports = tuple(
             PortPlan(int(p["index"]), str(p["portdev"]), str(p["mac"]),
-                     None if p.get("bridge") is None else str(p["bridge"]), bool(p["filtered"]))
+                     None if p.get("bridge") is None else str(p["bridge"]), bool(p["filtered"]),
+                     tuple(str(s) for s in p.get("dhcp_servers", ())))
             for p in (raw_ports if isinstance(raw_ports, list) else [])
         )
         state = DomainState[str(status.get("state", "RUNNING"))]
@@ -401,12 +414,18 @@ def binding_for(dom: DomainDef, port: PortPlan) -> BindingDef:
     iface = dom.interfaces[port.index]
     if iface.filterref is None:
         raise ValueError(f"interface {port.index} of '{dom.name}' has no filter")
+    filterref = iface.filterref
+    if port.dhcp_servers and "DHCPSERVER" not in filterref.param_dict():
+        # The network's own DHCP server is the one the guest's address is
+        # learnt from (and the one filters using $DHCPSERVER let through).
+        extra = tuple(Parameter("DHCPSERVER", s) for s in port.dhcp_servers)
+        filterref = replace(filterref, params=filterref.params + extra)
     return BindingDef(
         owner_name=dom.name,
         owner_uuid=dom.uuid,
         portdev=port.portdev,
         mac=port.mac,
-        filterref=iface.filterref,
+        filterref=filterref,
         linkdev=None,
     )
 
@@ -430,8 +449,10 @@ class DomainDriver:
         mac_source: Callable[[], str] = random_mac,
         bindings: BindingLookup | None = None,
         events: EventBus | None = None,
+        networks: NetworkLookup | None = None,
     ) -> None:
         self.type = dtype
+        self.networks = networks
         self.events = events if events is not None else EventBus()
         self.bindings = bindings
         self.hypervisor = hypervisor
@@ -468,6 +489,7 @@ class DomainDriver:
                     "mac": p.mac,
                     "bridge": p.bridge,
                     "filtered": p.filtered,
+                    "dhcp_servers": list(p.dhcp_servers),
                 }
                 for p in obj.ports
             ],
@@ -571,6 +593,7 @@ class DomainDriver:
         if isinstance(self.hypervisor, Undriven):
             raise self.hypervisor.refusal(dom)
         macs: list[str] = []
+        attached: dict[int, NetworkAttachment] = {}
         for index, iface in enumerate(dom.interfaces):
             if iface.type not in ATTACHABLE_TYPES:
                 raise UnsupportedError(
@@ -578,10 +601,7 @@ class DomainDriver:
                     f"which no driver here can attach ({', '.join(ATTACHABLE_TYPES)})"
                 )
             if iface.type == "network":
-                raise UnsupportedError(
-                    f"domain '{dom.name}': interface {index + 1} uses network "
-                    f"'{iface.source_network}', and no network is active here"
-                )
+                attached[index] = self._network(dom, index, iface)
             if iface.mac is None:
                 raise ValidationError(f"interface {index} of domain '{dom.name}' has no MAC")
             macs.append(iface.mac)
@@ -589,12 +609,33 @@ class DomainDriver:
         portdevs = self.names.reserve_ports(
             dom.name, [i.target_dev for i in dom.interfaces], self.bindings
         )
-        return [
-            PortPlan(index, portdev, mac, iface.source_bridge, iface.filterref is not None)
-            for index, (iface, portdev, mac) in enumerate(
-                zip(dom.interfaces, portdevs, macs, strict=True)
+        plans = []
+        for index, (iface, portdev, mac) in enumerate(
+            zip(dom.interfaces, portdevs, macs, strict=True)
+        ):
+            net = attached.get(index)
+            plans.append(PortPlan(
+                index, portdev, mac, net.bridge if net is not None else iface.source_bridge,
+                iface.filterref is not None, net.dhcp_servers if net is not None else (),
+            ))
+        return plans
+
+    def _network(self, dom: DomainDef, index: int, iface: InterfaceDef) -> NetworkAttachment:
+        """The active network an interface attaches to; refused if none is."""
+        name = iface.source_network
+        if self.networks is None:
+            raise UnsupportedError(
+                f"domain '{dom.name}': interface {index + 1} uses network '{name}', "
+                "and no networks are managed here"
             )
-        ]
+        assert name is not None
+        try:
+            return self.networks(name)
+        except NwfilterError as exc:
+            raise type(exc)(
+                f"domain '{dom.name}': interface {index + 1} cannot attach to network "
+                f"'{name}': {exc.message}", exc.code
+            ) from exc
 
     def start(self, name: str) -> None:
         if self.legacy_lock_order:
@@ -1009,8 +1050,10 @@ class DomainManager:
         bindings: BindingLookup | None = None,
         mac_source: Callable[[], str] = random_mac,
         events: EventBus | None = None,
+        networks: NetworkLookup | None = None,
     ) -> None:
         self.files = DomainFiles(root)
+        self.networks = networks
         self.engine = engine
         self.events = events if events is not None else EventBus()
         self.coordinator = coordinator
@@ -1036,6 +1079,7 @@ class DomainManager:
         netns: str | None = None,
         job_timeout: float = JOB_WAIT_TIME,
         mac_source: Callable[[], str] = random_mac,
+        networks: NetworkLookup | None = None,
     ) -> DomainManager:
         """The domains of `engine`'s state root, wired to its coordinator
         and binding table; the engine refuses to bind by hand a port one of
@@ -1050,6 +1094,7 @@ class DomainManager:
             bindings=engine.bindings.get,
             mac_source=mac_source,
             events=engine.events,
+            networks=networks,
         )
         engine.add_port_holder(manager.names.port_holder)
         return manager
@@ -1082,6 +1127,7 @@ class DomainManager:
                 dtype, hypervisor, self.engine, self.files, self.names,
                 rank=len(self._drivers), job_timeout=self.job_timeout,
                 mac_source=self.mac_source, bindings=self._bindings, events=self.events,
+                networks=self.networks,
             )
             if self.coordinator is not None:
                 lock = driver.lock
@@ -1286,7 +1332,7 @@ def _interface_row(iface: InterfaceDef, port: PortPlan | None) -> InterfaceRow:
     return InterfaceRow(
         interface=name,
         type=iface.type,
-        source=iface.source_bridge or "-",
+        source=iface.source_bridge or iface.source_network or "-",
         model=iface.model or "-",
         mac=iface.mac or "-",
         filter=iface.filterref.filter if iface.filterref is not None else None,

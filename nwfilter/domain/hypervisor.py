@@ -50,7 +50,9 @@ class PortPlan:
     `index` is the interface's position in `DomainDef.interfaces`; `portdev`
     is the host-side device name (the target dev, or a generated `vnetN`
     unique across all drivers); `mac` is the guest's MAC, always set;
-    `filtered` says whether a filter binding guards the port.
+    `filtered` says whether a filter binding guards the port;
+    `dhcp_servers` are the addresses of the DHCP server of the network the
+    interface attaches to (trusted when the guest's address is learnt).
     """
 
     index: int
@@ -58,6 +60,7 @@ class PortPlan:
     mac: str
     bridge: str | None
     filtered: bool
+    dhcp_servers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -179,11 +179,14 @@ def test_undefine_in_use_is_refused(engine: Engine) -> None:
 
 
 def test_set_learnt_reapplies_the_port(engine: Engine) -> None:
-    b = BindingDef("vm", uuid.UUID(int=9), "vnet5", "52:54:00:00:00:05", FilterRef("clean-traffic"))
+    none = BindingDef("vm", uuid.UUID(int=8), "vnet4", "52:54:00:00:00:04",
+                      FilterRef("clean-traffic", (Parameter("CTRL_IP_LEARNING", "none"),)))
     with pytest.raises(UnresolvedError, match="'IP'"):
-        engine.create_bindings([b])
+        engine.create_bindings([none])
+    b = BindingDef("vm", uuid.UUID(int=9), "vnet5", "52:54:00:00:00:05", FilterRef("clean-traffic"))
+    engine.create_bindings([b])  # held to the learning rules until IP is known
+    assert "learning" in render_text(engine.ruleset("vnet5"))
     engine.set_learnt("vnet5", "IP", ["10.9.9.9"])
-    engine.create_bindings([b])
     arp = [m.value for c in engine.ruleset("vnet5").chains(Hook.FROM_VM) if c.name == "arp-ip"
            for r in c.rules for m in r.matches if m.field is Field.ARP_SPA]
     assert [str(a) for a in arp] == ["10.9.9.9/32"]

@@ -70,7 +70,7 @@ def test_kvm_guest_defines_and_dumps_and_start_says_why_not(manager: DomainManag
     [
         ("direct", "<source dev='eth0' mode='vepa'/>", "type 'direct', which no driver"),
         ("user", "", "type 'user', which no driver"),
-        ("network", "<source network='default'/>", "no network is active"),
+        ("network", "<source network='default'/>", "no networks are managed here"),
     ],
 )
 def test_interfaces_no_driver_can_attach_are_refused_at_start(
