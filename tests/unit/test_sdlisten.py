@@ -43,9 +43,12 @@ def _env(count: int = 1, pid: int | None = None) -> dict[str, str]:
 def test_takes_the_passed_sockets_and_clears_the_variables(
     listening: Callable[[str], socket.socket], tmp_path: Path
 ) -> None:
+    # The sockets first: a number found free before they exist could be
+    # the one a socket then gets.
+    socks = [listening(name) for name in ("a.sock", "b.sock")]
     start = _free_fds(2)
-    for fd, name in zip((start, start + 1), ("a.sock", "b.sock"), strict=True):
-        os.dup2(listening(name).fileno(), fd)
+    for fd, sock in zip((start, start + 1), socks, strict=True):
+        os.dup2(sock.fileno(), fd)
     env = _env(2)
     taken = inherited_sockets(env, first_fd=start)
     assert [s.path for s in taken] == [tmp_path / "a.sock", tmp_path / "b.sock"]
