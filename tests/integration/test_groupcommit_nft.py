@@ -95,8 +95,11 @@ def make(n: int, filter_name: str = "clean-traffic") -> BindingDef:
     )
 
 
-def run_all(calls: dict[int, Any]) -> tuple[list[threading.Thread], dict[int, BaseException | None]]:
-    errors: dict[int, BaseException | None] = {}
+Outcomes = dict[int, BaseException | None]
+
+
+def run_all(calls: dict[int, Any]) -> tuple[list[threading.Thread], Outcomes]:
+    errors: Outcomes = {}
 
     def run(key: int) -> None:
         try:
