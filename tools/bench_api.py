@@ -18,7 +18,9 @@ Phases (`--calls N` ports each, default 1000):
      transactions (nf_tables generations the daemon made, read with
      `nft monitor`);
   e. `filter.list` (what `nwfilter-list` calls) through the daemon from 1,
-     8 and 64 concurrent clients for `--seconds` each: requests per second.
+     8 and 64 concurrent clients for `--seconds` each: requests per second;
+  f. phase d without the daemon: `Engine.create_bindings` from `--clients`
+     threads in this process, to show what the commit itself costs.
 
 For a-c it prints the time of the 1st, 100th, 500th and 1,000th call (the
 ones there are) and the mean, to show whether a call's cost grows with the
@@ -91,6 +93,15 @@ class Bench:
         for path in self.dirs:
             shutil.rmtree(path, ignore_errors=True)
 
+    def stop(self, proc: subprocess.Popen[str]) -> None:
+        """Stop a daemon whose phase is over (so it takes no CPU from the next)."""
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     def tempdir(self, what: str) -> Path:
         path = Path(tempfile.mkdtemp(prefix=f"nwbench-{what}-", dir="/var/tmp"))
         self.dirs.append(path)
@@ -111,17 +122,20 @@ class Bench:
 
     def daemon(self, root: Path, ns: str) -> tuple[subprocess.Popen[str], Path]:
         sock = root / "run" / "nwfilterd.sock"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nwfilter.daemon", "--root", str(root), "--backend", "nft",
-             "--netns", ns, "--workers", str(self.workers)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,  # Ctrl-C reaches this tool only; close() stops it
-        )
+        # Its log goes to a file: a pipe nobody reads would stop it once full.
+        log_path = root.parent / "nwfilterd.log"
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nwfilter.daemon", "--root", str(root), "--backend",
+                 "nft", "--netns", ns, "--workers", str(self.workers)],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+                start_new_session=True,  # Ctrl-C reaches this tool only; close() stops it
+            )
         self.procs.append(proc)
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"nwfilterd exited: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"nwfilterd exited: {log_path.read_text()[-2000:]}")
             if sock.is_socket():
                 with contextlib.suppress(Exception), Client(sock, connect_timeout=1) as c:
                     c.call("filter.list")
@@ -218,9 +232,11 @@ def phase_cli_daemon(bench: Bench, n: int) -> list[float]:
     files = bench.tempdir("b-xml")
     for i in range(n):
         (files / f"tap{i}.xml").write_text(binding_xml(i))
-    bench.daemon(root, ns)
-    return timed_calls(n, lambda i: bench.cli(root, ns, "nwfilter-binding-create",
-                                              str(files / f"tap{i}.xml")))
+    proc, _sock = bench.daemon(root, ns)
+    times = timed_calls(n, lambda i: bench.cli(root, ns, "nwfilter-binding-create",
+                                               str(files / f"tap{i}.xml")))
+    bench.stop(proc)
+    return times
 
 
 def phase_api_one(bench: Bench, n: int) -> tuple[list[float], Path]:
@@ -228,7 +244,7 @@ def phase_api_one(bench: Bench, n: int) -> tuple[list[float], Path]:
     _proc, sock = bench.daemon(root, ns)
     with Client(sock) as client:
         times = timed_calls(n, lambda i: client.call("binding.create", {"xml": [binding_xml(i)]}))
-    return times, sock
+    return times, sock  # its daemon serves the nwfilter-list runs too
 
 
 def phase_api_many(bench: Bench, n: int, clients: int) -> tuple[float, int, int]:
@@ -261,6 +277,47 @@ def phase_api_many(bench: Bench, n: int, clients: int) -> tuple[float, int, int]
         raise RuntimeError(f"{len(failures)} client(s) failed: {failures[0]!r}")
     generations.sync()
     return elapsed, generations.count() - before, n
+
+
+def phase_engine_many(
+    bench: Bench, n: int, clients: int, name: str = "f"
+) -> tuple[float, int, int]:
+    """Phase d without the daemon: `Engine.create_bindings` from `clients`
+    threads in this process (what the commit itself costs)."""
+    from nwfilter.backends.nft import NftBackend
+    from nwfilter.conf import parse_binding
+    from nwfilter.engine import Engine
+
+    ns, root = bench.host(name)
+    engine = Engine(root, NftBackend(netns=ns), stock_dir=REPO / "filters")
+    engine.start()
+    try:
+        defs = [parse_binding(binding_xml(i)) for i in range(n)]
+        barrier = threading.Barrier(clients + 1)
+        failures: list[BaseException] = []
+
+        def work(k: int) -> None:
+            try:
+                barrier.wait(60)
+                for i in range(k, n, clients):
+                    engine.create_bindings([defs[i]])
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
+        for t in threads:
+            t.start()
+        barrier.wait(60)
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        if failures:
+            raise RuntimeError(f"{len(failures)} thread(s) failed: {failures[0]!r}")
+        return elapsed, engine.create_queue.batches, engine.create_queue.requests
+    finally:
+        engine.backend.clear_all()
+        engine.close()
 
 
 def throughput(sock: Path, clients: int, seconds: float) -> float:
@@ -349,11 +406,17 @@ def main() -> int:
                 f"transactions (nwfilterd --workers {args.workers})")
         print(many, flush=True)
         rates = [(c, throughput(sock, c, args.seconds)) for c in (1, 8, 64)]
+        elapsed, batches, requests = phase_engine_many(bench, n, args.clients)
+        engine = (f"f. Engine.create_bindings in process, {args.clients} threads: {requests} "
+                  f"ports in {elapsed * 1000:.0f} ms = {elapsed * 1000 / requests:.2f} ms per "
+                  f"port, {batches} kernel transactions")
+        print(engine, flush=True)
         print()
         print(head)
         for row in rows:
             print(row)
         print(many)
+        print(engine)
         print()
         print(f"{'e. nwfilter-list (filter.list) via nwfilterd':<46} {'req/s':>8}")
         for clients, rate in rates:
