@@ -12,8 +12,9 @@ kernel transaction, then writes files.  If the kernel refuses, nothing
 changes; if a file write fails after the kernel said yes, the previous
 rules are applied again.
 
-Lock order (never upwards): all VM drivers (`RebuildCoordinator`) → filter
-pool → binding table → backend transaction.
+Lock order (never upwards): all VM drivers (`RebuildCoordinator`) → the
+commit slot of binding creates (`nwfilter.groupcommit`) → filter pool →
+binding table → backend transaction.
 
 Host and ownership: at start the engine checks (and at first use records)
 the host its root manages (`nwfilter.hostrecord`), names its root to the
@@ -34,7 +35,7 @@ import contextlib
 import difflib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -55,6 +56,7 @@ from nwfilter.errors import (
 )
 from nwfilter.events import EventBus, EventKind
 from nwfilter.gcpause import gc_paused
+from nwfilter.groupcommit import CommitQueue, Pending, copy_error
 from nwfilter.ir import Changes, Hook, Ruleset, drop_all
 from nwfilter.learn.policy import LEARNT_VAR, learning_mode, learning_ruleset
 from nwfilter.learn.store import LearntAddress, LearntStore
@@ -179,6 +181,9 @@ class Engine:
         # draws it on a terminal.
         self.progress: ProgressHook = no_progress
         self._binding_observers: list[Callable[[], None]] = []
+        self.create_queue: CommitQueue[tuple[BindingDef, ...]] = CommitQueue(
+            "bindings", self._commit_creates, self._create_locks
+        )
 
     # ------------------------------------------------------------ life cycle
 
@@ -513,31 +518,100 @@ class Engine:
                 self._compile(compiler, binding, {}, check=True)
 
     def create_bindings(self, defs: Sequence[BindingDef]) -> None:
-        """Bind ports to filters, all or nothing, in one kernel transaction."""
+        """Bind ports to filters, all or nothing.
+
+        Calls that arrive together (API requests, domain starts) are
+        committed together, in one kernel transaction
+        (`nwfilter.groupcommit`); each call keeps its own all-or-nothing
+        outcome and its own error."""
         self._check_writable()
         self._check_new_ports(defs)
         if not defs:
             return
-        with self.pool.lock.read(), self.bindings.lock:
-            self._check_unbound(defs)
-            compiler = Compiler(self.pool.snapshot())
-            new = [
-                self._compile(compiler, b)
-                for b in counted(self.progress, "compiling bindings", defs)
-            ]
-            self.progress(f"applying the rules of {len(new)} ports", 0, 0)
-            self.backend.apply(Changes(set=tuple(new)))
-            try:
-                self.bindings.put_many_locked(defs)
-            except NwfilterError:
-                self._restore({b.portdev: None for b in defs})
-                raise
-        log.info("bound %d port(s)", len(defs))
+        self.create_queue.submit(tuple(defs))
         self._bindings_changed()
         for b in defs:
             self.events.publish(EventKind.BINDING_CREATED, "port", b.portdev, {
                 "filter": b.filterref.filter, "owner": b.owner_name, "mac": b.mac,
             })
+
+    @contextlib.contextmanager
+    def _create_locks(self) -> Iterator[None]:
+        with self.pool.lock.read(), self.bindings.lock:
+            yield
+
+    def _commit_creates(self, batch: list[Pending[tuple[BindingDef, ...]]]) -> None:
+        """Check and compile each request of `batch` on its own, apply the
+        good ones in one transaction, then write their files.  A request
+        that binds a port an earlier one of the batch binds fails as if
+        they had come one after the other.  Runs under `_create_locks`."""
+        compiler = Compiler(self.pool.snapshot())
+        if len(batch) > 1 or len(batch[0].item) > 1:
+            self.progress(f"compiling {sum(len(r.item) for r in batch)} ports", 0, 0)
+        claimed: dict[str, str] = {}  # portdev -> filter, bound by this batch
+        ready: list[tuple[Pending[tuple[BindingDef, ...]], tuple[Ruleset, ...]]] = []
+        with gc_paused():
+            for request in batch:
+                try:
+                    self._check_unbound(request.item)
+                    for binding in request.item:
+                        if binding.portdev in claimed:
+                            raise ConflictError(
+                                f"port '{binding.portdev}' is already bound to filter"
+                                f" '{claimed[binding.portdev]}'"
+                            )
+                    rulesets = tuple(self._compile(compiler, b) for b in request.item)
+                except NwfilterError as exc:
+                    request.fail(exc)
+                    continue
+                claimed.update((b.portdev, b.filterref.filter) for b in request.item)
+                ready.append((request, rulesets))
+        ports = 0
+        for request, rulesets in self._apply_creates(ready):
+            try:
+                self.bindings.put_many_locked(request.item)
+            except NwfilterError as exc:
+                self._restore({b.portdev: None for b in request.item})
+                request.fail(exc)
+                continue
+            request.succeed()
+            ports += len(rulesets)
+        if ports:
+            log.info("bound %d port(s) for %d request(s)", ports, len(batch))
+
+    def _apply_creates(
+        self, ready: list[tuple[Pending[tuple[BindingDef, ...]], tuple[Ruleset, ...]]]
+    ) -> list[tuple[Pending[tuple[BindingDef, ...]], tuple[Ruleset, ...]]]:
+        """Apply the rulesets of `ready` in one transaction; if the kernel
+        refuses it, apply each request alone, so only the one at fault
+        fails.  The requests whose rules are now in force."""
+        if not ready:
+            return []
+        try:
+            self.backend.apply(Changes(set=tuple(rs for _, sets in ready for rs in sets)))
+            return ready
+        except ConflictError as exc:
+            # Another root holds the tables: no request of the batch can pass.
+            for request, _ in ready:
+                request.fail(copy_error(exc))
+            return []
+        except NwfilterError as exc:
+            if len(ready) == 1:
+                ready[0][0].fail(exc)
+                return []
+            log.warning(
+                "the kernel refused %d binding requests committed together (%s); "
+                "applying each alone", len(ready), exc.message,
+            )
+        applied = []
+        for request, rulesets in ready:
+            try:
+                self.backend.apply(Changes(set=rulesets))
+            except NwfilterError as exc:
+                request.fail(exc)
+                continue
+            applied.append((request, rulesets))
+        return applied
 
     def add_binding_observer(self, observer: Callable[[], None]) -> None:
         """Call `observer` (which must not block) after bindings were

@@ -665,12 +665,14 @@ class DomainDriver:
             try:
                 self.hypervisor.prepare(dom, ports)
                 defs = [binding_for(dom, p) for p in ports if p.filtered]
-                with self.lock:
-                    if defs:
-                        self.engine.create_bindings(defs)
-                    bound = [d.portdev for d in defs]
-                    with obj.mutex:
-                        obj.ports = tuple(ports)
+                # No lock held: the engine commits the bindings of starts
+                # that arrive together in one transaction, and this driver's
+                # lock held here would keep its other starts out of it.
+                if defs:
+                    self.engine.create_bindings(defs)
+                bound = [d.portdev for d in defs]
+                with self.lock, obj.mutex:
+                    obj.ports = tuple(ports)
                 self.hypervisor.launch(dom)
             except BaseException:
                 self._teardown(obj, dom, ports, bound)
