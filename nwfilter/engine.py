@@ -760,7 +760,7 @@ class Engine:
             snapshot = self.pool.snapshot()
         try:
             held = self.backend.owner()
-            broken = self.backend.preconditions()
+            broken = self.backend.preconditions(cached=True)
         except NwfilterError as exc:
             return {b.portdev: f"the kernel cannot be read: {exc.message}" for b in bindings}
         if held is not None and not held.same_root(self.owner):

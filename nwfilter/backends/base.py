@@ -107,8 +107,12 @@ class Backend(Protocol):
         """The root whose marker the kernel objects carry now (None: no
         objects of ours, or none with a marker); a cheap read."""
 
-    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+    def preconditions(
+        self, *, repair: bool = False, scan: bool = True, cached: bool = False
+    ) -> tuple[str, ...]:
         """What the layer-3 rules depend on and does not hold now, one
         sentence each (() when all holds).  With `repair`, restore what the
         backend may restore (and log a warning); `scan` also looks for other
-        programs' rules that defeat ours (slower: lists foreign tables)."""
+        programs' rules that defeat ours (slower: lists foreign tables);
+        `cached` reuses the last scan's findings (the daemon's monitor scans
+        again after every foreign transaction), for answers on hot paths."""

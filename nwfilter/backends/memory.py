@@ -158,7 +158,9 @@ class MemoryBackend:
     def owner(self) -> Owner | None:
         return self.host.owner
 
-    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+    def preconditions(
+        self, *, repair: bool = False, scan: bool = True, cached: bool = False
+    ) -> tuple[str, ...]:
         return tuple(self.host.broken)
 
     def ports(self) -> tuple[str, ...]:

@@ -183,7 +183,9 @@ class NftBackend:
         self._ids = _PortIds()
         self._base_ready = False
         self._caps: Capabilities | None = None
-        self._state_lock = threading.Lock()  # guards the records for readers
+        self._state_lock = threading.Lock()
+        # What the last scan for foreign mark writers found (None: no scan yet).
+        self._mark_scan: tuple[str, ...] | None = None  # guards the records for readers
         self._owner: Owner | None = None
 
     # -- plumbing ------------------------------------------------------------
@@ -307,7 +309,9 @@ class NftBackend:
         with self._kernel() as ctx:
             return self._read_owner(ctx)
 
-    def preconditions(self, *, repair: bool = False, scan: bool = True) -> tuple[str, ...]:
+    def preconditions(
+        self, *, repair: bool = False, scan: bool = True, cached: bool = False
+    ) -> tuple[str, ...]:
         problems: list[str] = []
         with self._kernel() as ctx:
             for key in BR_NF_SYSCTLS:
@@ -327,7 +331,11 @@ class NftBackend:
                 if problem is not None:
                     problems.append(problem)
             if scan:
-                problems.extend(self._mark_writers(ctx))
+                # `list tables` makes libnftables 1.0.6 fetch the whole
+                # ruleset: answers on hot paths reuse the last findings.
+                if not cached or self._mark_scan is None:
+                    self._mark_scan = tuple(self._mark_writers(ctx))
+                problems.extend(self._mark_scan)
         return tuple(problems)
 
     def _mark_writers(self, ctx: NftContext) -> list[str]:
