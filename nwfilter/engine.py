@@ -32,7 +32,9 @@ binding created or deleted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +46,7 @@ from nwfilter import hostrecord
 from nwfilter.backends.base import Backend, Owner
 from nwfilter.bindings import BindingTable
 from nwfilter.compile import Compiler, port_of
+from nwfilter.compile.compiler import LEARNT_SET_VARS, LearntSetUnfit
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterDef
 from nwfilter.conf.values import check_port_name
@@ -57,8 +60,14 @@ from nwfilter.errors import (
 from nwfilter.events import EventBus, EventKind
 from nwfilter.gcpause import gc_paused
 from nwfilter.groupcommit import CommitQueue, Pending, copy_error
-from nwfilter.ir import Changes, Hook, Ruleset, drop_all
-from nwfilter.learn.policy import LEARNT_VAR, learning_mode, learning_ruleset
+from nwfilter.ir import Changes, Hook, Learning, LearntAddr, Ruleset, drop_all
+from nwfilter.learn.policy import (
+    LEARNT_VAR,
+    learning_mode,
+    learning_rules,
+    learning_ruleset,
+    learns,
+)
 from nwfilter.learn.store import LearntAddress, LearntStore
 from nwfilter.pool import FilterPool, UndefineResult
 from nwfilter.printable import printable
@@ -144,6 +153,29 @@ class _PreparedDefine:
     bindings_generation: int
     affected: tuple[BindingDef, ...]
     rulesets: tuple[Ruleset, ...]
+
+
+def _set_addresses(
+    details: Mapping[str, Sequence[LearntAddress]],
+    values: Mapping[str, Sequence[str]],
+    versions: frozenset[int],
+) -> tuple[LearntAddr, ...]:
+    """The elements of a port's learnt address sets: each learnt `IP`/`IPV6`
+    address (with its lease) of a version the rules use."""
+    out: set[LearntAddr] = set()
+    for var, version in LEARNT_SET_VARS.items():
+        if version not in versions:
+            continue
+        known = {a.address: a for a in details.get(var, ())}
+        for text in values.get(var, ()):
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                continue  # never learnt so; refused by the compiler as a value
+            if addr.version == version:
+                lease = known.get(text)
+                out.add(LearntAddr(addr, None if lease is None else lease.expires))
+    return tuple(sorted(out, key=lambda a: (a.address.version, int(a.address))))
 
 
 class Engine:
@@ -467,26 +499,61 @@ class Engine:
         learnt: Mapping[str, Sequence[str]] | None = None,
         *,
         check: bool = False,
+        info: Mapping[str, Sequence[LearntAddress]] | None = None,
     ) -> Ruleset:
-        """Compile one binding.  `check` asks the backend whether it can
+        """Compile one binding (`learnt`, `info`: its learnt values and
+        their details, the recorded ones when not given).  `check` asks the backend whether it can
         express the result; paths that apply it next skip that, since the
         backend refuses an inexpressible rule before touching the kernel."""
         if learnt is None:
             learnt = self._learnt.get(binding.portdev)
         try:
-            try:
-                rs = compiler.compile(binding, learnt)
-            except UndefinedVariableError as exc:
-                # No IP given and none learnt yet: the port is held to the
-                # learning rules (DHCP and ARP probes only) until one is.
-                if exc.variable != LEARNT_VAR or learning_mode(binding) == "none":
-                    raise
-                rs = learning_ruleset(binding)
+            found = None
+            if getattr(self.backend, "learnt_sets", False) and learns(binding):
+                if info is None:
+                    info = self._learnt_info.get(binding.portdev, {})
+                found = self._compile_sets(compiler, binding, learnt, info)
+            if found is not None:
+                rs = found
+            else:
+                try:
+                    rs = compiler.compile(binding, learnt)
+                except UndefinedVariableError as exc:
+                    # No IP given and none learnt yet: the port is held to the
+                    # learning rules (DHCP and ARP probes only) until one is.
+                    if exc.variable != LEARNT_VAR or learning_mode(binding) == "none":
+                        raise
+                    rs = learning_ruleset(binding)
             if check:
                 self.backend.check(rs)
         except NwfilterError as exc:
             raise type(exc)(f"port '{binding.portdev}': {exc.message}", exc.code) from exc
         return rs
+
+    @staticmethod
+    def _compile_sets(
+        compiler: Compiler,
+        binding: BindingDef,
+        learnt: Mapping[str, Sequence[str]] | None,
+        info: Mapping[str, Sequence[LearntAddress]],
+    ) -> Ruleset | None:
+        """The ruleset of a learning port whose `IP` (and `IPV6`) are sets
+        of learnt addresses (`ir.Learning`), or None when the filter uses
+        them in a way a set cannot express, or does not use `IP`: then the
+        port is compiled with values and rebuilt on each change."""
+        given = binding.filterref.param_dict()
+        names = frozenset(n for n in LEARNT_SET_VARS if n not in given)
+        try:
+            rs = compiler.compile(binding, None, learnt_sets=names)
+        except LearntSetUnfit as exc:
+            log.debug("port '%s': learnt addresses are applied as rules: %s",
+                      binding.portdev, exc)
+            return None
+        versions = rs.set_versions()
+        if 4 not in versions:
+            return None
+        addresses = _set_addresses(info, learnt or {}, versions)
+        return dataclasses.replace(rs, learn=Learning(learning_rules(binding), addresses))
 
     @staticmethod
     def _check_new_ports(defs: Sequence[BindingDef]) -> None:
@@ -655,11 +722,12 @@ class Engine:
                 self._restore({portdev: old})
                 raise
             self._learnt.pop(portdev, None)
-            self._learnt_info.pop(portdev, None)
-            try:
-                self.learnt_store.remove(portdev)
-            except NwfilterError as exc:
-                log.warning("port '%s': its learnt addresses stay on disk: %s", portdev, exc)
+            if self._learnt_info.pop(portdev, None):
+                try:
+                    self.learnt_store.save_all(self._learnt_info)
+                except NwfilterError as exc:
+                    log.warning("port '%s': its learnt addresses stay on disk: %s",
+                                portdev, exc)
         self._bindings_changed()
         self.events.publish(EventKind.BINDING_DELETED, "port", portdev, {
             "filter": binding.filterref.filter, "owner": binding.owner_name,
@@ -718,20 +786,29 @@ class Engine:
                     values.pop(var, None)
                     details.pop(var, None)
             new: list[Ruleset] = []
+            recorded = self.backend.recorded()
             for portdev, values in sorted(learnt.items()):
                 binding = self.bindings.get(portdev)
                 assert binding is not None
-                new.append(self._compile(compiler, binding, values))
+                old = recorded.get(portdev)
+                if old is not None and old.learn is not None:
+                    # Learnt into sets: the chains stay, the elements change.
+                    addresses = _set_addresses(info[portdev], values, old.set_versions())
+                    new.append(dataclasses.replace(
+                        old, learn=dataclasses.replace(old.learn, addresses=addresses)))
+                    continue
+                new.append(self._compile(compiler, binding, values, info=info[portdev]))
             if new:
                 self.backend.apply(Changes(set=tuple(new)))
             # Recorded only once the kernel holds the rules that use it.
             for portdev, values in learnt.items():
                 self._learnt[portdev] = values
                 self._learnt_info[portdev] = info[portdev]
+            if learnt:
                 try:
-                    self.learnt_store.save(portdev, info[portdev])
+                    self.learnt_store.save_all(self._learnt_info)
                 except NwfilterError as exc:
-                    log.warning("port '%s': learnt addresses not kept: %s", portdev, exc)
+                    log.warning("learnt addresses of %s not kept: %s", ", ".join(learnt), exc)
             self._learnt_generation += 1
         return [rs.port.portdev for rs in new]
 

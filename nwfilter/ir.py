@@ -184,8 +184,26 @@ class IPSetMatch:
     flags: tuple[str, ...]
 
 
+@dataclass(frozen=True, order=True)
+class LearntSet:
+    """The port's learnt addresses of one IP version (4: `IP`, 6: `IPV6`),
+    as one named set the kernel holds: a match on it stands for libvirt's
+    one rule per address (see `Learning`)."""
+
+    version: int
+
+
+@dataclass(frozen=True, order=True)
+class LearntAddr:
+    """One element of a port's learnt address sets."""
+
+    address: IPAddress
+    expires: float | None = None  # wall-clock end of the lease; None: no lease
+
+
 MatchValue = (
     MacMatch
+    | LearntSet
     | IntRange
     | AddrRange
     | TcpFlags
@@ -253,6 +271,31 @@ class Port:
 
 
 @dataclass(frozen=True)
+class Learning:
+    """A port whose `IP`/`IPV6` are learnt into sets instead of rules.
+
+    The port's rules match `LearntSet` values where the filter uses the
+    variables; `addresses` are the sets' elements (each with its lease), so
+    that learning changes elements, never chains.  While `learning` is set
+    and no IPv4 address is in `addresses`, the port is held to the rules of
+    `learning` (one flat list per hook, evaluated like a root chain that
+    ends the walk) instead of its chains: the learning ruleset.  A positive
+    match on a set is exactly libvirt's one rule per value (the rules are
+    adjacent and share the verdict); a set that is empty matches nothing,
+    as zero rules would."""
+
+    learning: dict[Hook, tuple[Rule, ...]] = field(default_factory=dict)
+    addresses: tuple[LearntAddr, ...] = ()
+
+    def of(self, version: int) -> tuple[LearntAddr, ...]:
+        return tuple(a for a in self.addresses if a.address.version == version)
+
+    def held(self) -> bool:
+        """Whether the learning rules are in force (no IPv4 address yet)."""
+        return bool(self.learning) and not self.of(4)
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """Everything to enforce on one port, in evaluation order."""
 
@@ -260,12 +303,24 @@ class Ruleset:
     l2: dict[Hook, tuple[Chain, ...]] = field(default_factory=dict)  # root chain first
     l3: dict[Hook, tuple[Rule, ...]] = field(default_factory=dict)
     filter_names: frozenset[str] = frozenset()  # every filter the ruleset was built from
+    learn: Learning | None = None  # addresses learnt into sets (None: none)
 
     def chains(self, hook: Hook) -> tuple[Chain, ...]:
         return self.l2.get(hook, ())
 
     def l3_rules(self, hook: Hook) -> tuple[Rule, ...]:
         return self.l3.get(hook, ())
+
+    def set_versions(self, *, l3: bool | None = None) -> frozenset[int]:
+        """The versions of the learnt address sets the rules match (with
+        `l3`, only those of layer 3 (True) or of layer 2 (False))."""
+        rules: list[Rule] = []
+        if l3 is not True:
+            rules.extend(r for chains in self.l2.values() for c in chains for r in c.rules)
+        if l3 is not False:
+            rules.extend(r for hook_rules in self.l3.values() for r in hook_rules)
+        return frozenset(m.value.version for r in rules for m in r.matches
+                         if isinstance(m.value, LearntSet))
 
 
 def drop_all(port: Port) -> Ruleset:

@@ -20,6 +20,7 @@ from nwfilter.ir import (
     Hook,
     IntRange,
     IPSetMatch,
+    LearntSet,
     MacMatch,
     Match,
     MatchValue,
@@ -57,6 +58,8 @@ def format_value(field_name: str, value: MatchValue) -> str:
         return f"{mask}/{flags}"
     if isinstance(value, IPSetMatch):
         return f"{value.name}[{','.join(value.flags)}]"
+    if isinstance(value, LearntSet):
+        return f"@learnt-ipv{value.version}"
     if isinstance(value, frozenset):
         return ",".join(s.value for s in _CT_ORDER if s in value)
     return str(value)
@@ -103,6 +106,13 @@ def render_lines(rs: Ruleset) -> list[str]:
     for hook in (Hook.FROM_VM, Hook.TO_VM):
         for rule in rs.l3_rules(hook):
             lines.append(f"{hook.value} ip: {format_rule(rule)}")
+    if rs.learn is not None:
+        # While no IPv4 address is learnt, these rules decide instead.
+        for hook in (Hook.FROM_VM, Hook.TO_VM):
+            for rule in rs.learn.learning.get(hook, ()):
+                lines.append(f"{hook.value} until-learnt: {format_rule(rule)}")
+        for addr in rs.learn.addresses:
+            lines.append(f"@learnt-ipv{addr.address.version}: {addr.address}")
     return lines
 
 

@@ -21,6 +21,14 @@ inherited from above (libvirt's `virNWFilterCreateVarsFrom(inc->params,
 vars)`), so the binding's parameters win over every nested `<parameter>`.
 `MAC` defaults to the port's MAC; `IP`, `IPV6` (or any other name) come
 from `learnt` when the binding does not give them.
+
+Learnt sets: with `learnt_sets` (for a port whose addresses are learnt),
+`IP` and `IPV6` stand for the port's learnt address sets (`LearntSet`)
+rather than for values, where a set says exactly what libvirt's one rule
+per value says: a positive, unmasked `srcipaddr`/`dstipaddr` (and for `IP`
+`arpsrcipaddr`/`arpdstipaddr` of `arp`), the variable used once in the rule,
+without an index or iterator.  Any other use raises `LearntSetUnfit`, and
+the caller compiles with values instead.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from nwfilter.ir import (
     Family,
     Field,
     Hook,
+    LearntSet,
     MacMatch,
     Match,
     Origin,
@@ -76,6 +85,17 @@ ValueParser = Callable[[str, str, str], object]
 """`parse(protocol, attribute, text)` → the typed value of a variable's text."""
 
 Learnt = Mapping[str, Sequence[str]]
+
+#: The variables that can stand for a learnt address set, and its version.
+LEARNT_SET_VARS = {"IP": 4, "IPV6": 6}
+_SET_MARK = "\0learnt set "  # the value a set variable has while it is expanded
+_SET_ATTRS = {"srcipaddr": "srcipmask", "dstipaddr": "dstipmask",
+              "arpsrcipaddr": "arpsrcipmask", "arpdstipaddr": "arpdstipmask"}
+
+
+class LearntSetUnfit(Exception):
+    """A filter uses `IP`/`IPV6` in a way a learnt address set cannot
+    express (the message says where and how)."""
 
 ROOT = "root"
 
@@ -234,9 +254,21 @@ class Compiler:
 
     # -------------------------------------------------------------- public
 
-    def compile(self, binding: BindingDef, learnt: Learnt | None = None) -> Ruleset:
+    def compile(
+        self,
+        binding: BindingDef,
+        learnt: Learnt | None = None,
+        *,
+        learnt_sets: frozenset[str] = frozenset(),
+    ) -> Ruleset:
+        """The ruleset of `binding`; `learnt_sets` names the variables
+        (of `LEARNT_SET_VARS`, not given by the binding) that stand for the
+        port's learnt address sets (see the module's docstring)."""
         plan = self._plan(binding.filterref.filter)
         top = self._top_vars(binding, learnt)
+        for name in sorted(learnt_sets):
+            if name not in top:
+                top[name] = [_SET_MARK + name]
         produced: dict[int, list[list[IRRule]]] = {}
         for pos, site in enumerate(plan.sites):
             if site.constant is None:
@@ -319,7 +351,11 @@ class Compiler:
             for attr in match.attrs:
                 value = attr.value
                 if isinstance(value, VarRef):
-                    value = self._typed_value(site, attr.name, value, combo[value])
+                    text = combo[value]
+                    if text.startswith(_SET_MARK):
+                        value = _learnt_set(site, attr.name, value)
+                    else:
+                        value = self._typed_value(site, attr.name, value, text)
                 attrs[attr.name] = value
             try:
                 built = _build(site, attrs)
@@ -398,6 +434,32 @@ class Compiler:
             frames.append(_Frame(child, (*frame.path, entry)))
             on_stack.add(child.name)
             names.add(child.name)
+
+
+def _learnt_set(site: _Site, attr: str, ref: VarRef) -> LearntSet:
+    """The set `ref` stands for in `attr` of `site`, or `LearntSetUnfit`."""
+    match = site.rule.match
+    assert match is not None
+    protocol = match.protocol
+    version = LEARNT_SET_VARS[ref.name]
+    where = f"{site.origin}: ${ref.name} in '{attr}'"
+    if attr not in _SET_ATTRS or (attr.startswith("arp") and version != 4):
+        raise LearntSetUnfit(f"{where}: not an address a set can hold")
+    if ref.index is not None or ref.iterator is not None:
+        raise LearntSetUnfit(f"{where}: an element or iterator of the list")
+    if sum(1 for a in site.accesses if a.name == ref.name) != 1:
+        raise LearntSetUnfit(f"{where}: the variable is used more than once in the rule")
+    if match.get(_SET_ATTRS[attr]) is not None:
+        raise LearntSetUnfit(f"{where}: with a mask")
+    if match.negate or attr in match.negated:
+        raise LearntSetUnfit(f"{where}: negated (libvirt's rule per value would differ)")
+    family = m.family_of(protocol)
+    wanted = {Family.IPV4: 4, Family.IPV6: 6}.get(family)
+    if family is Family.ETHER:
+        wanted = {"ip": 4, "arp": 4, "ipv6": 6}.get(protocol)
+    if wanted != version:
+        raise LearntSetUnfit(f"{where}: <{protocol}> is not IPv{version}")
+    return LearntSet(version)
 
 
 class _Frame:

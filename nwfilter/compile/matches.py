@@ -42,6 +42,7 @@ from nwfilter.ir import (
     Field,
     IntRange,
     IPSetMatch,
+    LearntSet,
     MacMatch,
     Match,
     TcpFlag,
@@ -126,8 +127,11 @@ def _addr(value: object, attr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
 
 def _network(
     attrs: Attrs, addr_attr: str, mask_attr: str
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    addr = _addr(attrs[addr_attr], addr_attr)
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network | LearntSet:
+    value = attrs[addr_attr]
+    if isinstance(value, LearntSet):
+        return value  # the compiler made sure there is no mask
+    addr = _addr(value, addr_attr)
     mask = attrs.get(mask_attr)
     if mask is None:
         # A host network straight from the integer skips re-parsing the text.

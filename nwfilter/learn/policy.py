@@ -82,6 +82,16 @@ def _rule(*matches: Match, verdict: Verdict = Verdict.ACCEPT) -> Rule:
 
 def learning_ruleset(binding: BindingDef) -> Ruleset:
     """What a port enforces until its address is learnt."""
+    rules = learning_rules(binding)
+    return Ruleset(
+        port=port_of(binding),
+        l2={hook: (Chain("root", 0, chain),) for hook, chain in rules.items()},
+        filter_names=frozenset({binding.filterref.filter}),
+    )
+
+
+def learning_rules(binding: BindingDef) -> dict[Hook, tuple[Rule, ...]]:
+    """The learning rules per hook, each list ending in a drop."""
     port = port_of(binding)
     servers = trusted_servers(binding)
     mac = MacMatch(port.mac)
@@ -105,9 +115,4 @@ def learning_ruleset(binding: BindingDef) -> Ruleset:
                      Match(Field.ARP_SHA, mac),
                      Match(Field.ARP_SPA, ipaddress.IPv4Network("0.0.0.0/32"))))
     drop = _rule(verdict=Verdict.DROP)
-    return Ruleset(
-        port=port,
-        l2={Hook.FROM_VM: (Chain("root", 0, (*out, drop)),),
-            Hook.TO_VM: (Chain("root", 0, (*inbound, drop)),)},
-        filter_names=frozenset({binding.filterref.filter}),
-    )
+    return {Hook.FROM_VM: (*out, drop), Hook.TO_VM: (*inbound, drop)}

@@ -40,6 +40,16 @@ def send_frame(st: Stack, ns: str, iface: str, frame_code: str) -> None:
     st.lab.run(ns, [sys.executable, "-c", code], timeout=60)
 
 
+def nft(st: Stack, *words: str) -> str:
+    return st.lab.run(st.host, ["nft", *words]).stdout
+
+
+def port_chains(st: Stack) -> list[str]:
+    """The chains that use IP, with rule handles: a rewrite changes them."""
+    return [nft(st, "-a", "list", "chain", "bridge", "nwfilter", f"vnet0/{name}")
+            for name in ("from/root", "from/ipv4-ip", "from/arp-ip", "to/root")]
+
+
 def test_dhcp_learning_end_to_end(tmp_path: Path) -> None:
     with stack(tmp_path) as st:
         st.call("network.start", network="default")
@@ -50,11 +60,18 @@ def test_dhcp_learning_end_to_end(tmp_path: Path) -> None:
         st.lab.run(ns, ["ip", "addr", "add", "192.168.122.50/24", "dev", "eth0"])
         assert not ping(st, "g1", "192.168.122.1")
         st.lab.run(ns, ["ip", "addr", "flush", "dev", "eth0"])
+        chains = port_chains(st)
         done = st.udhcpc("g1")
         assert done.returncode == 0, done.stderr
         leased = st.address("g1")
         assert leased is not None and leased.startswith("192.168.122.")
         assert wait_for(lambda: learnt(st) == leased)
+        # Learning added set elements with the lease as timeout; the chains stayed.
+        assert f"{leased} timeout" in nft(st, "list", "set", "bridge", "nwfilter",
+                                          "learn4_vnet0")
+        assert '"vnet0" timeout' in nft(st, "list", "set", "bridge", "nwfilter",
+                                        "learnt_vnet0")
+        assert port_chains(st) == chains
         assert ping(st, "g1", "192.168.122.1")
         # Any other source address is dropped.
         st.lab.run(ns, ["ip", "addr", "add", "192.168.122.51/24", "dev", "eth0"])
@@ -78,8 +95,12 @@ def test_dhcp_learning_end_to_end(tmp_path: Path) -> None:
         assert dump["learnt"][0]["address"] == leased
         # The lease survives a restart of the daemon.
         st.down()
+        assert f"{leased} timeout" in nft(st, "list", "set", "bridge", "nwfilter",
+                                          "learn4_vnet0")
         st.up()
         assert learnt(st) == leased
+        assert f"{leased} timeout" in nft(st, "list", "set", "bridge", "nwfilter",
+                                          "learn4_vnet0")
         assert ping(st, "g1", "192.168.122.1")
         # A release withdraws it: back to the learning rules.
         send_frame(st, ns, "eth0", f"f.dhcp_request('release', '{leased}', mac='{G1}')")

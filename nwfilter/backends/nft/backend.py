@@ -164,6 +164,8 @@ class NftBackend:
     """nftables backend (see render.py for the layout)."""
 
     name = "nft"
+    # Learnt addresses are set elements with the lease as timeout (render.py).
+    learnt_sets = True
 
     def __init__(
         self,
@@ -628,6 +630,10 @@ class NftBackend:
         handled = {name for r in before.values() for name in r.sets}
         for name in sorted(set(listing.sets) - used - handled):
             batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+        learn_handled = {key for r in before.values() for key in r.learn_sets}
+        learn_handled |= {key for r in records.values() for key in r.learn_sets}
+        for family, name in sorted(set(listing.learn_sets) - learn_handled):
+            batch.add({"delete": {"set": {"family": family, "table": TABLE, "name": name}}})
         return batch, before, records, ids
 
     def _prove_keys(

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nwfilter.backends.nft.render import IPSET_PREFIX
+from nwfilter.backends.nft.render import IPSET_PREFIX, LEARN_PREFIX
 from nwfilter.events import EventBus, EventKind
 from nwfilter.netns import in_netns
 
@@ -140,12 +140,17 @@ def parse_events(
             if name:
                 pending.others.add(f"{FAMILY_NAMES.get(family, family)} {name}")
             continue
+        set_name = _text(attrs.get(NFTA_SET_ELEM_LIST_SET, b""))
         if (
             kind in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM)
             and family == NFPROTO_INET
-            and _text(attrs.get(NFTA_SET_ELEM_LIST_SET, b"")).startswith(IPSET_PREFIX)
+            and set_name.startswith(IPSET_PREFIX)
         ):
             continue  # the operator filling an ipset set
+        if kind == NFT_MSG_DELSETELEM and set_name.startswith(LEARN_PREFIX):
+            # A learnt address whose lease ended (the kernel's own expiry);
+            # a deletion only narrows what the port may send.
+            continue
         pending.touched.append(MSG_NAMES.get(kind, f"message {kind}"))
         chain_attr = {NFT_MSG_NEWCHAIN: NFTA_CHAIN_NAME, NFT_MSG_DELCHAIN: NFTA_CHAIN_NAME,
                       NFT_MSG_NEWRULE: NFTA_RULE_CHAIN, NFT_MSG_DELRULE: NFTA_RULE_CHAIN}.get(kind)

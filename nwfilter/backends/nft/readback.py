@@ -54,6 +54,9 @@ class Listing:
     # per map, key -> jump target (None: a verdict other than a jump)
     elements: dict[ChainKey, dict[Any, str | None]] = field(default_factory=dict)
     sets: dict[str, Json] = field(default_factory=dict)  # inet sets by name
+    # learnt-address sets (both tables) and the keys of their elements
+    learn_sets: dict[ChainKey, Json] = field(default_factory=dict)
+    learn_elements: dict[ChainKey, set[str]] = field(default_factory=dict)
     odd_elements: bool = False  # an element key of a kind we never write
     by_tag: dict[str, list[ChainKey]] = field(default_factory=dict)  # port chains by tag
     sets_by_tag: dict[str, list[str]] = field(default_factory=dict)  # connlimit sets by tag
@@ -112,6 +115,9 @@ def _open_block(out: Listing, kind: str, key: ChainKey) -> Json:
     elif kind == "map":
         out.maps[key] = obj
         out.elements[key] = {}
+    elif render.learn_set_tag(key[1]) is not None:
+        out.learn_sets[key] = obj
+        out.learn_elements[key] = set()
     elif key[0] == INET:
         out.sets[key[1]] = obj
         owner = set_owner_tag(key[1])
@@ -160,6 +166,8 @@ def _parse_table(out: Listing, family: str, lines: list[str]) -> None:
             body, pos = _block(lines, pos, line[len("elements = {"):])
             if kind == "map":
                 out.odd_elements |= _map_elements(body, out.elements[key])
+            elif key in out.learn_elements:
+                out.learn_elements[key] = _set_keys(body)
 
 
 def _block(lines: list[str], pos: int, first: str) -> tuple[str, int]:
@@ -200,6 +208,17 @@ def _split_elements(body: str) -> list[str]:
     if "".join(current).strip():
         items.append("".join(current))
     return items
+
+
+def _set_keys(body: str) -> set[str]:
+    """The keys of a set's elements (`10.0.0.5 timeout 1h expires 59m`,
+    `"vnet0" timeout ...`): the first word of each, unquoted."""
+    keys = set()
+    for item in _split_elements(body):
+        words = item.split()
+        if words:
+            keys.add(_name(words[0]))
+    return keys
 
 
 def _map_elements(body: str, found: dict[Any, str | None]) -> bool:
@@ -284,6 +303,11 @@ def layout_problem(listing: Listing) -> str | None:
         problem = _set_problem(name, spec)
         if problem is not None:
             return problem
+    for (family, name), spec in sorted(listing.learn_sets.items()):
+        kind = name[len(render.LEARN_PREFIX)]
+        if spec.get("type") != render.LEARN_SET_TYPES[kind] \
+                or "timeout" not in spec.get("flags", ()) or (kind == "t" and family != BRIDGE):
+            return f"set {family} {name} is not of this layout's type"
     tags = {comment.split(render.DIGEST_TAG)[0]
             for key in base for comment in listing.comments.get(key, ())}
     if render.BASE_COMMENT not in tags:
@@ -368,11 +392,13 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
         == render.l3_chain_name(portdev, hook)
     )
     sets = frozenset(listing.sets_by_tag.get(tag, ()))
+    learn_sets = {key: frozenset(listing.learn_elements.get(key, ()))
+                  for key in listing.learn_sets if render.learn_set_tag(key[1]) == tag}
     digests = {(f, n): tuple(listing.digests.get((f, n), ()))
                for f, names in ((BRIDGE, bridge), (INET, inet)) for n in names}
     return PortRecord(portdev=portdev, port_id=port_id, bridge_chains=bridge,
                       inet_chains=inet, l2_hooks=l2, l3_hooks=l3, sets=sets,
-                      digests=digests)
+                      learn_sets=learn_sets, digests=digests)
 
 
 def set_owner_tag(name: str) -> str | None:

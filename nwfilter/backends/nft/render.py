@@ -43,10 +43,13 @@ otherwise ``_`` followed by the hex of its bytes; interface names cannot hold
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,8 @@ from nwfilter.ir import (
     Hook,
     IntRange,
     IPSetMatch,
+    Learning,
+    LearntSet,
     MacMatch,
     Match,
     Rule,
@@ -90,6 +95,12 @@ RULE_KEY_LEN = 10  # hex digits of `rule_key`, the end of a connlimit set's name
 # standing for libvirt ipsets, which the operator fills.
 CONNLIMIT_PREFIX = "cl"
 IPSET_PREFIX = "ipset"
+# Per learning port, in either table: its learnt addresses (`learn4_<tag>`,
+# `learn6_<tag>`) and, in the bridge table, the flag that it has an IPv4
+# address (`learnt_<tag>`, holding the port's name); every element carries
+# its lease as timeout, so the kernel ends it by itself.
+LEARN_PREFIX = "learn"
+LEARNING_CHAIN = "learning"  # no libvirt chain name: those start with a protocol
 
 # Base chains: name, hook, priority, dispatch key, verdict map.
 # Their names are no nft keywords ('fwd' is one), so that what `nft list
@@ -210,6 +221,11 @@ class PortRecord:
     # The rendered rules of every chain, so a replacement rewrites only the
     # chains whose rules changed: the cost of a change grows with the change.
     contents: dict[tuple[str, str], list[tuple[list[Json], str | None]]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
+    # The learnt-address sets ((family, name)) and the keys of their
+    # elements (addresses as text, or the port name), as the kernel holds them.
+    learn_sets: dict[tuple[str, str], frozenset[str]] = field(
         default_factory=dict, compare=False, hash=False
     )
     # Per chain, the digests of its rules in order (`digest`): what decides
@@ -351,6 +367,7 @@ def render_port(
     previous: PortRecord | None,
     caps: Capabilities,
     previous_ruleset: Ruleset | None = None,
+    now: float | None = None,
 ) -> tuple[Batch, PortRecord]:
     """Commands that make the kernel hold `ruleset` for its port, replacing
     `previous` in place (flush and refill, vmap elements swapped in the same
@@ -358,7 +375,14 @@ def render_port(
 
     With `previous_ruleset` (what `previous` was rendered from), chains equal
     in the IR are neither rendered nor rewritten: a filter edit touching one
-    chain of every port costs one chain per port."""
+    chain of every port costs one chain per port.  A learning port's
+    address sets change by their elements alone (`now`, the wall-clock
+    time, turns leases into timeouts)."""
+    when = time.time() if now is None else now
+    if previous is not None and _only_learnt_differ(ruleset, previous_ruleset, previous,
+                                                    port_id):
+        learn_sets, batch = render_learnt(ruleset, previous_ruleset, previous.learn_sets, when)
+        return batch, dataclasses.replace(previous, learn_sets=learn_sets)
     check_ruleset(ruleset, caps, rules=False)
     if previous is None:
         previous_ruleset = None
@@ -383,10 +407,14 @@ def render_port(
     old_sets = previous.sets if previous else frozenset()
     old_chain_sets = previous.chain_sets if previous else {}
 
+    learning = ruleset.learn.learning if ruleset.learn is not None else {}
+    prev_learning = (previous_ruleset.learn.learning if previous_ruleset is not None
+                     and previous_ruleset.learn is not None else None)
     for hook in (Hook.FROM_VM, Hook.TO_VM):
         chains = ruleset.chains(hook)
         l3 = ruleset.l3_rules(hook)
-        if not chains and not l3:
+        gate = learning.get(hook)
+        if not chains and not l3 and gate is None:
             continue
         l2_hooks.add(hook)
         by_name = {c.name: c for c in chains}
@@ -402,14 +430,17 @@ def render_port(
         for chain in order:
             cname = l2_chain_name(portdev, hook, chain.name)
             kept = old_contents.get((BRIDGE, cname))
-            if (
-                kept is not None
-                and prev_chains.get(chain.name) == chain
-                and (chain is not root or bool(prev_l3) == bool(l3))
-            ):
+            same = kept is not None and prev_chains.get(chain.name) == chain
+            if chain is root:
+                same = (same and bool(prev_l3) == bool(l3)
+                        and (prev_learning or {}).get(hook) == gate)
+            if same:
+                assert kept is not None
                 bridge_chains[cname] = kept
                 continue
             rules: list[tuple[list[Json], str | None]] = []
+            if chain is root and gate is not None:
+                rules.append(learning_gate(portdev, hook))
             if chain is root and l3:
                 shift = 0 if hook is Hook.FROM_VM else 16
                 keep = TO_MASK if hook is Hook.FROM_VM else FROM_MASK
@@ -418,6 +449,14 @@ def render_port(
                 for exprs in _l2_rule(rule, portdev, hook, caps):
                     rules.append((exprs, _origin(rule)))
             bridge_chains[l2_chain_name(portdev, hook, chain.name)] = rules
+        if gate is not None:
+            cname = l2_chain_name(portdev, hook, LEARNING_CHAIN)
+            kept = old_contents.get((BRIDGE, cname))
+            if kept is not None and prev_learning is not None and prev_learning.get(hook) == gate:
+                bridge_chains[cname] = kept
+            else:
+                bridge_chains[cname] = [(exprs, _origin(rule)) for rule in gate
+                                        for exprs in _l2_rule(rule, portdev, hook, caps)]
         if l3:
             l3_hooks.add(hook)
             cname = l3_chain_name(portdev, hook)
@@ -456,6 +495,9 @@ def render_port(
         if name in needed:
             batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name,
                                        **spec}}})
+    old_learn = previous.learn_sets if previous else {}
+    learn_sets, learn_batch = render_learnt(ruleset, previous_ruleset, old_learn, when)
+    batch.extend(learn_batch)
     # 1. chains: create new ones, flush kept ones whose rules changed (drops
     # their jumps too); a chain whose rules are the same is left alone.
     for fam, new, old in ((BRIDGE, bridge_chains, old_bridge), (INET, inet_chains, old_inet)):
@@ -490,6 +532,8 @@ def render_port(
     )
     for name in sorted(old_sets - own_sets):
         batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+    for family, name in sorted(set(old_learn) - set(learn_sets)):
+        batch.add({"delete": {"set": {"family": family, "table": TABLE, "name": name}}})
     # 5. new dispatch elements last: the port's chains are complete by then.
     for hook in sorted(l2_hooks - old_l2, key=lambda h: h.value):
         batch.add(_element("add", BRIDGE, L2_MAP[hook], portdev,
@@ -507,6 +551,7 @@ def render_port(
         l3_hooks=frozenset(l3_hooks),
         sets=own_sets,
         chain_sets=chain_sets,
+        learn_sets=learn_sets,
         contents={
             **{(BRIDGE, name): rules for name, rules in bridge_chains.items()},
             **{(INET, name): rules for name, rules in inet_chains.items()},
@@ -514,6 +559,24 @@ def render_port(
         digests=digests,
     )
     return batch, record
+
+
+def _only_learnt_differ(
+    ruleset: Ruleset, before: Ruleset | None, previous: PortRecord, port_id: int
+) -> bool:
+    """Whether `ruleset` is `before` with other learnt addresses alone (the
+    learning listener's change): then only set elements are written."""
+    return (
+        before is not None
+        and ruleset.learn is not None
+        and before.learn is not None
+        and bool(previous.contents)
+        and previous.port_id == port_id
+        and ruleset.port == before.port
+        and ruleset.l2 == before.l2
+        and ruleset.l3 == before.l3
+        and ruleset.learn.learning == before.learn.learning
+    )
 
 
 def render_remove(record: PortRecord) -> Batch:
@@ -530,7 +593,110 @@ def render_remove(record: PortRecord) -> Batch:
             batch.add({"delete": {"chain": {"family": fam, "table": TABLE, "name": name}}})
     for name in sorted(record.sets):
         batch.add({"delete": {"set": {"family": INET, "table": TABLE, "name": name}}})
+    for family, name in sorted(record.learn_sets):
+        batch.add({"delete": {"set": {"family": family, "table": TABLE, "name": name}}})
     return batch
+
+
+# -- learnt address sets ---------------------------------------------------
+
+
+def learn_set_name(portdev: str, version: int | None) -> str:
+    """`learn4_<tag>`/`learn6_<tag>` (addresses), `learnt_<tag>` (None: the flag)."""
+    kind = "t" if version is None else str(version)
+    return f"{LEARN_PREFIX}{kind}_{_tag(portdev)}"
+
+
+def learn_set_tag(name: str) -> str | None:
+    """The port tag of a learnt-address set's name, else None."""
+    for kind in ("4", "6", "t"):
+        head = f"{LEARN_PREFIX}{kind}_"
+        if name.startswith(head) and len(name) > len(head):
+            return name[len(head):]
+    return None
+
+
+LEARN_SET_TYPES = {"4": "ipv4_addr", "6": "ipv6_addr", "t": "ifname"}
+
+
+def learning_gate(portdev: str, hook: Hook) -> tuple[list[Json], str]:
+    """The first rule of a learning port's root chain: until the port has a
+    learnt IPv4 address (its flag element), its learning rules decide."""
+    key = "iifname" if hook is Hook.FROM_VM else "oifname"
+    exprs = [_cmp({"meta": {"key": key}}, f"@{learn_set_name(portdev, None)}", True),
+             {"goto": {"target": l2_chain_name(portdev, hook, LEARNING_CHAIN)}}]
+    return exprs, "nwfilter: the learning rules until an address is learnt"
+
+
+def _timeout(expires: float | None, now: float) -> int | None:
+    return None if expires is None else max(1, math.ceil(expires - now))
+
+
+def _learn_elements(learn: Learning, portdev: str, now: float
+                    ) -> dict[str, list[tuple[str, int | None]]]:
+    """Per set kind ('4', '6', 't'), its elements as (key, timeout)."""
+    out: dict[str, list[tuple[str, int | None]]] = {"4": [], "6": [], "t": []}
+    for addr in learn.addresses:
+        if addr.expires is not None and addr.expires <= now:
+            continue  # its lease ended: the listener withdraws it
+        out[str(addr.address.version)].append((str(addr.address), _timeout(addr.expires, now)))
+    if learn.learning and out["4"]:
+        # The flag lasts as long as the longest IPv4 lease.
+        leases = [t for _k, t in out["4"]]
+        out["t"].append((portdev, None if None in leases else max(
+            t for t in leases if t is not None)))
+    return out
+
+
+def _elem(key: str, timeout: int | None) -> Any:
+    return key if timeout is None else {"elem": {"val": key, "timeout": timeout}}
+
+
+def render_learnt(
+    ruleset: Ruleset,
+    previous_ruleset: Ruleset | None,
+    previous: dict[tuple[str, str], frozenset[str]],
+    now: float,
+) -> tuple[dict[tuple[str, str], frozenset[str]], Batch]:
+    """The learnt-address sets `ruleset` needs (per set, its element keys)
+    and the commands that create them and set their elements: a set whose
+    elements are unchanged is not written (compared with `previous_ruleset`
+    when given, which knows the leases, else by key with `previous`, what
+    the kernel holds)."""
+    batch = Batch()
+    learn = ruleset.learn
+    if learn is None:
+        return {}, batch
+    portdev = ruleset.port.portdev
+    elements = _learn_elements(learn, portdev, now)
+    prev_elements = None
+    if previous_ruleset is not None and previous_ruleset.learn is not None:
+        prev_elements = _learn_elements(previous_ruleset.learn, portdev, now)
+    wanted: list[tuple[str, str]] = []  # (family, kind)
+    for family, l3 in ((BRIDGE, False), (INET, True)):
+        wanted.extend((family, str(v)) for v in sorted(ruleset.set_versions(l3=l3)))
+    if learn.learning:
+        wanted.append((BRIDGE, "t"))
+    out: dict[tuple[str, str], frozenset[str]] = {}
+    for family, kind in wanted:
+        name = learn_set_name(portdev, None if kind == "t" else int(kind))
+        key = (family, name)
+        items = elements[kind]
+        keys = frozenset(k for k, _t in items)
+        out[key] = keys
+        exists = key in previous
+        if exists and (previous[key] == keys if prev_elements is None
+                       else prev_elements[kind] == items and previous[key] == keys):
+            continue
+        if not exists:
+            batch.add({"add": {"set": {"family": family, "table": TABLE, "name": name,
+                                       "type": LEARN_SET_TYPES[kind], "flags": ["timeout"]}}})
+        else:
+            batch.add({"flush": {"set": {"family": family, "table": TABLE, "name": name}}})
+        if items:
+            batch.add({"add": {"element": {"family": family, "table": TABLE, "name": name,
+                                           "elem": [_elem(k, t) for k, t in items]}}})
+    return out, batch
 
 
 def delete_element(family: str, vmap: str, key: str | int) -> Json:
@@ -690,6 +856,11 @@ def check_ruleset(
         if rules and (previous is None or previous.l3_rules(hook) != l3):
             for rule in l3:
                 _l3_rule(rule, portdev, hook, {})
+        if rules and ruleset.learn is not None:
+            for rule in ruleset.learn.learning.get(hook, ()):
+                if rule.verdict is Verdict.JUMP:
+                    raise _unsupported(portdev, rule, "jump in the learning rules")
+                _l2_rule(rule, portdev, hook, caps)
 
 
 def _unsupported(portdev: str, rule: Rule, why: str) -> UnsupportedError:
@@ -889,6 +1060,8 @@ def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json
         if not isinstance(v, int) or isinstance(v, bool):
             raise _misfit(portdev, rule, m)
         return _cmp(_payload("vlan", "id" if f is Field.VLAN_ID else "type"), v, neg)
+    if isinstance(v, LearntSet):
+        return _learnt_match(m, v, rule, portdev, version)
     if f in STP_RAW or f in ARP_RAW:
         off, ln = STP_RAW[f] if f in STP_RAW else ARP_RAW[f]
         left = _raw(off, ln)
@@ -957,6 +1130,28 @@ def _match_expr(m: Match, rule: Rule, portdev: str, version: int | None) -> Json
         return {"match": {"op": "!=" if neg else "in", "left": {"ct": {"key": "state"}},
                           "right": wanted}}
     raise _unsupported(portdev, rule, f"field {f.value} is not supported here")
+
+
+def _learnt_match(
+    m: Match, v: LearntSet, rule: Rule, portdev: str, version: int | None
+) -> Json:
+    """A match on the port's learnt address set of `v.version`."""
+    if m.negate:
+        raise _unsupported(portdev, rule, "a negated match on the learnt addresses")
+    right = f"@{learn_set_name(portdev, v.version)}"
+    if m.field in (Field.ARP_SPA, Field.ARP_TPA):
+        # Typed, unlike the other ARP fields: nft compares a set of
+        # ipv4_addr with 'arp saddr ip' but not with the raw payload at the
+        # same offset ("datatype mismatch"); the typed payload needs the
+        # ethertype ARP, which the rule matches first.
+        if v.version != 4 or _positive_int(rule, Field.ETH_TYPE) != ETH_P_ARP:
+            raise _unsupported(portdev, rule, "learnt addresses in a RARP rule")
+        side = "saddr ip" if m.field is Field.ARP_SPA else "daddr ip"
+        return _cmp(_payload("arp", side), right, False)
+    if m.field not in (Field.IP_SRC, Field.IP_DST) or version != v.version:
+        raise _misfit(portdev, rule, m)
+    side = "saddr" if m.field is Field.IP_SRC else "daddr"
+    return _cmp(_payload("ip" if v.version == 4 else "ip6", side), right, False)
 
 
 def _misfit(portdev: str, rule: Rule, m: Match) -> UnsupportedError:
