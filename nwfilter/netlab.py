@@ -30,6 +30,18 @@ BRIDGE_NETFILTER_SYSCTLS = (
 )
 
 
+# A script for busybox's DHCP client (`udhcpc -s`): it puts the leased
+# address (and nothing else) on the interface, or takes it off.
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface" ;;
+  bound|renew) ip -4 addr flush dev "$interface"
+               ip addr add "$ip/$subnet" dev "$interface" ;;
+esac
+exit 0
+"""
+
+
 class NetLab:
     """A set of network namespaces with a common unique prefix."""
 

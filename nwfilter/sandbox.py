@@ -46,7 +46,7 @@ from typing import Protocol, TextIO
 
 from nwfilter.errors import NwfilterError
 from nwfilter.frames import FrameCapture, send_frames
-from nwfilter.netlab import NetLab
+from nwfilter.netlab import UDHCPC_SCRIPT, NetLab
 from nwfilter.netns import NETNS_DIR
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,21 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.passed == self.probe.passes
+
+
+NETWORK = "default"
+NETWORK_GATEWAY = "192.168.122.1"  # the stock default network's bridge address
+NETWORK_SPOOF = "192.168.122.250"
+NET_GUEST = ("carol", "52:54:00:5b:00:0d")
+
+
+@dataclass(frozen=True)
+class NetworkGuest:
+    """A guest on a managed network: its namespace and host port."""
+
+    name: str
+    netns: str
+    portdev: str
 
 
 def probes(icmp_blocked: bool = False) -> list[Probe]:
@@ -561,6 +576,16 @@ class Platform(Protocol):
         """Define and start the guest; return its network namespace."""
         ...
 
+    def start_network_guest(self, name: str, mac: str) -> NetworkGuest:
+        """Start network NETWORK (as libvirt ships `default`) and a guest
+        on it with clean-traffic, no IP and DHCP learning; return where it
+        runs."""
+        ...
+
+    def learnt(self, portdev: str) -> tuple[str, ...]:
+        """The IPv4 addresses learnt for a port (none yet: ())."""
+        ...
+
     def stop_guests(self) -> None: ...
 
     def rules_text(self, portdev: str) -> str: ...
@@ -626,29 +651,75 @@ def _demo_steps(lab: Lab, platform: Platform, out: TextIO) -> int:
     _say(out, format_table(restored))
 
     everything = [*results, *edited, *restored]
+    learnt_ok = _network_step(lab, platform, out)
     bad = [o for o in everything if not o.ok]
-    _step(out, 7, "result")
-    if bad or not same:
-        _say(out, f"{len(bad)} of {len(everything)} probes did not behave as the filters say")
+    _step(out, 8, "result")
+    if bad or not same or not learnt_ok:
+        _say(out, f"{len(bad)} of {len(everything)} probes did not behave as the filters say"
+             + ("" if learnt_ok else "; the network guest did not behave as its filter says"))
         return 1
-    _say(out, f"all {len(everything)} probes behaved as the filters say")
+    _say(out, f"all {len(everything)} probes behaved as the filters say, and the network "
+              "guest was filtered by the address it leased")
     return 0
 
 
+def _network_step(lab: Lab, platform: Platform, out: TextIO) -> bool:
+    name, mac = NET_GUEST
+    _step(out, 7, f"a guest on the '{NETWORK}' network, no IP: filtered by the address it leases")
+    _say(out, f"    <interface type='network'><source network='{NETWORK}'/>"
+              "<filterref filter='clean-traffic'>")
+    _say(out, "      <parameter name='CTRL_IP_LEARNING' value='dhcp'/></filterref></interface>")
+    _say(out, "  (no IP: the engine learns it from a lease of the network's own dnsmasq)")
+    guest = platform.start_network_guest(name, mac)
+    so_far = ", ".join(platform.learnt(guest.portdev)) or "nothing"
+    _say(out, f"network '{NETWORK}' started (bridge, NAT, its own dnsmasq); {name} started on "
+              f"port {guest.portdev}; learnt so far: {so_far}")
+    # Before a lease only DHCP passes: a ping from an address the guest
+    # makes up itself is dropped.
+    lab.netlab.run(guest.netns, ["ip", "addr", "add", f"{NETWORK_SPOOF}/24", "dev", "eth0"])
+    early = lab.netlab.ping(guest.netns, NETWORK_GATEWAY, count=2)
+    lab.netlab.run(guest.netns, ["ip", "addr", "flush", "dev", "eth0"])
+    _say(out, f"  before a lease, ping {NETWORK_GATEWAY} from a made-up address "
+              f"{NETWORK_SPOOF}: {'answered (unexpected)' if early else 'dropped, as expected'}")
+    script = Path(tempfile.mkdtemp(prefix="nwfilter-sandbox-dhcp-")) / "udhcpc.sh"
+    try:
+        script.write_text(UDHCPC_SCRIPT)
+        script.chmod(0o700)
+        lab.netlab.run(guest.netns, ["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f",
+                                     "-t", "5", "-T", "1", "-A", "1", "-s", str(script)],
+                       timeout=30, check=False)
+    finally:
+        shutil.rmtree(script.parent, ignore_errors=True)
+    deadline = time.monotonic() + 5
+    while not platform.learnt(guest.portdev) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    learnt = platform.learnt(guest.portdev)
+    _say(out, f"  {name} ran a DHCP client; the engine learnt: {', '.join(learnt) or 'nothing'}")
+    leased = bool(learnt) and lab.netlab.ping(guest.netns, NETWORK_GATEWAY, count=2)
+    _say(out, f"  ping {NETWORK_GATEWAY} from the leased address: "
+              f"{'answered, as expected' if leased else 'dropped (unexpected)'}")
+    lab.netlab.run(guest.netns, ["ip", "addr", "add", f"{NETWORK_SPOOF}/24", "dev", "eth0"])
+    spoofed = lab.netlab.run(
+        guest.netns, ["ping", "-n", "-q", "-c", "2", "-W", "1", "-I", NETWORK_SPOOF,
+                      NETWORK_GATEWAY], timeout=15, check=False).returncode == 0
+    _say(out, f"  ping {NETWORK_GATEWAY} from a made-up address {NETWORK_SPOOF}: "
+              f"{'answered (unexpected)' if spoofed else 'dropped, as expected'}")
+    return not early and leased and not spoofed
+
+
 class DriverPlatform:
-    """The engine and the domain driver of a state root, on a host namespace."""
+    """The engine, domains and networks of a state root on a host
+    namespace: nwfilterd's own pieces, in process (its IP learning too)."""
 
     def __init__(self, root: Path, backend: str, host_netns: str) -> None:
-        from nwfilter.backends import get_backend
-        from nwfilter.domain.driver import DomainManager
-        from nwfilter.engine import Engine
+        from nwfilter.daemon import serve
 
-        self.engine = Engine(root, get_backend(backend, host_netns))
-        self.engine.start()
-        self.manager = DomainManager.for_engine(self.engine, netns=host_netns)
-        self.manager.start()
+        self.server = serve(root, backend, host_netns, None)
+        self.engine = self.server.engine
+        self.manager = self.server.domains
         self._defined: list[str] = []
         self._running: list[str] = []
+        self._networks: list[str] = []
         self._originals: dict[str, str] = {}
 
     def edit_filter(self, name: str, xml: str) -> str:
@@ -667,20 +738,43 @@ class DriverPlatform:
     def filter_uuid(self, name: str) -> str:
         return str(self.engine.pool.lookup(name).uuid)
 
-    def start_guest(self, guest: Guest) -> str:
+    def _netns_of(self, name: str) -> str:
         from nwfilter.domain.nsvm import NsHypervisor
 
+        hypervisor = self.manager.driver("ns").hypervisor
+        if not isinstance(hypervisor, NsHypervisor):
+            raise NwfilterError("domains of type 'ns' are not run by the ns hypervisor")
+        return hypervisor.netns_of(name)
+
+    def start_guest(self, guest: Guest) -> str:
         self.manager.define_xml(guest.domain_xml())
         self._defined.append(guest.name)
         self.manager.start_domain(guest.name)
         self._running.append(guest.name)
-        hypervisor = self.manager.driver("ns").hypervisor
-        if not isinstance(hypervisor, NsHypervisor):
-            raise NwfilterError("domains of type 'ns' are not run by the ns hypervisor")
-        return hypervisor.netns_of(guest.name)
+        return self._netns_of(guest.name)
+
+    def start_network_guest(self, name: str, mac: str) -> NetworkGuest:
+        self.server.networks.start(NETWORK)
+        self._networks.append(NETWORK)
+        self.manager.define_xml(
+            f"<domain type='ns'><name>{name}</name><devices><interface type='network'>"
+            f"<source network='{NETWORK}'/><mac address='{mac}'/>"
+            "<filterref filter='clean-traffic'>"
+            "<parameter name='CTRL_IP_LEARNING' value='dhcp'/></filterref>"
+            "</interface></devices></domain>"
+        )
+        self._defined.append(name)
+        self.manager.start_domain(name)
+        self._running.append(name)
+        (row,) = self.manager.interfaces(name)
+        return NetworkGuest(name, self._netns_of(name), row.interface)
+
+    def learnt(self, portdev: str) -> tuple[str, ...]:
+        return self.engine.learnt(portdev).get("IP", ())
 
     def stop_guests(self) -> None:
-        """Destroy and undefine what was started and defined here (best effort)."""
+        """Destroy and undefine what was started and defined here, then
+        destroy the networks started here (best effort)."""
         while self._running:
             name = self._running.pop()
             try:
@@ -693,6 +787,12 @@ class DriverPlatform:
                 self.manager.undefine(name)
             except NwfilterError as exc:
                 log.error("undefining sandbox guest '%s' failed: %s", name, exc)
+        while self._networks:
+            name = self._networks.pop()
+            try:
+                self.server.networks.destroy(name)
+            except NwfilterError as exc:
+                log.error("destroying sandbox network '%s' failed: %s", name, exc)
 
     def rules_text(self, portdev: str) -> str:
         from nwfilter.render_text import render_text
@@ -700,13 +800,15 @@ class DriverPlatform:
         return render_text(self.engine.ruleset(portdev))
 
     def close(self) -> None:
+        from nwfilter.daemon import close
+
         try:
             # A state root named with --root must not keep the demo's edit.
             self.restore_filters()
         except NwfilterError as exc:
             log.error("putting back the edited filters failed: %s", exc)
         finally:
-            self.engine.close()
+            close(self.server)
 
 
 def open_platform(root: Path, backend: str, host_netns: str) -> Platform:

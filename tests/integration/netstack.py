@@ -15,18 +15,7 @@ from typing import Any
 
 from nwfilter import api
 from nwfilter.daemon import Server, close, serve
-from nwfilter.netlab import NetLab
-
-# udhcpc runs this for each lease event: the address (and nothing else)
-# goes on the interface, or comes off it.
-UDHCPC_SCRIPT = """#!/bin/sh
-case "$1" in
-  deconfig) ip -4 addr flush dev "$interface" ;;
-  bound|renew) ip -4 addr flush dev "$interface"
-               ip addr add "$ip/$subnet" dev "$interface" ;;
-esac
-exit 0
-"""
+from nwfilter.netlab import UDHCPC_SCRIPT, NetLab
 
 
 @dataclass

@@ -59,6 +59,10 @@ def test_sandbox_runs_and_cleans_up(no_leftovers: None, tmp_path: Path) -> None:
     assert "MISMATCH" not in out
     assert "forged source IP" in out and "forged source MAC" in out
     assert out.count("observed") >= 3, out  # before the edit, after it, after the undo
+    # The guest on the default network: no IP given, learnt from its lease.
+    assert "the engine learnt: 192.168.122." in out, out
+    assert "filtered by the address it leased" in out, out
+    assert "(unexpected)" not in out, out
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
