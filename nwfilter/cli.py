@@ -117,13 +117,11 @@ def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
     """The arguments, parsed with the groups their words name; the full
     parser's answer whenever that parser would differ."""
     words = sys.argv[1:] if argv is None else list(argv)
-    modules = modules_naming(words)
-    if modules:
-        try:
-            return parse_args(build_parser(modules, _NarrowParser), words)
-        except _NeedsFullParser:
-            pass
-    return parse_args(build_parser(), words)
+    try:
+        # With no group named, only --version gets through.
+        return parse_args(build_parser(modules_naming(words), _NarrowParser), words)
+    except _NeedsFullParser:
+        return parse_args(build_parser(), words)
 
 
 def parse_args(

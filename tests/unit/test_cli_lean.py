@@ -128,7 +128,7 @@ def test_the_named_groups_parse_as_all_of_them(argv: list[str]) -> None:
 @pytest.mark.parametrize("argv", [
     [], ["--help"], ["-qh"], ["--hel", "list"], ["nosuch"], ["--root", "list", "nosuch"],
     ["list", "--bogus"], ["list", "-h"], ["domid"], ["event", "--timeout", "0"],
-    ["nwfilter-list", "extra"], ["--version"],
+    ["nwfilter-list", "extra"], ["--version"], ["-q", "--version"], ["--root", "x"], ["-v"],
 ])
 def test_help_and_errors_are_the_full_parsers(
     argv: list[str], capsys: pytest.CaptureFixture[str]
