@@ -4,6 +4,11 @@ The CLI is thin: each group of subcommands lives in a module of
 `nwfilter.commands` exposing `register(subparsers)`; a handler receives the
 parsed arguments and a `Context` that builds the engine lazily.  Errors of
 the engine become one line on stderr and the exit status of their code.
+
+A run builds the parsers of the groups its words name only (building them
+all costs more than a call through nwfilterd); what would show the other
+groups (help, an unknown command) or an error is left to the full parser,
+so that the output is the same.
 """
 
 from __future__ import annotations
@@ -13,16 +18,38 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
+from types import ModuleType
+from typing import Any, NoReturn
 
-from nwfilter.commands import command_modules
+from nwfilter.commands import command_modules, modules_naming
 from nwfilter.commands.context import DEFAULT_ROOT, Context
 from nwfilter.errors import NwfilterError
 from nwfilter.printable import configure_logging
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _NeedsFullParser(Exception):
+    """The narrow parser met what only the full one shows right."""
+
+
+class _NarrowParser(argparse.ArgumentParser):
+    """The top level of a parser with some of the subcommands: it leaves
+    its help (which lists the subcommands) and its errors (an unknown
+    subcommand lists them too) to the full parser.  The subcommands' own
+    parsers are the full parser's, and report their errors themselves."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _NeedsFullParser(message)
+
+    def print_help(self, file: object = None) -> NoReturn:
+        raise _NeedsFullParser("help")
+
+
+def build_parser(
+    modules: Sequence[ModuleType] | None = None,
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """The parser of the subcommands of `modules` (default: all)."""
+    parser = parser_class(
         prog="nwfilter",
         description="Network filters for VM ports, in libvirt's nwfilter language.",
     )
@@ -52,19 +79,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print results only, no messages about what was done")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("--version", action="version", version=version_text())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in command_modules():
+    parser.add_argument("--version", action=VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=argparse.ArgumentParser)
+    for module in command_modules() if modules is None else modules:
         module.register(sub)
     return parser
 
 
+class VersionAction(argparse.Action):
+    """`--version`, as argparse's own prints it; the version is looked up
+    only when asked (the package metadata takes longer to load than the
+    rest of a command)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS,
+                 help: str = "show program's version number and exit") -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser._print_message(version_text() + "\n", sys.stdout)
+        parser.exit()
+
+
 def version_text() -> str:
+    from importlib import metadata
+
     try:
         ours = metadata.version("nwfilter")
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
         ours = "unknown"
     return f"nwfilter {ours}"
+
+
+def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, parsed with the groups their words name; the full
+    parser's answer whenever that parser would differ."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        # With no group named, only --version gets through.
+        return parse_args(build_parser(modules_naming(words), _NarrowParser), words)
+    except _NeedsFullParser:
+        return parse_args(build_parser(), words)
 
 
 def parse_args(
@@ -90,8 +147,7 @@ def _subparser(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_args(parser, argv)
+    args = parse_command_line(argv)
     configure_logging(
         logging.WARNING - 10 * min(args.verbose, 2), "%(levelname)s %(name)s: %(message)s"
     )

@@ -8,11 +8,13 @@ import itertools
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nwfilter import protocol
 from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationError
-from nwfilter.events import Event
+
+if TYPE_CHECKING:
+    from nwfilter.events import Event
 
 # Waits between connect attempts while the daemon's listen queue is full.
 _RETRY_FIRST = 0.005
@@ -91,6 +93,8 @@ class Client:
         `timeout` s (None: for ever); None when the time ran out (the
         connection is then unusable: a line may have been cut).
         `UnavailableError` when the daemon closed the stream."""
+        from nwfilter.events import Event  # only event streams need it
+
         self._sock.settimeout(timeout)
         try:
             message = protocol.read_message(self._reader)

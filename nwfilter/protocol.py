@@ -20,8 +20,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 from nwfilter.errors import ErrorCode, NwfilterError, ValidationError, error_from_code
 
@@ -58,8 +57,7 @@ class RequestError(ValidationError):
         self.request_id = request_id
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     id: RequestId
     method: str
     params: dict[str, Any]

@@ -24,7 +24,13 @@ Phases (`--calls N` ports each, default 1000):
 
 For a-c it prints the time of the 1st, 100th, 500th and 1,000th call (the
 ones there are) and the mean, to show whether a call's cost grows with the
-number of bindings.
+number of bindings.  `--skip` leaves phases out (e.g. `--skip acdef` runs b
+alone).
+
+The processes it starts run this tree's package (from the top of the tree,
+whatever the current directory) with compiled bytecode, as an installed
+package has it: PYTHONDONTWRITEBYTECODE is not passed on, so the first
+run writes the __pycache__ directories.
 
 Usage: python tools/bench_api.py [--calls N] [--embedded-calls N] [--cli-calls N]
            [--clients N] [--seconds S] [--workers N] [--skip PHASES]
@@ -77,7 +83,8 @@ class Bench:
         self.dirs: list[Path] = []
         self.procs: list[subprocess.Popen[str]] = []
         self.env = {**os.environ, "PYTHONPATH": str(REPO)}
-        for key in ("NWFILTER_ROOT", "NWFILTER_BACKEND", "NWFILTER_NETNS", "NWFILTER_SOCKET"):
+        for key in ("NWFILTER_ROOT", "NWFILTER_BACKEND", "NWFILTER_NETNS", "NWFILTER_SOCKET",
+                    "PYTHONDONTWRITEBYTECODE"):
             self.env.pop(key, None)
 
     def close(self) -> None:
@@ -116,7 +123,8 @@ class Bench:
     def cli(self, root: Path, ns: str, *args: str) -> None:
         argv = [sys.executable, "-m", "nwfilter.cli", "--root", str(root),
                 "--backend", "nft", "--netns", ns, "-q", *args]
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, check=False)
+        proc = subprocess.run(argv, env=self.env, cwd=REPO, capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
 
@@ -128,7 +136,7 @@ class Bench:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nwfilter.daemon", "--root", str(root), "--backend",
                  "nft", "--netns", ns, "--workers", str(self.workers)],
-                env=self.env, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+                env=self.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
                 start_new_session=True,  # Ctrl-C reaches this tool only; close() stops it
             )
         self.procs.append(proc)
@@ -378,7 +386,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="length of each nwfilter-list run")
     parser.add_argument("--workers", type=int, default=8, help="nwfilterd --workers")
-    parser.add_argument("--skip", default="", help="phases to skip, e.g. 'ab'")
+    parser.add_argument("--skip", default="", help="phases to skip, e.g. 'ab' or 'acdef'")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
@@ -397,30 +405,44 @@ def main() -> int:
             times = phase_cli_daemon(bench, args.cli_calls or n)
             rows.append(series_row("b. CLI, through nwfilterd", times))
             print(rows[-1], flush=True)
-        times, sock = phase_api_one(bench, n)
-        rows.append(series_row("c. API, 1 client", times))
-        print(rows[-1], flush=True)
-        elapsed, transactions, requests = phase_api_many(bench, n, args.clients)
-        many = (f"d. API, {args.clients} clients: {requests} ports in {elapsed * 1000:.0f} ms = "
+        sock: Path | None = None
+        if "c" not in args.skip:
+            times, sock = phase_api_one(bench, n)
+            rows.append(series_row("c. API, 1 client", times))
+            print(rows[-1], flush=True)
+        lines: list[str] = []
+        if "d" not in args.skip:
+            elapsed, transactions, requests = phase_api_many(bench, n, args.clients)
+            lines.append(
+                f"d. API, {args.clients} clients: {requests} ports in {elapsed * 1000:.0f} ms = "
                 f"{elapsed * 1000 / requests:.2f} ms per port, {transactions} kernel "
                 f"transactions (nwfilterd --workers {args.workers})")
-        print(many, flush=True)
-        rates = [(c, throughput(sock, c, args.seconds)) for c in (1, 8, 64)]
-        elapsed, batches, requests = phase_engine_many(bench, n, args.clients)
-        engine = (f"f. Engine.create_bindings in process, {args.clients} threads: {requests} "
-                  f"ports in {elapsed * 1000:.0f} ms = {elapsed * 1000 / requests:.2f} ms per "
-                  f"port, {batches} kernel transactions")
-        print(engine, flush=True)
+            print(lines[-1], flush=True)
+        rates: list[tuple[int, float]] = []
+        if "e" not in args.skip:
+            if sock is None:  # phase c's daemon serves it when c runs
+                ns, root = bench.host("e")
+                _proc, sock = bench.daemon(root, ns)
+            rates = [(c, throughput(sock, c, args.seconds)) for c in (1, 8, 64)]
+        if "f" not in args.skip:
+            elapsed, batches, requests = phase_engine_many(bench, n, args.clients)
+            lines.append(
+                f"f. Engine.create_bindings in process, {args.clients} threads: {requests} "
+                f"ports in {elapsed * 1000:.0f} ms = {elapsed * 1000 / requests:.2f} ms per "
+                f"port, {batches} kernel transactions")
+            print(lines[-1], flush=True)
         print()
-        print(head)
-        for row in rows:
-            print(row)
-        print(many)
-        print(engine)
-        print()
-        print(f"{'e. nwfilter-list (filter.list) via nwfilterd':<46} {'req/s':>8}")
-        for clients, rate in rates:
-            print(f"   {clients:>2} concurrent client(s){'':<23} {rate:8.0f}")
+        if rows:
+            print(head)
+            for row in rows:
+                print(row)
+        for line in lines:
+            print(line)
+        if rates:
+            print()
+            print(f"{'e. nwfilter-list (filter.list) via nwfilterd':<46} {'req/s':>8}")
+            for clients, rate in rates:
+                print(f"   {clients:>2} concurrent client(s){'':<23} {rate:8.0f}")
     return 0
 
 

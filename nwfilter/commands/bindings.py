@@ -13,6 +13,9 @@ from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
 from nwfilter.printable import printable
 
+COMMANDS = ("nwfilter-binding-create", "nwfilter-binding-delete", "nwfilter-binding-list",
+            "nwfilter-binding-dumpxml")
+
 
 def register(subparsers: Any) -> None:
     """Add the binding subcommands to the top-level parser."""

@@ -35,6 +35,9 @@ KINDS: dict[str, tuple[str, Any]] = {
 }
 
 
+COMMANDS = ("__complete",)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("__complete")  # no help: not listed
     p.add_argument("kind", choices=sorted(KINDS))

@@ -17,7 +17,6 @@ import os
 import stat
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,12 +67,13 @@ class SocketCaller:
         self._refusal = refusal
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        from nwfilter.api import method as lookup
-
         if self._admin is not None:
             try:
                 return self._admin.call(method, params)
             except PermissionDeniedError as exc:
+                # Here only: the table of methods loads the filter language.
+                from nwfilter.api import method as lookup
+
                 if self._ro_path is None or lookup(method).writes:
                     raise
                 self._admin.close()
@@ -108,22 +108,28 @@ class SocketCaller:
         self._admin = self._ro = None
 
 
-@dataclass
 class Context:
-    root: str
-    backend: str | None  # None: not given (the root's recorded one)
-    netns: str | None  # None: not given (the root's recorded one)
-    connect: str | None = None
-    quiet: bool = False
-    lock_timeout: float = 30.0  # how long an embedded engine waits for the root's lock
-    _caller: Caller | None = field(default=None, init=False)
-    _engine: Engine | None = field(default=None, init=False)
-    start_warnings: list[str] = field(default_factory=list, init=False)
-    # Long work of an embedded engine shows on a terminal (not with -q).
-    progress: TerminalProgress = field(init=False)
+    """The global options of a command and its control path.
 
-    def __post_init__(self) -> None:
-        self.progress = TerminalProgress(sys.stderr, enabled=False if self.quiet else None)
+    A plain class rather than a dataclass: every command builds one, and
+    loading the dataclasses module takes longer than a call through
+    nwfilterd."""
+
+    def __init__(
+        self, root: str, backend: str | None, netns: str | None, connect: str | None = None,
+        quiet: bool = False, lock_timeout: float = 30.0,
+    ) -> None:
+        self.root = root
+        self.backend = backend  # None: not given (the root's recorded one)
+        self.netns = netns  # None: not given (the root's recorded one)
+        self.connect = connect
+        self.quiet = quiet
+        self.lock_timeout = lock_timeout  # how long an embedded engine waits for the root's lock
+        self._caller: Caller | None = None
+        self._engine: Engine | None = None
+        self.start_warnings: list[str] = []
+        # Long work of an embedded engine shows on a terminal (not with -q).
+        self.progress = TerminalProgress(sys.stderr, enabled=False if quiet else None)
 
     @property
     def root_path(self) -> Path:

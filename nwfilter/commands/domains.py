@@ -38,6 +38,18 @@ _DOING = {"undefine": "undefining", "start": "starting", "shutdown": "shutting d
           "destroy": "destroying", "suspend": "suspending", "resume": "resuming"}
 
 
+_FIELDS = (
+    ("domid", "print a domain's id ('-' when inactive)", "id"),
+    ("domuuid", "print a domain's UUID", "uuid"),
+    ("domname", "print a domain's name", "name"),
+)
+
+COMMANDS = (
+    "define", *(name for name, _help, _done in _LIFECYCLE), "domiflist", "domifaddr", "list",
+    "dominfo", *(name for name, _help, _key in _FIELDS), "dumpxml", "domstate", "autostart",
+)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("define", help="define or update a domain from an XML file")
     p.add_argument("file", metavar="FILE", help="file holding the domain's XML ('-': stdin)")
@@ -79,11 +91,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_dominfo)
 
-    for name, helptext, key in (
-        ("domid", "print a domain's id ('-' when inactive)", "id"),
-        ("domuuid", "print a domain's UUID", "uuid"),
-        ("domname", "print a domain's name", "name"),
-    ):
+    for name, helptext, key in _FIELDS:
         p = subparsers.add_parser(name, help=helptext)
         p.add_argument("domain", metavar="DOMAIN", help=_DOMAIN_HELP)
         p.set_defaults(handler=cmd_domfield, field=key)

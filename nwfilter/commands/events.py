@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 from nwfilter.errors import UnavailableError, ValidationError
-from nwfilter.events import SUBSCRIBABLE, Event, EventKind
 
 if TYPE_CHECKING:
     from nwfilter.commands.context import Context
+    from nwfilter.events import Event
 
 
 def _seconds(text: str) -> float:
@@ -31,7 +30,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+COMMANDS = ("event",)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from nwfilter.events import SUBSCRIBABLE
+
     p = subparsers.add_parser(
         "event", help="wait for events of the root (needs nwfilterd)",
         description="Print the next event (every event with --loop) that nwfilterd "
@@ -52,6 +56,8 @@ def _line(event: Event, args: argparse.Namespace) -> str:
     if args.json:
         return json.dumps(event.to_json(), sort_keys=True)
     if args.timestamp:
+        from datetime import datetime
+
         when = datetime.fromtimestamp(event.time).astimezone()
         return f"{when.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}{when.strftime('%z')}: " + (
             event.text()
@@ -60,6 +66,8 @@ def _line(event: Event, args: argparse.Namespace) -> str:
 
 
 def cmd_event(args: argparse.Namespace, ctx: Context) -> int:
+    from nwfilter.events import EventKind
+
     client = ctx.daemon(purpose="events")
     count = 0
     ended = ""

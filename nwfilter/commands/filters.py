@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from nwfilter.commands.inputs import input_source, read_document
 from nwfilter.commands.table import format_table
-from nwfilter.conf import parse_filter
 from nwfilter.errors import NwfilterError, StorageError, ValidationError
 from nwfilter.printable import printable
 
@@ -33,6 +29,10 @@ _UUID_WIDTH = len("00000000-0000-0000-0000-000000000000")
 # The choices virsh offers after a failed edit; we keep the two that matter.
 EDIT_PROMPT = "Failed. Try again? [y,n,i,f,?]: "
 EDIT_HELP = "y - yes, start editor again\nn - no, throw away my changes\n? - print this help\n"
+
+
+COMMANDS = ("nwfilter-define", "nwfilter-undefine", "nwfilter-list", "nwfilter-dumpxml",
+            "nwfilter-edit")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,6 +126,8 @@ def cmd_edit(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def editor_command() -> list[str]:
+    import shlex
+
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     argv = shlex.split(editor)
     if not argv:
@@ -142,6 +144,10 @@ def edit_filter(
     stderr: TextIO,
 ) -> int:
     """virsh's edit loop: edit a copy, define it if valid, offer a retry if not."""
+    import tempfile
+
+    from nwfilter.conf import parse_filter
+
     original = _with_newline(service.call("filter.dumpxml", {"name": name_or_uuid}))
     name = parse_filter(original).name
     fd, tmp_name = tempfile.mkstemp(prefix="nwfilter-edit-", suffix=".xml")
@@ -181,6 +187,8 @@ def edit_filter(
 
 
 def _run_editor(path: Path) -> None:
+    import subprocess
+
     argv = [*editor_command(), str(path)]
     try:
         status = subprocess.call(argv)

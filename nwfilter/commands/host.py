@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nwfilter import hostrecord
 from nwfilter.commands.context import Context
 from nwfilter.errors import ConflictError, NwfilterError, ValidationError
-from nwfilter.netns import check_netns_name
-from nwfilter.rootlock import RootLock
+
+if TYPE_CHECKING:
+    from nwfilter.hostrecord import HostRecord
 
 log = logging.getLogger(__name__)
+
+
+COMMANDS = ("host-move",)
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +44,10 @@ def register(subparsers: Any) -> None:
 
 
 def move_handler(args: argparse.Namespace, ctx: Context) -> int:
+    from nwfilter import hostrecord
     from nwfilter.backends import get_backend
+    from nwfilter.netns import check_netns_name
+    from nwfilter.rootlock import RootLock
 
     root = ctx.root_path
     old = hostrecord.load(root)
@@ -88,7 +94,7 @@ def move_handler(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _release(old: hostrecord.HostRecord, owner: Any) -> None:
+def _release(old: HostRecord, owner: Any) -> None:
     """Delete this root's tables in its old host, if they are there and ours."""
     from nwfilter.backends import get_backend
 

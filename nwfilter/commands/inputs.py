@@ -2,6 +2,7 @@
 
 The bytes go to the parsers unchanged, so one place (`nwfilter.conf.safexml`)
 checks the encoding and the size, and errors name the file they came from.
+Reading needs only the size limit (`nwfilter.conf.limits`), not the parsers.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nwfilter.conf.safexml import DEFAULT_LIMITS
+from nwfilter.conf.limits import MAX_DOCUMENT_BYTES
 from nwfilter.errors import StorageError, XMLError
 
 #: no document the parsers accept is larger; reading stops one byte after
-MAX_INPUT_BYTES = DEFAULT_LIMITS.max_bytes
+MAX_INPUT_BYTES = MAX_DOCUMENT_BYTES
 
 
 def input_source(name: str) -> str:

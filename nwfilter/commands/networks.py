@@ -28,6 +28,10 @@ _VERBS = (
 )
 
 
+COMMANDS = ("net-define", *(command for command, _verb, _help, _done in _VERBS), "net-list",
+            "net-dumpxml", "net-autostart", "net-info")
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("net-define", help="define or update a network from an XML file")
     p.add_argument("file", metavar="FILE", help="file holding the network's XML ('-': stdin)")

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 _KERNEL_BACKENDS = ("nft", "ebiptables")
 
 
+COMMANDS = ("sandbox",)
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "sandbox",

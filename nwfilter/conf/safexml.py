@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from lxml import etree
 
+from nwfilter.conf.limits import MAX_DOCUMENT_BYTES
 from nwfilter.errors import NwfilterError, ValidationError, XMLError
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_bytes: int = 1024 * 1024
+    max_bytes: int = MAX_DOCUMENT_BYTES
     max_depth: int = 32
     max_elements: int = 50_000
     max_attributes: int = 64
