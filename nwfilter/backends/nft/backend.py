@@ -39,6 +39,7 @@ from nwfilter.backends.base import Owner
 from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset
+from nwfilter.ir_digest import Memo
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.netns import in_netns
 
@@ -609,7 +610,12 @@ class NftBackend:
         for family, name in stale:
             batch.add({"flush": {"chain": {"family": family, "table": TABLE, "name": name}}})
         records: dict[str, PortRecord] = {}
+        memo: Memo = {}
         for portdev, record in before.items():
+            proven = readback.proven_record(listing, record, wanted[portdev], caps, memo)
+            if proven is not None:  # its stamp proves a render would write nothing
+                records[portdev] = proven
+                continue
             port_batch, records[portdev] = render.render_port(
                 wanted[portdev], record.port_id, record, caps)
             batch.extend(port_batch)

@@ -15,7 +15,10 @@ compiled rulesets render to:
 * `port_ids` and `port_record` — per bound port, the id it had (from the
   `l3_from`/`l3_to` elements, else from its mark-stamping rule) and a
   `PortRecord` of what it owns now, which `render.render_port` takes as
-  `previous` so that only what differs is written.
+  `previous` so that only what differs is written;
+* `proven_record` — for a port whose stamp (`render.stamp_comment`) shows
+  that the kernel holds what its ruleset renders to, the full record
+  without rendering anything.
 
 Rules are compared by digest, never by expression: libnftables lists
 expressions normalised (ether types as names, `th` as `tcp`, ...).  A rule
@@ -26,15 +29,17 @@ cannot pass for a digest of ours unless it ends exactly so.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nwfilter.ir import Hook
+from nwfilter.ir import Hook, Ruleset
+from nwfilter.ir_digest import Memo
 
 from . import render
-from .render import BRIDGE, INET, TABLE, PortRecord
+from .render import BRIDGE, INET, TABLE, Capabilities, PortRecord
 
 Json = dict[str, Any]
 ChainKey = tuple[str, str]  # (family, name)
@@ -373,6 +378,46 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
     return PortRecord(portdev=portdev, port_id=port_id, bridge_chains=bridge,
                       inet_chains=inet, l2_hooks=l2, l3_hooks=l3, sets=sets,
                       digests=digests)
+
+
+def proven_record(
+    listing: Listing, record: PortRecord, ruleset: Ruleset, caps: Capabilities,
+    memo: Memo | None = None,
+) -> PortRecord | None:
+    """`record` (from `port_record`) completed as `render_port` would
+    complete it, when the port's stamp proves that rendering `ruleset`
+    would write nothing; else None, and the port is rendered.
+
+    The proof: the stamp rule is ours and intact (its digest is that of its
+    comment); its first half is the stamp of `ruleset` with this port id and
+    this renderer (so a render now gives the digests a render gave then);
+    its second half is the digest of the port's chains as listed now (names
+    and rule digests in order: a rule or chain deleted, added, reordered or
+    distrusted since changes it); the dispatch elements exactly right for
+    the port are those of the hooks `ruleset` uses; the port's connlimit
+    sets are those its rules name, and every set they name exists.
+    `memo` is `ruleset_digest`'s, shared by the ports of one start."""
+    key = (BRIDGE, render.stamp_chain_name(record.portdev))
+    comments = listing.comments.get(key)
+    if comments is None or len(comments) != 1:
+        return None
+    stamp = render.stamp_of(comments[0])
+    if stamp is None or record.digests.get(key) != (render.digest_of(comments[0]),):
+        return None
+    if stamp[0] != render.ruleset_stamp(ruleset, record.port_id, caps, memo):
+        return None
+    if stamp[1] != render.chains_stamp(record.digests):
+        return None
+    l2 = frozenset(h for h in Hook if ruleset.chains(h) or ruleset.l3_rules(h))
+    l3 = frozenset(h for h in Hook if ruleset.l3_rules(h))
+    if record.l2_hooks != l2 or record.l3_hooks != l3:
+        return None
+    chain_sets = render.port_sets(ruleset)
+    named = {name for names in chain_sets.values() for name in names}
+    if record.sets != {n for n in named if n.startswith(render.CONNLIMIT_PREFIX)} \
+            or not named <= listing.sets.keys():
+        return None
+    return dataclasses.replace(record, chain_sets=chain_sets)
 
 
 def set_owner_tag(name: str) -> str | None:
