@@ -657,7 +657,12 @@ def ruleset_stamp(
     ruleset: Ruleset, port_id: int, caps: Capabilities, memo: Memo | None = None
 ) -> str:
     """The first half of a port stamp: the ruleset (`ruleset_digest`, with
-    `memo`), the port id it is rendered with and the renderer."""
+    `memo`), the port id it is rendered with and the renderer.  Only
+    layer-3 rules make the id part of what renders (the mark-stamping rule,
+    the `l3_*` elements); a port without them keeps its stamp under any id,
+    which a start gives it afresh (the kernel holds none for it)."""
+    if not any(ruleset.l3_rules(hook) for hook in (Hook.FROM_VM, Hook.TO_VM)):
+        port_id = 0
     text = f"{renderer_salt(caps)}\0{port_id}\0{ruleset_digest(ruleset, memo)}"
     return hashlib.sha256(text.encode()).hexdigest()[:STAMP_LEN]
 

@@ -141,6 +141,19 @@ def test_another_ruleset_or_port_id_is_not_proven() -> None:
     assert readback.proven_record(listing, record, ruleset, CAPS) is None
 
 
+def test_a_port_without_layer_3_rules_is_proven_under_any_port_id() -> None:
+    # Its rules never name the id, and a start gives such a port whatever id
+    # is free (the kernel holds none for it): the id is no part of its stamp.
+    ruleset = clean_traffic("vnet0", "52:54:00:00:00:01", "10.0.0.1")
+    listing, made = _kernel(ruleset)
+    assert readback.port_ids(listing, ["vnet0"]) == {}
+    for port_id in (1, 7, 300):
+        record = readback.port_record(listing, "vnet0", port_id)
+        proven = readback.proven_record(listing, record, ruleset, CAPS)
+        assert proven is not None and proven.port_id == port_id
+        assert proven.bridge_chains == made.bridge_chains
+
+
 def test_a_renderer_salt_change_proves_nothing(
     monkeypatch: pytest.MonkeyPatch, fresh_salt: None
 ) -> None:
