@@ -491,6 +491,20 @@ def rendered(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     render.renderer_salt.cache_clear()
 
 
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The bindings the compiler compiles (the real compiler, counted)."""
+    seen: list[str] = []
+    real = Compiler.compile
+
+    def counting(self: Compiler, binding: BindingDef, *args: Any) -> Ruleset:
+        seen.append(binding.portdev)
+        return real(self, binding, *args)
+
+    monkeypatch.setattr(Compiler, "compile", counting)
+    return seen
+
+
 def restart(root: Path, lab: BridgeLab) -> None:
     engine = new_engine(root, lab)
     try:
@@ -500,15 +514,28 @@ def restart(root: Path, lab: BridgeLab) -> None:
 
 
 def test_a_start_renders_no_port_whose_stamp_proves_it(
-    lab3: BridgeLab, events: NftEvents, tmp_path: Path, rendered: list[str]
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path, rendered: list[str],
+    compiles: list[str],
 ) -> None:
     root = tmp_path / "root"
     bind_three(root, lab3)
     assert sorted(stamps(lab3)) == sorted(g.portdev for g in lab3.guests)
     events.take()
+    restart(root, lab3)  # the first start records what each binding compiles to
     rendered.clear()
+    compiles.clear()
     restart(root, lab3)
-    assert rendered == [] and events.take() == []
+    assert rendered == [] and compiles == [] and events.take() == []
+    # what a deferred compile gives, when asked for, is what the kernel holds
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        assert compiles == []
+        fresh = Compiler(engine.pool.snapshot())
+        assert dict(engine.backend.recorded()) == {
+            b.portdev: fresh.compile(b, None) for b in engine.list_bindings()}
+    finally:
+        engine.close()
     # A port bound since, sorting first, takes the smallest free port id at
     # the next start: ports without layer-3 rules (clean-traffic) hold no
     # id in the kernel and get another one, and still need no render.
@@ -531,6 +558,7 @@ def test_a_chain_edited_by_hand_under_an_intact_stamp_is_repaired(
     bind_three(root, lab3)
     p0, p2 = lab3.guests[0].portdev, lab3.guests[2].portdev
     held = stamps(lab3)
+    restart(root, lab3)  # each port's compile deferred from now on
     for chain, edit in (
         (f"{p0}/from/mac", ["delete", "rule", "bridge", "nwfilter", f"{p0}/from/mac",
                             "handle", _last_handle(lab3, "bridge", f"{p0}/from/mac")]),

@@ -35,8 +35,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nwfilter.ir import Hook, Ruleset
-from nwfilter.ir_digest import Memo
+from nwfilter.ir import Hook
 
 from . import render
 from .render import BRIDGE, INET, TABLE, Capabilities, PortRecord
@@ -62,6 +61,8 @@ class Listing:
     odd_elements: bool = False  # an element key of a kind we never write
     by_tag: dict[str, list[ChainKey]] = field(default_factory=dict)  # port chains by tag
     sets_by_tag: dict[str, list[str]] = field(default_factory=dict)  # connlimit sets by tag
+    # per inet chain, the sets its rules name ('@name')
+    set_refs: dict[ChainKey, set[str]] = field(default_factory=dict)
 
     def port_chains(self) -> set[ChainKey]:
         """Every chain that is neither a base chain nor the owner chain."""
@@ -86,6 +87,7 @@ _PRIORITIES = {
 _BASE_LINE = re.compile(
     r"type (\S+) hook (\S+)(?: device \S+)? priority ([^;]+);(?: policy (\S+);)?")
 _COMMENT = re.compile(r' comment "(.*)"\Z')
+_SET_REF = re.compile(r"@([A-Za-z0-9_.-]+)")
 _ELEMENT = re.compile(r'\s*("[^"]*"|[^\s:,]+) : (.+?)\s*\Z')
 
 
@@ -154,6 +156,9 @@ def _parse_table(out: Listing, family: str, lines: list[str]) -> None:
             comment = found.group(1) if found else ""
             out.digests[key].append(render.digest_of(comment) or UNKNOWN)
             out.comments[key].append(comment)
+            if "@" in line and family == INET:
+                body = line[:found.start()] if found else line
+                out.set_refs.setdefault(key, set()).update(_SET_REF.findall(body))
         elif head == "type":
             key_type, _, data = rest.partition(" : ")
             obj["type"] = key_type.strip()
@@ -381,22 +386,22 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
 
 
 def proven_record(
-    listing: Listing, record: PortRecord, ruleset: Ruleset, caps: Capabilities,
-    memo: Memo | None = None,
+    listing: Listing, record: PortRecord, digest: str, caps: Capabilities
 ) -> PortRecord | None:
     """`record` (from `port_record`) completed as `render_port` would
-    complete it, when the port's stamp proves that rendering `ruleset`
-    would write nothing; else None, and the port is rendered.
+    complete it, when the port's stamp proves that rendering the ruleset
+    whose `ruleset_digest` is `digest` would write nothing; else None, and
+    the port is rendered.
 
     The proof: the stamp rule is ours and intact (its digest is that of its
-    comment); its first half is the stamp of `ruleset` with this port id and
-    this renderer (so a render now gives the digests a render gave then);
-    its second half is the digest of the port's chains as listed now (names
-    and rule digests in order: a rule or chain deleted, added, reordered or
-    distrusted since changes it); the dispatch elements exactly right for
-    the port are those of the hooks `ruleset` uses; the port's connlimit
-    sets are those its rules name, and every set they name exists.
-    `memo` is `ruleset_digest`'s, shared by the ports of one start."""
+    comment); its second half is the digest of the port's chains as listed
+    now (names and rule digests in order: a rule or chain deleted, added,
+    reordered or distrusted since changes it); its first half is the stamp
+    of `digest` with this port id and this renderer, so a render now gives
+    the digests a render gave then.  The dispatch elements exactly right
+    for the port must be those of its root and layer-3 chains, its
+    connlimit sets those its rules name, and every set they name must
+    exist."""
     key = (BRIDGE, render.stamp_chain_name(record.portdev))
     comments = listing.comments.get(key)
     if comments is None or len(comments) != 1:
@@ -404,15 +409,18 @@ def proven_record(
     stamp = render.stamp_of(comments[0])
     if stamp is None or record.digests.get(key) != (render.digest_of(comments[0]),):
         return None
-    if stamp[0] != render.ruleset_stamp(ruleset, record.port_id, caps, memo):
-        return None
     if stamp[1] != render.chains_stamp(record.digests):
         return None
-    l2 = frozenset(h for h in Hook if ruleset.chains(h) or ruleset.l3_rules(h))
-    l3 = frozenset(h for h in Hook if ruleset.l3_rules(h))
-    if record.l2_hooks != l2 or record.l3_hooks != l3:
+    portdev = record.portdev
+    if stamp[0] != render.digest_stamp(digest, bool(record.inet_chains), record.port_id, caps):
         return None
-    chain_sets = render.port_sets(ruleset)
+    l2 = frozenset(h for h in Hook
+                   if render.l2_chain_name(portdev, h, "root") in record.bridge_chains)
+    l3 = frozenset(h for h in Hook if render.l3_chain_name(portdev, h) in record.inet_chains)
+    if record.l2_hooks != l2 or record.l3_hooks != l3 or len(l3) != len(record.inet_chains):
+        return None
+    chain_sets = {name: frozenset(listing.set_refs.get((INET, name), ()))
+                  for name in record.inet_chains}
     named = {name for names in chain_sets.values() for name in names}
     if record.sets != {n for n in named if n.startswith(render.CONNLIMIT_PREFIX)} \
             or not named <= listing.sets.keys():

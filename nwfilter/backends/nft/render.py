@@ -70,7 +70,7 @@ from nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
-from nwfilter.ir_digest import Memo, ruleset_digest
+from nwfilter.ir_digest import ruleset_digest
 
 Json = dict[str, Any]
 
@@ -653,17 +653,19 @@ def renderer_salt(caps: Capabilities) -> str:
     return hashlib.sha256(text.encode() + source).hexdigest()
 
 
-def ruleset_stamp(
-    ruleset: Ruleset, port_id: int, caps: Capabilities, memo: Memo | None = None
-) -> str:
-    """The first half of a port stamp: the ruleset (`ruleset_digest`, with
-    `memo`), the port id it is rendered with and the renderer.  Only
+def ruleset_stamp(ruleset: Ruleset, port_id: int, caps: Capabilities) -> str:
+    """The first half of a port stamp: the ruleset (`ruleset_digest`), the
+    port id it is rendered with and the renderer (`digest_stamp`)."""
+    has_l3 = any(ruleset.l3_rules(hook) for hook in (Hook.FROM_VM, Hook.TO_VM))
+    return digest_stamp(ruleset_digest(ruleset), has_l3, port_id, caps)
+
+
+def digest_stamp(digest: str, has_l3: bool, port_id: int, caps: Capabilities) -> str:
+    """`ruleset_stamp` of a ruleset with `ruleset_digest` `digest`.  Only
     layer-3 rules make the id part of what renders (the mark-stamping rule,
     the `l3_*` elements); a port without them keeps its stamp under any id,
     which a start gives it afresh (the kernel holds none for it)."""
-    if not any(ruleset.l3_rules(hook) for hook in (Hook.FROM_VM, Hook.TO_VM)):
-        port_id = 0
-    text = f"{renderer_salt(caps)}\0{port_id}\0{ruleset_digest(ruleset, memo)}"
+    text = f"{renderer_salt(caps)}\0{port_id if has_l3 else 0}\0{digest}"
     return hashlib.sha256(text.encode()).hexdigest()[:STAMP_LEN]
 
 
@@ -700,23 +702,6 @@ def stamp_of(comment: str) -> tuple[str, str] | None:
     if digest(_STAMP_EXPRS, text) != found.group(3):
         return None
     return found.group(1), found.group(2)
-
-
-def port_sets(ruleset: Ruleset) -> dict[str, frozenset[str]]:
-    """Per layer-3 chain of the port, the sets its rules name (what
-    `render_port` records as `chain_sets`), without rendering the rest."""
-    portdev = ruleset.port.portdev
-    out: dict[str, frozenset[str]] = {}
-    for hook in (Hook.FROM_VM, Hook.TO_VM):
-        l3 = ruleset.l3_rules(hook)
-        if not l3:
-            continue
-        used: dict[tuple[str, str], Json] = {}
-        for rule in l3:
-            if any(m.field in (Field.CONNLIMIT_ABOVE, Field.IPSET) for m in rule.matches):
-                _l3_rule(rule, portdev, hook, used)
-        out[l3_chain_name(portdev, hook)] = frozenset(name for (_, name) in used)
-    return out
 
 
 @functools.lru_cache(maxsize=4096)

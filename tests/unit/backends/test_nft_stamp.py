@@ -31,6 +31,17 @@ def _ruleset(ip: str = "10.0.0.1", limit: int = 3) -> Ruleset:
     ))
 
 
+def _set_refs(value: object) -> list[str]:
+    """The '@set' names a rendered rule's expressions hold."""
+    if isinstance(value, str):
+        return [value] if value.startswith("@") else []
+    if isinstance(value, dict):
+        return [ref for item in value.values() for ref in _set_refs(item)]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _set_refs(item)]
+    return []
+
+
 def _listing_text(records: list[PortRecord], comments: dict[tuple[str, str], list[str]],
                   family: str) -> str:
     """Our table as `nft list table` prints it, holding what was rendered."""
@@ -61,7 +72,8 @@ def _listing_text(records: list[PortRecord], comments: dict[tuple[str, str], lis
         if fam != family:
             continue
         lines.append(f"\tchain {name} {{")
-        lines.extend(f'\t\tx comment "{text}"' for text in texts)
+        lines.extend(f'\t\tx {text}' if text.startswith("@") else f'\t\tx comment "{text}"'
+                     for text in texts)
         lines.append("\t}")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -80,7 +92,9 @@ def _kernel(ruleset: Ruleset, port_id: int = 7,
             comments.setdefault((body["chain"]["family"], body["chain"]["name"]), [])
         if "rule" in body:
             rule = body["rule"]
-            comments.setdefault((rule["family"], rule["chain"]), []).append(rule["comment"])
+            refs = " ".join(_set_refs(rule["expr"]))
+            line = f'{refs} comment "{rule["comment"]}"' if refs else rule["comment"]
+            comments.setdefault((rule["family"], rule["chain"]), []).append(line)
     comments.update(edit or {})
     listing = readback.parse({fam: _listing_text([made], comments, fam)
                               for fam in (BRIDGE, INET)})
@@ -90,7 +104,7 @@ def _kernel(ruleset: Ruleset, port_id: int = 7,
 def _proven(listing: readback.Listing, ruleset: Ruleset) -> PortRecord | None:
     port_id = readback.port_ids(listing, [ruleset.port.portdev])[ruleset.port.portdev]
     record = readback.port_record(listing, ruleset.port.portdev, port_id)
-    return readback.proven_record(listing, record, ruleset, CAPS)
+    return readback.proven_record(listing, record, ruleset_digest(ruleset), CAPS)
 
 
 @pytest.fixture
@@ -138,7 +152,7 @@ def test_another_ruleset_or_port_id_is_not_proven() -> None:
     assert _proven(listing, _ruleset(limit=4)) is None
     ruleset = _ruleset()
     record = readback.port_record(listing, "vnet0", 8)
-    assert readback.proven_record(listing, record, ruleset, CAPS) is None
+    assert readback.proven_record(listing, record, ruleset_digest(ruleset), CAPS) is None
 
 
 def test_a_port_without_layer_3_rules_is_proven_under_any_port_id() -> None:
@@ -149,7 +163,7 @@ def test_a_port_without_layer_3_rules_is_proven_under_any_port_id() -> None:
     assert readback.port_ids(listing, ["vnet0"]) == {}
     for port_id in (1, 7, 300):
         record = readback.port_record(listing, "vnet0", port_id)
-        proven = readback.proven_record(listing, record, ruleset, CAPS)
+        proven = readback.proven_record(listing, record, ruleset_digest(ruleset), CAPS)
         assert proven is not None and proven.port_id == port_id
         assert proven.bridge_chains == made.bridge_chains
 
