@@ -191,7 +191,10 @@ class Engine:
         differs from what the bindings compile to, in one transaction (none
         when nothing differs), so whatever an earlier process left is
         brought in line while names, port ids, counters and dynamic sets
-        survive a restart.  A binding that
+        survive a restart.  A binding whose sources are those it had when it
+        was last compiled (`nwfilter.sourcestamp`) is not compiled: the
+        backend gets the digest of its ruleset and compiles it only when the
+        kernel does not prove that ruleset in force.  A binding that
         cannot be compiled fails closed: its port drops everything until its
         filters are fixed, and a warning says why.  Returns the warnings.
 

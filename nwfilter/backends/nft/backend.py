@@ -7,7 +7,9 @@ accepted the batch; so the cost of a change grows with what changed and the
 tables are never listed on the apply path.  `reconcile()` (an engine's
 start) and `repair()` (the monitor's) list both tables once, rebuild those
 records from what the kernel holds (`readback`) and write only what
-differs.  Only the rare transactions that drop and recreate the tables
+differs; a port whose stamp proves it in force (`readback.proven_record`)
+is neither rendered nor, when it was handed over `Deferred`, compiled.
+Only the rare transactions that drop and recreate the tables
 (`replace_all`: no tables yet, or another layout) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
