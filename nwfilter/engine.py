@@ -43,7 +43,7 @@ from pathlib import Path
 from uuid import UUID
 
 from nwfilter import hostrecord
-from nwfilter.backends.base import Backend, Owner
+from nwfilter.backends.base import Backend, Deferred, Owner, Wanted, compiled
 from nwfilter.bindings import BindingTable
 from nwfilter.compile import Compiler, port_of
 from nwfilter.compile.compiler import LEARNT_SET_VARS, LearntSetUnfit
@@ -61,6 +61,7 @@ from nwfilter.events import EventBus, EventKind
 from nwfilter.gcpause import gc_paused
 from nwfilter.groupcommit import CommitQueue, Pending, copy_error
 from nwfilter.ir import Changes, Hook, Learning, LearntAddr, Ruleset, drop_all
+from nwfilter.ir_digest import Memo, ruleset_digest
 from nwfilter.learn.policy import (
     LEARNT_VAR,
     learning_mode,
@@ -75,6 +76,7 @@ from nwfilter.progress import ProgressHook, counted, no_progress
 from nwfilter.rebuild import RebuildCoordinator
 from nwfilter.render_text import render_lines
 from nwfilter.rootlock import RootLock
+from nwfilter.sourcestamp import CompiledIndex, SourceStamps
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,10 @@ class Engine:
         differs from what the bindings compile to, in one transaction (none
         when nothing differs), so whatever an earlier process left is
         brought in line while names, port ids, counters and dynamic sets
-        survive a restart.  A binding that
+        survive a restart.  A binding whose sources are those it had when it
+        was last compiled (`nwfilter.sourcestamp`) is not compiled: the
+        backend gets the digest of its ruleset and compiles it only when the
+        kernel does not prove that ruleset in force.  A binding that
         cannot be compiled fails closed: its port drops everything until its
         filters are fixed, and a warning says why.  Returns the warnings.
 
@@ -259,12 +264,17 @@ class Engine:
             return warnings
         self.backend.probe()
         self.check_owner()
+        assert self._root_lock.run_dir is not None
+        index = CompiledIndex(self._root_lock.run_dir)
+        known = index.load()
         with self.pool.lock.read(), self.bindings.lock:
-            compiler = Compiler(self.pool.snapshot())
+            snapshot = self.pool.snapshot()
             with gc_paused():
-                rulesets, failed = self._compile_start(compiler)
+                wanted, failed, entries = self._compile_start(snapshot, known)
             warnings.extend(failed)
-            warnings.extend(self._apply_start(rulesets))
+            warnings.extend(self._apply_start(wanted))
+        if entries != known:
+            index.save(entries)
         broken = self.backend.preconditions(repair=True)
         if broken:
             text = "layer-3 rules are not enforced: " + "; ".join(broken)
@@ -298,14 +308,32 @@ class Engine:
                 f"not by this root ('{self.root}'); nothing was changed"
             )
 
-    def _compile_start(self, compiler: Compiler) -> tuple[list[Ruleset], list[str]]:
-        rulesets: list[Ruleset] = []
+    def _compile_start(
+        self, snapshot: Mapping[str, FilterDef], known: Mapping[str, tuple[str, str]]
+    ) -> tuple[list[Wanted], list[str], dict[str, tuple[str, str]]]:
+        """Per binding, its compiled ruleset, or a `Deferred` one when its
+        sources are those `known` (`CompiledIndex`) records for its port;
+        the warnings; and the index entries of every binding that compiles."""
+        wanted: list[Wanted] = []
         warnings: list[str] = []
+        entries: dict[str, tuple[str, str]] = {}
+        compiler = Compiler(snapshot)
+        stamps = SourceStamps(snapshot, self.pool.reaches)
+        memo: Memo = {}
         # Not checked against the backend here: reconciling renders every
         # rule anyway, and a port it refuses fails closed in `_apply_start`.
         for binding in counted(self.progress, "compiling bindings", self.bindings.all()):
+            learnt = self._learnt.get(binding.portdev)
+            source = stamps.of(binding, learnt)
+            entry = known.get(binding.portdev)
+            if entry is not None and entry[0] == source:
+                entries[binding.portdev] = entry
+                wanted.append(Deferred(port_of(binding), entry[1],
+                                       self._deferred_compile(compiler, binding, learnt)))
+                continue
             try:
                 rs = self._compile(compiler, binding)
+                entries[binding.portdev] = (source, ruleset_digest(rs, memo))
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "
@@ -313,10 +341,28 @@ class Engine:
                 )
                 log.warning("%s", warnings[-1])
                 rs = drop_all(port_of(binding))
-            rulesets.append(rs)
-        return rulesets, warnings
+            wanted.append(rs)
+        return wanted, warnings, entries
 
-    def _apply_start(self, rulesets: list[Ruleset]) -> list[str]:
+    def _deferred_compile(
+        self, compiler: Compiler, binding: BindingDef,
+        learnt: Mapping[str, Sequence[str]] | None,
+    ) -> Callable[[], Ruleset]:
+        """The compile a `Deferred` runs when its ruleset is needed: against
+        the pool and the learnt values of the start, which its recorded
+        digest stands for (what the kernel holds until a change replaces it)."""
+        learnt = dict(learnt or {})
+
+        def run() -> Ruleset:
+            try:
+                return self._compile(compiler, binding, learnt)
+            except NwfilterError as exc:  # it compiled with these sources before
+                log.error("port '%s': a deferred compile failed: %s", binding.portdev, exc)
+                return drop_all(port_of(binding))
+
+        return run
+
+    def _apply_start(self, rulesets: list[Wanted]) -> list[str]:
         self.progress(f"applying the rules of {len(rulesets)} ports", 0, 0)
         try:
             self.backend.reconcile(rulesets)
@@ -328,7 +374,8 @@ class Engine:
                         f"{exc.message}"]
         # Fail closed first (every port drops), then bring ports up one by one.
         self.backend.reconcile([drop_all(rs.port) for rs in rulesets])
-        for rs in rulesets:
+        for item in rulesets:
+            rs = compiled(item)
             try:
                 self.backend.apply(Changes(set=(rs,)))
             except NwfilterError as exc:

@@ -241,23 +241,32 @@ class SafeDir:
     def names(self, suffix: str = "") -> list[str]:
         """Sorted names of the regular files ending in `suffix`; dot files
         (temporaries, markers) and anything else (links, directories) left out."""
+        return list(self.entries(suffix))
+
+    def entries(self, suffix: str = "") -> dict[str, os.stat_result]:
+        """`names(suffix)` with each file's status (links not followed),
+        in name order."""
         try:
-            entries = os.listdir(self._fd)
+            listed = os.listdir(self._fd)
         except OSError as exc:
             raise StorageError(f"cannot list '{self.path}': {exc.strerror}") from exc
-        found = []
-        for name in entries:
+        found: dict[str, os.stat_result] = {}
+        for name in sorted(listed):
             if name.startswith(".") or not name.endswith(suffix):
                 continue
-            try:
-                st = os.stat(name, dir_fd=self._fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise StorageError(f"cannot examine '{self.path / name}': {exc.strerror}") from exc
-            if stat.S_ISREG(st.st_mode):
-                found.append(name)
-        return sorted(found)
+            st = self.stat_if_exists(name)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                found[name] = st
+        return found
+
+    def stat_if_exists(self, name: str) -> os.stat_result | None:
+        """The status of entry `name` (links not followed), or None."""
+        try:
+            return os.stat(_check_name(name), dir_fd=self._fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot examine '{self.path / name}': {exc.strerror}") from exc
 
     def exists(self, name: str) -> bool:
         """Whether an entry (of any kind, links not followed) is named `name`."""

@@ -14,6 +14,14 @@ What is applied: the backend is its one owner.  `recorded()` answers, per
 port, the ruleset the kernel holds as far as the backend knows (set by
 `reconcile()` and every accepted `apply()`); the engine keeps no copy.
 
+Deferred rulesets: a start may hand `reconcile()` a `Deferred` for a port
+instead of its compiled ruleset: the digest of what it compiles to
+(`nwfilter.ir_digest`), known from an earlier compile of the same sources,
+and the compile itself.  A backend that can prove from the kernel that the
+port holds what that digest stands for keeps it deferred; otherwise, and
+whenever the ruleset itself is asked for (`recorded()`, a later apply), it
+compiles it then, once.
+
 Ownership: one state root owns a namespace's objects, and the kernel objects
 say which (`Owner`).  The engine names its root with `set_owner()` before the
 first transaction; every transaction that creates, drops or recreates the
@@ -24,11 +32,12 @@ one owner: the kernel refuses the second claim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from nwfilter.ir import Changes, Ruleset
+from nwfilter.ir import Changes, Port, Ruleset
 
 OWNER_TAG = "nwfilter-owner"
 
@@ -61,6 +70,53 @@ class Owner:
         return cls(parts[2] if len(parts) == 3 else "", parts[1])
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A port's ruleset not compiled yet: `digest` is the `ruleset_digest`
+    of what `compile()` returns (which must not raise)."""
+
+    port: Port
+    digest: str
+    compile: Callable[[], Ruleset] = field(compare=False)
+
+
+Wanted = Ruleset | Deferred
+
+
+class Recorded(Mapping[str, Ruleset]):
+    """What a backend records as applied, per port; a deferred ruleset is
+    compiled the first time it is looked up and kept (in `store`, under
+    `lock`, which the compile is not run under)."""
+
+    def __init__(self, store: dict[str, Wanted], lock: threading.Lock) -> None:
+        self._store = store
+        self._lock = lock
+        with lock:
+            self._items = dict(store)
+
+    def __getitem__(self, portdev: str) -> Ruleset:
+        item = self._items[portdev]
+        if isinstance(item, Ruleset):
+            return item
+        ruleset = item.compile()
+        self._items[portdev] = ruleset
+        with self._lock:
+            if self._store.get(portdev) is item:
+                self._store[portdev] = ruleset
+        return ruleset
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def compiled(item: Wanted) -> Ruleset:
+    """The ruleset `item` stands for, compiled now if deferred."""
+    return item if isinstance(item, Ruleset) else item.compile()
+
+
 class Backend(Protocol):
     name: str
     netns: str | None  # the network namespace it manages (None: the host's)
@@ -76,7 +132,7 @@ class Backend(Protocol):
         transaction.  On failure raise `BackendError` naming the port and the
         rule, and leave the kernel exactly as it was."""
 
-    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+    def reconcile(self, rulesets: Sequence[Wanted]) -> int:
         """Make the kernel hold exactly `rulesets` (one per port; every other
         object of ours goes): read back what it holds, write only what
         differs, in one transaction, or none when nothing differs.  What is
@@ -84,8 +140,9 @@ class Backend(Protocol):
         failure raise `BackendError` and leave the kernel as it was.
         Returns the number of writes (0: the kernel was not written)."""
 
-    def recorded(self) -> dict[str, Ruleset]:
-        """The ruleset of every port as the kernel holds it (a copy)."""
+    def recorded(self) -> Mapping[str, Ruleset]:
+        """The ruleset of every port as the kernel holds it (a snapshot;
+        deferred rulesets are compiled when looked up)."""
 
     def clear(self, portdev: str) -> None:
         """Remove everything owned for one port; a no-op if nothing is there."""

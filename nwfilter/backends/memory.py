@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from nwfilter.backends.base import Owner
+from nwfilter.backends.base import Owner, Wanted, compiled
 from nwfilter.errors import BackendError, ConflictError
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.render_text import render_text
@@ -72,7 +72,11 @@ class MemoryBackend:
         with self._mutex:
             return dict(self._recorded)
 
-    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+    def reconcile(self, rulesets: Sequence[Wanted]) -> int:
+        # Nothing here proves a ruleset without it: deferred ones compile now.
+        return self._reconcile([compiled(item) for item in rulesets])
+
+    def _reconcile(self, rulesets: list[Ruleset]) -> int:
         with self._mutex:
             self.attempts += 1
             wanted = {rs.port.portdev: rs for rs in rulesets}

@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 
-from nwfilter.backends.nft import NftBackend
+from nwfilter.backends.nft import NftBackend, render
 from nwfilter.backends.nft.monitor import NftMonitor
 from nwfilter.compile import Compiler
 from nwfilter.conf.model import BindingDef, FilterRef, Parameter
 from nwfilter.daemon import close, serve
 from nwfilter.engine import Engine
+from nwfilter.ir import Ruleset
 from nwfilter.netlab import NetLab
 from nwfilter.netns import in_netns
 from tests.integration.conftest import HOST_IP, BridgeLab, build_bridge_lab
@@ -460,3 +461,168 @@ def test_monitor_repairs_a_foreign_edit_that_keeps_our_comment(
         engine.close()
         for sock in held:
             sock.close()
+
+
+def stamps(lab: BridgeLab) -> dict[str, str]:
+    """Each bound port's stamp, as its stamp chain lists it."""
+    out = {}
+    for guest in lab.guests:
+        found = lab.run(lab.host, ["nft", "list", "chain", "bridge", "nwfilter",
+                                   f"{guest.portdev}/stamp"], check=False)
+        if found.returncode == 0:
+            out[guest.portdev] = found.stdout.split(render.STAMP_TAG, 1)[1].split('"')[0]
+    return out
+
+
+@pytest.fixture
+def rendered(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The ports the nft renderer renders (the real renderer, counted)."""
+    seen: list[str] = []
+    real = render.render_port
+
+    def counting(ruleset: Ruleset, *args: Any, **kwargs: Any) -> Any:
+        seen.append(ruleset.port.portdev)
+        return real(ruleset, *args, **kwargs)
+
+    monkeypatch.setattr(render, "render_port", counting)
+    render.renderer_salt.cache_clear()
+    yield seen
+    monkeypatch.undo()
+    render.renderer_salt.cache_clear()
+
+
+@pytest.fixture
+def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The bindings the compiler compiles (the real compiler, counted)."""
+    seen: list[str] = []
+    real = Compiler.compile
+
+    def counting(self: Compiler, binding: BindingDef, *args: Any) -> Ruleset:
+        seen.append(binding.portdev)
+        return real(self, binding, *args)
+
+    monkeypatch.setattr(Compiler, "compile", counting)
+    return seen
+
+
+def restart(root: Path, lab: BridgeLab) -> None:
+    engine = new_engine(root, lab)
+    try:
+        assert engine.start() == []
+    finally:
+        engine.close()
+
+
+def test_a_start_renders_no_port_whose_stamp_proves_it(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path, rendered: list[str],
+    compiles: list[str],
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    assert sorted(stamps(lab3)) == sorted(g.portdev for g in lab3.guests)
+    events.take()
+    restart(root, lab3)  # the first start records what each binding compiles to
+    rendered.clear()
+    compiles.clear()
+    restart(root, lab3)
+    assert rendered == [] and compiles == [] and events.take() == []
+    # what a deferred compile gives, when asked for, is what the kernel holds
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        assert compiles == []
+        fresh = Compiler(engine.pool.snapshot())
+        assert dict(engine.backend.recorded()) == {
+            b.portdev: fresh.compile(b, None) for b in engine.list_bindings()}
+    finally:
+        engine.close()
+    # A port bound since, sorting first, takes the smallest free port id at
+    # the next start: ports without layer-3 rules (clean-traffic) hold no
+    # id in the kernel and get another one, and still need no render.
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        engine.create_bindings([binding("aaa0", "52:54:00:00:0a:01", "clean-traffic")])
+    finally:
+        engine.close()
+    events.take()
+    rendered.clear()
+    restart(root, lab3)
+    assert rendered == [] and events.take() == []
+
+
+def test_a_chain_edited_by_hand_under_an_intact_stamp_is_repaired(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path, rendered: list[str]
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    p0, p2 = lab3.guests[0].portdev, lab3.guests[2].portdev
+    held = stamps(lab3)
+    restart(root, lab3)  # each port's compile deferred from now on
+    for chain, edit in (
+        (f"{p0}/from/mac", ["delete", "rule", "bridge", "nwfilter", f"{p0}/from/mac",
+                            "handle", _last_handle(lab3, "bridge", f"{p0}/from/mac")]),
+        (f"{p2}/stamp", ["flush", "chain", "bridge", "nwfilter", f"{p2}/stamp"]),
+    ):
+        lab3.run(lab3.host, ["nft", *edit])
+        events.take()
+        rendered.clear()
+        restart(root, lab3)
+        repaired = events.take()
+        assert repaired and all(chain in line for line in repaired), (chain, repaired)
+        assert rendered == [chain.split("/")[0]]  # the other ports were proven
+        assert stamps(lab3) == held
+        restart(root, lab3)
+        assert events.take() == []
+
+
+def test_a_filter_edit_changes_the_stamps_of_exactly_the_ports_it_reaches(
+    lab3: BridgeLab, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    p0, p1, p2 = (g.portdev for g in lab3.guests)  # clean-traffic, conn-limit, block-set
+    engine = new_engine(root, lab3)
+    engine.start()
+    try:
+        before = stamps(lab3)
+        limit = engine.pool.get("conn-limit")
+        assert limit is not None
+        engine.define_filter(LIMIT.replace("connlimit-above='3'", "connlimit-above='5'").replace(
+            "<rule ", f"<uuid>{limit.uuid}</uuid><rule ", 1))
+        after = stamps(lab3)
+        assert [p for p in before if before[p] != after[p]] == [p1]
+        # clean-traffic reaches allow-incoming-ipv4; block-set reaches clean-traffic
+        text = (STOCK / "allow-incoming-ipv4.xml").read_text()
+        engine.define_filter(text.replace("<rule ", "<rule priority='600' ", 1))
+        again = stamps(lab3)
+        assert sorted(p for p in after if after[p] != again[p]) == sorted([p0, p2])
+    finally:
+        engine.close()
+
+
+def test_a_renderer_salt_change_renders_every_port_again(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path, rendered: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    held = stamps(lab3)
+    before = listing(lab3)
+    events.take()
+    monkeypatch.setattr(render, "RENDER_VERSION", render.RENDER_VERSION + 1)
+    render.renderer_salt.cache_clear()
+    rendered.clear()
+    restart(root, lab3)
+    assert sorted(rendered) == sorted(held)
+    written = events.take()
+    # the rules render the same: only the stamps are written again
+    assert written and all("/stamp" in line for line in written), written
+    now = stamps(lab3)
+    assert all(now[p] != held[p] for p in held)
+    untouched = [x for x in after_objects(before) if "/stamp" not in json.dumps(x)]
+    kept = {json.dumps(x, sort_keys=True) for x in after_objects(listing(lab3))}
+    assert [x for x in untouched if json.dumps(x, sort_keys=True) not in kept] == []
+    rendered.clear()
+    restart(root, lab3)
+    assert rendered == [] and events.take() == []

@@ -122,7 +122,7 @@ def test_creates_that_arrive_together_share_one_transaction(engine: Engine) -> N
     assert be.transactions - before == 1  # 32 requests, one transaction
     assert engine.create_queue.requests == n and engine.create_queue.batches == 1
     assert set(be.ports()) == {f"vnet{i}" for i in range(n)}
-    names = sorted(p.name for p in (engine.root / "run" / "bindings").iterdir())
+    names = sorted(p.name for p in (engine.root / "run" / "bindings").glob("*.xml"))
     assert names == sorted(f"vnet{i}.xml" for i in range(n))
 
 

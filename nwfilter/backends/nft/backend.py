@@ -7,7 +7,9 @@ accepted the batch; so the cost of a change grows with what changed and the
 tables are never listed on the apply path.  `reconcile()` (an engine's
 start) and `repair()` (the monitor's) list both tables once, rebuild those
 records from what the kernel holds (`readback`) and write only what
-differs.  Only the rare transactions that drop and recreate the tables
+differs; a port whose stamp proves it in force (`readback.proven_record`)
+is neither rendered nor, when it was handed over `Deferred`, compiled.
+Only the rare transactions that drop and recreate the tables
 (`replace_all`: no tables yet, or another layout) first read the
 operator-filled ipset sets they recreate, to put their elements back.
 
@@ -30,15 +32,16 @@ import heapq
 import logging
 import re
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from nwfilter.backends.base import Owner
+from nwfilter.backends.base import Deferred, Owner, Recorded, Wanted, compiled
 from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Changes, Ruleset
+from nwfilter.ir_digest import Memo, ruleset_digest
 from nwfilter.locks import Level, LevelledLock
 from nwfilter.netns import in_netns
 
@@ -181,7 +184,9 @@ class NftBackend:
         self._lock = lock or LevelledLock(f"nft backend {netns or 'host'}", Level.BACKEND)
         self._manage_sysctls = manage_sysctls
         self._records: dict[str, PortRecord] = {}
-        self._rulesets: dict[str, Ruleset] = {}
+        # What each port's records were rendered from (a `Deferred` until
+        # its ruleset is needed; `_ruleset` compiles it then).
+        self._rulesets: dict[str, Wanted] = {}
         self._ids = _PortIds()
         self._base_ready = False
         self._caps: Capabilities | None = None
@@ -399,9 +404,12 @@ class NftBackend:
         return self._caps
 
     def check(self, ruleset: Ruleset) -> None:
-        with self._state_lock:
-            previous = self._rulesets.get(ruleset.port.portdev)
+        previous = self._ruleset(ruleset.port.portdev)
         render.check_ruleset(ruleset, self.capabilities(), previous=previous)
+
+    def _ruleset(self, portdev: str) -> Ruleset | None:
+        """The recorded ruleset of a port, compiled now if it was deferred."""
+        return self.recorded().get(portdev)
 
     def apply(self, changes: Changes) -> None:
         if changes.is_empty():
@@ -417,7 +425,7 @@ class NftBackend:
         fresh = changes.replace_all
         # Only read until the kernel said yes, then updated in place.
         records = {} if fresh else self._records
-        previous_rulesets = {} if fresh else self._rulesets
+        previous_rulesets: Mapping[str, Ruleset] = {} if fresh else self.recorded()
         ids = _PortIds() if fresh else self._ids
         batch = Batch()
         if fresh:
@@ -507,7 +515,7 @@ class NftBackend:
         return len(batch.commands)
 
     def reconcile(
-        self, rulesets: Sequence[Ruleset], *, distrust: Collection[ChainKey] | None = ()
+        self, rulesets: Sequence[Wanted], *, distrust: Collection[ChainKey] | None = ()
     ) -> int:
         """Make the kernel hold exactly `rulesets`, writing only the difference.
 
@@ -523,7 +531,10 @@ class NftBackend:
 
         `distrust` names chains ((family, name); None: every chain) whose
         rules are rewritten whatever their comments say: the chains a
-        foreign transaction touched (see `repair`)."""
+        foreign transaction touched (see `repair`).
+
+        A `Deferred` port whose stamp proves it stays deferred; any other
+        is compiled and rendered."""
         wanted = {rs.port.portdev: rs for rs in rulesets}
         if len(wanted) != len(rulesets):
             raise BackendError("a port is given twice to reconcile")
@@ -537,8 +548,8 @@ class NftBackend:
             if not listing.tables or problem is not None:
                 if problem is not None:
                     log.warning("nft: the tables of %s are replaced: %s", self._where(), problem)
-                return self._apply_locked(
-                    ctx, Changes(set=tuple(rulesets), replace_all=True), caps)
+                return self._apply_locked(ctx, Changes(
+                    set=tuple(compiled(rs) for rs in rulesets), replace_all=True), caps)
             readback.distrust(listing, distrust)
             self._claim(ctx)
             if not wanted:
@@ -546,7 +557,7 @@ class NftBackend:
                 self._forget()
                 return sent
             self._ensure_sysctls()
-            batch, before, records, ids = self._reconcile_batch(listing, wanted, caps)
+            batch, before, records, ids, used = self._reconcile_batch(listing, wanted, caps)
             if batch.commands:
                 rc, err = self._send(ctx, batch)
                 if rc != 0:
@@ -558,7 +569,7 @@ class NftBackend:
             self._base_ready = True
             with self._state_lock:
                 self._records = records
-                self._rulesets = dict(wanted)
+                self._rulesets = used
             wrong = self._prove_keys(ctx, dict(records), before)
             if wrong:
                 # Port names that reach this are refused by check_port_name;
@@ -588,10 +599,12 @@ class NftBackend:
             self._rulesets = {}
 
     def _reconcile_batch(
-        self, listing: readback.Listing, wanted: dict[str, Ruleset], caps: Capabilities
-    ) -> tuple[Batch, dict[str, PortRecord], dict[str, PortRecord], _PortIds]:
+        self, listing: readback.Listing, wanted: dict[str, Wanted], caps: Capabilities
+    ) -> tuple[Batch, dict[str, PortRecord], dict[str, PortRecord], _PortIds,
+               dict[str, Wanted]]:
         """The commands taking the kernel from `listing` to `wanted`, the
-        records read back, the records afterwards, and the port ids."""
+        records read back, the records afterwards, the port ids, and what
+        each port's record stands for (deferred where proven)."""
         known = readback.port_ids(listing, wanted)
         ids = _PortIds.reserving(known.values())
         before = {
@@ -619,10 +632,20 @@ class NftBackend:
         for family, name in stale:
             batch.add({"flush": {"chain": {"family": family, "table": TABLE, "name": name}}})
         records: dict[str, PortRecord] = {}
+        kept_items: dict[str, Wanted] = {}
+        memo: Memo = {}
         for portdev, record in before.items():
+            item = wanted[portdev]
+            digest = item.digest if isinstance(item, Deferred) else ruleset_digest(item, memo)
+            proven = readback.proven_record(listing, record, digest, caps)
+            if proven is not None:  # its stamp proves a render would write nothing
+                records[portdev], kept_items[portdev] = proven, item
+                continue
+            ruleset = compiled(item)
             port_batch, records[portdev] = render.render_port(
-                wanted[portdev], record.port_id, record, caps)
+                ruleset, record.port_id, record, caps)
             batch.extend(port_batch)
+            kept_items[portdev] = ruleset
         for family, name in stale:
             batch.add({"delete": {"chain": {"family": family, "table": TABLE, "name": name}}})
         used = {name for r in records.values() for names in r.chain_sets.values()
@@ -634,7 +657,7 @@ class NftBackend:
         learn_handled |= {key for r in records.values() for key in r.learn_sets}
         for family, name in sorted(set(listing.learn_sets) - learn_handled):
             batch.add({"delete": {"set": {"family": family, "table": TABLE, "name": name}}})
-        return batch, before, records, ids
+        return batch, before, records, ids, kept_items
 
     def _prove_keys(
         self, ctx: NftContext, updates: dict[str, PortRecord | None],
@@ -775,10 +798,10 @@ class NftBackend:
         return "".join(out)
 
     # -- state for self-healing ----------------------------------------------
-    def recorded(self) -> dict[str, Ruleset]:
-        """The rulesets the kernel should hold, as last accepted."""
-        with self._state_lock:
-            return dict(self._rulesets)
+    def recorded(self) -> Mapping[str, Ruleset]:
+        """The rulesets the kernel should hold, as last accepted (deferred
+        ones compiled when looked up)."""
+        return Recorded(self._rulesets, self._state_lock)
 
     def repair(self, distrust: Collection[ChainKey] | None = None) -> int:
         """Bring the kernel back to the recorded state after a foreign edit,
@@ -808,7 +831,7 @@ class NftBackend:
         self._remark(batch)
         batch.extend(render.render_base())
         records: dict[str, PortRecord] = {}
-        for portdev, ruleset in sorted(self._rulesets.items()):
+        for portdev, ruleset in sorted(self.recorded().items()):
             port_id = self._records[portdev].port_id
             port_batch, record = render.render_port(ruleset, port_id, None, caps)
             batch.extend(port_batch)

@@ -15,7 +15,10 @@ compiled rulesets render to:
 * `port_ids` and `port_record` — per bound port, the id it had (from the
   `l3_from`/`l3_to` elements, else from its mark-stamping rule) and a
   `PortRecord` of what it owns now, which `render.render_port` takes as
-  `previous` so that only what differs is written.
+  `previous` so that only what differs is written;
+* `proven_record` — for a port whose stamp (`render.stamp_comment`) shows
+  that the kernel holds what its ruleset renders to, the full record
+  without rendering anything.
 
 Rules are compared by digest, never by expression: libnftables lists
 expressions normalised (ether types as names, `th` as `tcp`, ...).  A rule
@@ -26,6 +29,7 @@ cannot pass for a digest of ours unless it ends exactly so.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from typing import Any
 from nwfilter.ir import Hook
 
 from . import render
-from .render import BRIDGE, INET, TABLE, PortRecord
+from .render import BRIDGE, INET, TABLE, Capabilities, PortRecord
 
 Json = dict[str, Any]
 ChainKey = tuple[str, str]  # (family, name)
@@ -60,6 +64,8 @@ class Listing:
     odd_elements: bool = False  # an element key of a kind we never write
     by_tag: dict[str, list[ChainKey]] = field(default_factory=dict)  # port chains by tag
     sets_by_tag: dict[str, list[str]] = field(default_factory=dict)  # connlimit sets by tag
+    # per inet chain, the sets its rules name ('@name')
+    set_refs: dict[ChainKey, set[str]] = field(default_factory=dict)
 
     def port_chains(self) -> set[ChainKey]:
         """Every chain that is neither a base chain nor the owner chain."""
@@ -84,6 +90,7 @@ _PRIORITIES = {
 _BASE_LINE = re.compile(
     r"type (\S+) hook (\S+)(?: device \S+)? priority ([^;]+);(?: policy (\S+);)?")
 _COMMENT = re.compile(r' comment "(.*)"\Z')
+_SET_REF = re.compile(r"@([A-Za-z0-9_.-]+)")
 _ELEMENT = re.compile(r'\s*("[^"]*"|[^\s:,]+) : (.+?)\s*\Z')
 
 
@@ -155,6 +162,9 @@ def _parse_table(out: Listing, family: str, lines: list[str]) -> None:
             comment = found.group(1) if found else ""
             out.digests[key].append(render.digest_of(comment) or UNKNOWN)
             out.comments[key].append(comment)
+            if "@" in line and family == INET:
+                body = line[:found.start()] if found else line
+                out.set_refs.setdefault(key, set()).update(_SET_REF.findall(body))
         elif head == "type":
             key_type, _, data = rest.partition(" : ")
             obj["type"] = key_type.strip()
@@ -399,6 +409,49 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
     return PortRecord(portdev=portdev, port_id=port_id, bridge_chains=bridge,
                       inet_chains=inet, l2_hooks=l2, l3_hooks=l3, sets=sets,
                       learn_sets=learn_sets, digests=digests)
+
+
+def proven_record(
+    listing: Listing, record: PortRecord, digest: str, caps: Capabilities
+) -> PortRecord | None:
+    """`record` (from `port_record`) completed as `render_port` would
+    complete it, when the port's stamp proves that rendering the ruleset
+    whose `ruleset_digest` is `digest` would write nothing; else None, and
+    the port is rendered.
+
+    The proof: the stamp rule is ours and intact (its digest is that of its
+    comment); its second half is the digest of the port's chains as listed
+    now (names and rule digests in order: a rule or chain deleted, added,
+    reordered or distrusted since changes it); its first half is the stamp
+    of `digest` with this port id and this renderer, so a render now gives
+    the digests a render gave then.  The dispatch elements exactly right
+    for the port must be those of its root and layer-3 chains, its
+    connlimit sets those its rules name, and every set they name must
+    exist."""
+    key = (BRIDGE, render.stamp_chain_name(record.portdev))
+    comments = listing.comments.get(key)
+    if comments is None or len(comments) != 1:
+        return None
+    stamp = render.stamp_of(comments[0])
+    if stamp is None or record.digests.get(key) != (render.digest_of(comments[0]),):
+        return None
+    if stamp[1] != render.chains_stamp(record.digests):
+        return None
+    portdev = record.portdev
+    if stamp[0] != render.digest_stamp(digest, bool(record.inet_chains), record.port_id, caps):
+        return None
+    l2 = frozenset(h for h in Hook
+                   if render.l2_chain_name(portdev, h, "root") in record.bridge_chains)
+    l3 = frozenset(h for h in Hook if render.l3_chain_name(portdev, h) in record.inet_chains)
+    if record.l2_hooks != l2 or record.l3_hooks != l3 or len(l3) != len(record.inet_chains):
+        return None
+    chain_sets = {name: frozenset(listing.set_refs.get((INET, name), ()))
+                  for name in record.inet_chains}
+    named = {name for names in chain_sets.values() for name in names}
+    if record.sets != {n for n in named if n.startswith(render.CONNLIMIT_PREFIX)} \
+            or not named <= listing.sets.keys():
+        return None
+    return dataclasses.replace(record, chain_sets=chain_sets)
 
 
 def set_owner_tag(name: str) -> str | None:

@@ -51,6 +51,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nwfilter.conf.values import check_port_name
@@ -74,6 +75,7 @@ from nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
+from nwfilter.ir_digest import ruleset_digest
 
 Json = dict[str, Any]
 
@@ -280,6 +282,12 @@ def l3_chain_name(portdev: str, hook: Hook) -> str:
     return f"{_tag(portdev)}/{HOOK_WORD[hook]}"
 
 
+def stamp_chain_name(portdev: str) -> str:
+    """The bridge chain holding the port's stamp; one '/' keeps it apart
+    from the port's layer-2 chains (`<tag>/<hook>/<chain>`)."""
+    return f"{_tag(portdev)}/{STAMP_CHAIN}"
+
+
 def ipset_name(name: str, family: Family) -> str:
     """The nft set standing for libvirt ipset `name`, per address family."""
     return f"{IPSET_PREFIX}{'4' if family is Family.IPV4 else '6'}_{_tag(name)}"
@@ -300,6 +308,18 @@ BASE_MAPS = (
 LAYOUT_VERSION = 1
 LAYOUT_TAG = "nwfilter layout "
 BASE_COMMENT = f"{LAYOUT_TAG}{LAYOUT_VERSION}"
+# What a port's rules render to: bump by hand with any change of how a
+# ruleset renders (expressions, comments, names).  A port stamp (see
+# `stamp_comment`) records it, together with a digest of this module's source
+# and of the base layout, so a start after an upgrade renders every port
+# again instead of trusting stamps of another renderer.
+RENDER_VERSION = 1
+# Each port owns one chain nothing jumps to, holding one rule whose comment
+# is the port's stamp: no packet ever walks it.
+STAMP_CHAIN = "stamp"
+STAMP_TAG = "nwfilter stamp "
+STAMP_LEN = 16  # hex digits of each half of a stamp
+_STAMP_EXPRS: list[Json] = [{"continue": None}]
 
 
 def base_chains() -> dict[tuple[str, str], tuple[str, int]]:
@@ -484,6 +504,10 @@ def render_port(
                 digests[(fam, name)] = tuple(
                     digest(exprs, origin if origin is not None else mark_text)
                     for exprs, origin in rules)
+    stamp = stamp_comment(ruleset, port_id, caps, digests)
+    stamp_name = stamp_chain_name(portdev)
+    bridge_chains[stamp_name] = [(_STAMP_EXPRS, stamp)]
+    digests[(BRIDGE, stamp_name)] = (digest(_STAMP_EXPRS, stamp),)
     unchanged = {key for key, value in digests.items() if old_digests.get(key) == value}
     # Sets the rewritten chains use ('add' keeps an existing ipset set and its
     # elements).  A connlimit set the port has is never added again: a set
@@ -776,6 +800,74 @@ def port_id_of(comment: object) -> int | None:
         return None
     found = _PORT_ID.match(comment)
     return int(found.group(1)) if found else None
+
+
+# -- stamps ----------------------------------------------------------------
+
+
+@functools.cache
+def renderer_salt(caps: Capabilities) -> str:
+    """What a port's rendering depends on besides its ruleset and port id:
+    `RENDER_VERSION`, this module's source (a copy running without its
+    source relies on the version alone), the base layout and `caps`."""
+    try:
+        source = Path(__file__).read_bytes()
+    except OSError:
+        source = b""
+    base = sorted(base_digests().items())
+    text = f"{RENDER_VERSION}\0{LAYOUT_VERSION}\0{base!r}\0{caps!r}\0"
+    return hashlib.sha256(text.encode() + source).hexdigest()
+
+
+def ruleset_stamp(ruleset: Ruleset, port_id: int, caps: Capabilities) -> str:
+    """The first half of a port stamp: the ruleset (`ruleset_digest`), the
+    port id it is rendered with and the renderer (`digest_stamp`)."""
+    has_l3 = any(ruleset.l3_rules(hook) for hook in (Hook.FROM_VM, Hook.TO_VM))
+    return digest_stamp(ruleset_digest(ruleset), has_l3, port_id, caps)
+
+
+def digest_stamp(digest: str, has_l3: bool, port_id: int, caps: Capabilities) -> str:
+    """`ruleset_stamp` of a ruleset with `ruleset_digest` `digest`.  Only
+    layer-3 rules make the id part of what renders (the mark-stamping rule,
+    the `l3_*` elements); a port without them keeps its stamp under any id,
+    which a start gives it afresh (the kernel holds none for it)."""
+    text = f"{renderer_salt(caps)}\0{port_id if has_l3 else 0}\0{digest}"
+    return hashlib.sha256(text.encode()).hexdigest()[:STAMP_LEN]
+
+
+def chains_stamp(digests: dict[tuple[str, str], tuple[str, ...]]) -> str:
+    """The second half of a port stamp: every chain of the port (but the
+    stamp chain) by family and name, with the digests of its rules in order."""
+    out = hashlib.sha256()
+    for (family, name), sigs in sorted(digests.items()):
+        if name.endswith("/" + STAMP_CHAIN) and family == BRIDGE:
+            continue
+        out.update(f"{family} {name} {' '.join(sigs)}\n".encode("utf-8", "surrogatepass"))
+    return out.hexdigest()[:STAMP_LEN]
+
+
+def stamp_comment(
+    ruleset: Ruleset, port_id: int, caps: Capabilities,
+    digests: dict[tuple[str, str], tuple[str, ...]],
+) -> str:
+    """The comment text of a port's stamp rule."""
+    return f"{STAMP_TAG}{ruleset_stamp(ruleset, port_id, caps)}.{chains_stamp(digests)}"
+
+
+_STAMP = re.compile(re.escape(STAMP_TAG) + f"([0-9a-f]{{{STAMP_LEN}}})\\.([0-9a-f]{{{STAMP_LEN}}})"
+                    + re.escape(DIGEST_TAG) + f"([0-9a-f]{{{DIGEST_LEN}}})\\Z")
+
+
+def stamp_of(comment: str) -> tuple[str, str] | None:
+    """The two halves of the stamp a stamp rule's comment carries, or None
+    (not a stamp, or a digest that is not the stamp rule's own)."""
+    found = _STAMP.match(comment)
+    if found is None:
+        return None
+    text = f"{STAMP_TAG}{found.group(1)}.{found.group(2)}"
+    if digest(_STAMP_EXPRS, text) != found.group(3):
+        return None
+    return found.group(1), found.group(2)
 
 
 @functools.lru_cache(maxsize=4096)
