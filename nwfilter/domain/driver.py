@@ -699,7 +699,11 @@ class DomainDriver:
         # replaced the inactive definition, and is the next persistent one now.
         latest = obj.persistent_def()
         obj.definition = with_ports(dom, ports)
-        obj.new_def = None if latest is dom else latest
+        if latest is not dom:
+            obj.new_def = latest
+        else:
+            # the next start takes its port names afresh
+            obj.new_def = dom if obj.persistent and obj.definition is not dom else None
         obj.id = self.names.new_id()
         obj.set_state(DomainState.RUNNING, "booted")
         try:
@@ -959,7 +963,14 @@ class DomainDriver:
                     if reason == "shutdown":
                         emitted.append(("shutdown", "finished"))
                     emitted.append(("stopped", reason))
-                elif kind == "paused" and obj.state is DomainState.RUNNING:
+                elif kind in ("paused", "running"):
+                    # The event may be old news (a suspend's own STOP, handled
+                    # after a resume): the guest's state now decides.
+                    now = getattr(self.hypervisor, "guest_state", None)
+                    if callable(now):
+                        with obj.job.monitor():
+                            kind = now(dom)
+                if kind == "paused" and obj.state is DomainState.RUNNING:
                     obj.set_state(DomainState.PAUSED, "unknown")
                     self._save_status(obj)
                     emitted.append(("suspended", "paused"))
@@ -1116,6 +1127,10 @@ class DomainDriver:
                 obj.definition = live
                 obj.unlock()
                 try:
+                    try:
+                        self.hypervisor.stop(live)  # what the guest left: its ports
+                    except NwfilterError as exc:
+                        log.error("domain '%s': cleaning up after it failed: %s", name, exc)
                     with self.lock:
                         for portdev in bound:
                             if bindings(portdev) is not None:

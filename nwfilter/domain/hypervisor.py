@@ -125,6 +125,8 @@ class HypervisorFactory(Protocol):
 #                          after a timeout); `stop` follows it
 #   kill(dom)              end the guest at once, without waiting (destroy)
 #   reboot(dom)            reset the guest
+#   guest_state(dom) -> str  'running' or 'paused' as the guest is now (checked
+#                          when a 'paused' or 'running' event is handled)
 #   reconnect(dom) -> str  take a running guest over after a restart of the
 #                          engine; its state, 'running' or 'paused'
 

@@ -329,8 +329,11 @@ class QemuHypervisor:
         if not self._alive(run):
             raise StateError(f"domain '{dom.name}': its QEMU process is gone")
         self._attach(dom.name, run, self.command_timeout)
-        assert run.monitor is not None
-        status = run.monitor.command("query-status")
+        return self.guest_state(dom)
+
+    def guest_state(self, dom: DomainDef) -> str:
+        """'running' or 'paused', as QEMU reports it now."""
+        status = self._monitor(dom.name).command("query-status")
         running = isinstance(status, dict) and bool(status.get("running"))
         return "running" if running else "paused"
 
