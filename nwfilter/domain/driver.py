@@ -44,6 +44,7 @@ import queue
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 
 _DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}\Z")
 _PORTDEV_PREFIX = "vnet"
+# How long a guest whose monitor closed may take to exit.
+EXIT_GRACE = 10.0
 
 
 class FilterEngine(Protocol):
@@ -953,9 +956,10 @@ class DomainDriver:
                 if kind in ("exited", "panicked"):
                     if kind == "exited":
                         with obj.job.monitor(require_active=False):
-                            alive = self.hypervisor.is_alive(dom)
+                            alive = self._still_alive(dom)
                         if alive:
-                            return  # an older process of the domain
+                            log.info("domain '%s' runs again; an older process exited", name)
+                            return
                     reason = "crashed" if kind == "panicked" else reason
                     log.warning("domain '%s' stopped by itself (%s); removing its filters",
                                 name, reason)
@@ -987,6 +991,17 @@ class DomainDriver:
             obj.end_api()
         for event, detail in emitted:
             self.events.emit(lifecycle(name, event, detail))
+
+    def _still_alive(self, dom: DomainDef) -> bool:
+        """Whether the guest is alive after an exit event: a process that
+        closed its monitor may take a moment to be gone; one that lives on
+        after `EXIT_GRACE` is a newer process of the domain."""
+        deadline = time.monotonic() + EXIT_GRACE
+        while self.hypervisor.is_alive(dom):
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.02)
+        return False
 
     # -- queries (no job: they never wait for one) ----------------------------------------
 
