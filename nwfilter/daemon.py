@@ -204,6 +204,7 @@ class Server(ConnectionServer):
         *,
         ro_bound: BoundSocket | None = None,
         admin_group: Group | None = None,
+        loop: EventLoop | None = None,
     ) -> None:
         super().__init__(limits)
         self.engine = engine
@@ -214,8 +215,9 @@ class Server(ConnectionServer):
                                       events=engine.events)
         self.networks = networks
         self.context = DaemonContext(engine, manager, engine.events, networks)
-        # The domain core's event loop: dnsmasq supervision (and IP learning).
-        self.loop = EventLoop()
+        # The domain core's event loop: dnsmasq supervision, IP learning and
+        # the QEMU monitors.
+        self.loop = loop if loop is not None else EventLoop()
         self.learner: Listener | None = None
         self.path = bound.path
         self.ro_path = ro_bound.path if ro_bound is not None else None
@@ -328,17 +330,22 @@ def serve(
     # survived a restart are found again (their filters were re-applied by
     # the engine) and the ones marked autostart are started.
     networks = NetworkManager(root, netns, lambda: engine.owner, events=engine.events)
-    manager = DomainManager.for_engine(engine, netns=netns, networks=networks.attachment)
+    # Started before the domains: running QEMU guests are watched from it.
+    loop = EventLoop()
+    loop.start()
+    manager = DomainManager.for_engine(engine, netns=netns, networks=networks.attachment,
+                                       loop=loop)
     try:
         networks.load()
         networks.supervise()
         networks.autostart()
         manager.start(autostart=True)
         server = Server(bound, engine, manager, limits, networks, ro_bound=ro_bound,
-                        admin_group=admin_group)
+                        admin_group=admin_group, loop=loop)
     except BaseException:
         for each in bounds:
             each.close()
+        loop.stop()
         engine.close()
         raise
     if isinstance(engine.backend, NftBackend):
@@ -346,7 +353,6 @@ def serve(
         # ruleset`, a firewall reload) is repaired from the recorded state.
         server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
-    server.loop.start()
     server.learner = Listener(engine, server.loop, netns)
     server.learner.start()
 

@@ -40,9 +40,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,7 +57,6 @@ from nwfilter.domain.hypervisor import (
     Hypervisor,
     HypervisorEnv,
     PortPlan,
-    Undriven,
     load_hypervisor,
 )
 from nwfilter.domain.jobs import JOB_WAIT_TIME, JobKind
@@ -75,12 +76,15 @@ from nwfilter.locks import Level, LevelledLock
 from nwfilter.rebuild import RebuildCoordinator
 
 if TYPE_CHECKING:
+    from nwfilter.domain.eventloop import EventLoop
     from nwfilter.engine import Engine
 
 log = logging.getLogger(__name__)
 
 _DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}\Z")
 _PORTDEV_PREFIX = "vnet"
+# How long a guest whose monitor closed may take to exit.
+EXIT_GRACE = 10.0
 
 
 class FilterEngine(Protocol):
@@ -430,6 +434,16 @@ def binding_for(dom: DomainDef, port: PortPlan) -> BindingDef:
     )
 
 
+def with_ports(dom: DomainDef, ports: Sequence[PortPlan]) -> DomainDef:
+    """The live definition of a started domain: each interface's
+    `<target dev>` names its host port, as libvirt shows a running guest."""
+    ifaces = list(dom.interfaces)
+    for port in ports:
+        if ifaces[port.index].target_dev != port.portdev:
+            ifaces[port.index] = replace(ifaces[port.index], target_dev=port.portdev)
+    return replace(dom, interfaces=tuple(ifaces)) if ifaces != list(dom.interfaces) else dom
+
+
 # -- one driver -----------------------------------------------------------------
 
 
@@ -467,6 +481,15 @@ class DomainDriver:
         # and domain lock held while the filters are instantiated), to show
         # that this order deadlocks against a filter update.
         self.legacy_lock_order = False
+        # What guests do by themselves (pause, exit, ...) arrives from the
+        # event loop and is handled by a worker thread, which may wait for
+        # the domain's job as no loop callback may.
+        self._guest_events: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
+        self._guest_worker = False
+        self._guest_lock = threading.Lock()  # a leaf: guards `_guest_worker`
+        set_sink = getattr(hypervisor, "set_event_sink", None)
+        if callable(set_sink):
+            set_sink(self.guest_event)
 
     # -- files -----------------------------------------------------------------
 
@@ -590,8 +613,6 @@ class DomainDriver:
     def _plan(self, dom: DomainDef) -> list[PortPlan]:
         """The ports of a start; reserves their names (checks come first,
         so a refused start reserves nothing)."""
-        if isinstance(self.hypervisor, Undriven):
-            raise self.hypervisor.refusal(dom)
         macs: list[str] = []
         attached: dict[int, NetworkAttachment] = {}
         for index, iface in enumerate(dom.interfaces):
@@ -680,8 +701,12 @@ class DomainDriver:
         # A define takes no job: one that ran while the domain was unlocked
         # replaced the inactive definition, and is the next persistent one now.
         latest = obj.persistent_def()
-        obj.definition = dom
-        obj.new_def = None if latest is dom else latest
+        obj.definition = with_ports(dom, ports)
+        if latest is not dom:
+            obj.new_def = latest
+        else:
+            # the next start takes its port names afresh
+            obj.new_def = dom if obj.persistent and obj.definition is not dom else None
         obj.id = self.names.new_id()
         obj.set_state(DomainState.RUNNING, "booted")
         try:
@@ -773,6 +798,18 @@ class DomainDriver:
     def stop(self, name: str, *, reason: str) -> None:
         """Shut the domain off (`reason`: 'destroyed' or 'shutdown')."""
         obj = self.domains.lookup_by_name(name)
+        kill = getattr(self.hypervisor, "kill", None)
+        if reason == "destroyed" and callable(kill) and obj.is_active():
+            # As libvirt does: end the guest before waiting for its job, so a
+            # monitor call hung in another thread fails now, not at its timeout.
+            dom = obj.definition
+            obj.unlock()
+            try:
+                kill(dom)
+            except NwfilterError as exc:
+                log.warning("domain '%s': killing it failed: %s", name, exc)
+            finally:
+                obj.lock()
         try:
             kind = JobKind.DESTROY if reason == "destroyed" else JobKind.MODIFY
             obj.job.begin(kind, reason, timeout=self.job_timeout)
@@ -798,7 +835,10 @@ class DomainDriver:
         bound = [p.portdev for p in ports if p.filtered]
         # If the stop fails the domain stays as it was, running with its
         # filters, and the error goes to the caller.
+        shutdown = getattr(self.hypervisor, "shutdown", None)
         with obj.job.monitor(require_active=False):
+            if reason == "shutdown" and callable(shutdown):
+                shutdown(dom)  # the guest powers down, or is killed after a while
             self._stop_and_unbind(obj, dom, ports, bound)
         self._mark_shutoff(obj, reason)
 
@@ -850,6 +890,118 @@ class DomainDriver:
             self.events.emit(lifecycle(name, "suspended", "paused"))
         else:
             self.events.emit(lifecycle(name, "resumed", "unpaused"))
+
+    def reboot(self, name: str) -> None:
+        reboot = getattr(self.hypervisor, "reboot", None)
+        if not callable(reboot):
+            raise UnsupportedError(f"domain '{name}': type '{self.type}' cannot reboot")
+        obj = self.domains.lookup_by_name(name)
+        try:
+            obj.job.begin(JobKind.MODIFY, "reboot", timeout=self.job_timeout)
+            try:
+                if not obj.is_active():
+                    raise StateError(f"domain '{name}' is not running")
+                dom = obj.definition
+                with obj.job.monitor():
+                    reboot(dom)
+            finally:
+                obj.job.end()
+        finally:
+            obj.end_api()
+
+    # -- what guests do by themselves ------------------------------------------------------
+
+    def guest_event(self, name: str, kind: str, reason: str) -> None:
+        """Queue an event of a guest (called from the event loop: never blocks).
+
+        It is handled under the domain's job by a worker thread, which
+        looks the domain up by name: an event for a domain that was
+        destroyed or removed meanwhile finds it inactive or gone and does
+        nothing; no event keeps a pointer to a domain object."""
+        self._guest_events.put((name, kind, reason))
+        with self._guest_lock:
+            if self._guest_worker:
+                return
+            self._guest_worker = True
+        threading.Thread(target=self._guest_work, name=f"guest-events-{self.type}",
+                         daemon=True).start()
+
+    def _guest_work(self) -> None:
+        while True:
+            with self._guest_lock:
+                try:
+                    name, kind, reason = self._guest_events.get_nowait()
+                except queue.Empty:
+                    self._guest_worker = False
+                    return
+            try:
+                self._handle_guest_event(name, kind, reason)
+            except NwfilterError as exc:
+                log.error("domain '%s': handling guest event '%s' failed: %s", name, kind, exc)
+            except Exception:
+                log.exception("domain '%s': handling guest event '%s' failed", name, kind)
+
+    def _handle_guest_event(self, name: str, kind: str, reason: str) -> None:
+        try:
+            obj = self.domains.lookup_by_name(name)
+        except NotFoundError:
+            return
+        emitted: list[tuple[str, str]] = []
+        try:
+            obj.job.begin(JobKind.MODIFY, f"guest event '{kind}'", timeout=self.job_timeout)
+            try:
+                if not obj.is_active():
+                    return
+                dom = obj.definition
+                if kind in ("exited", "panicked"):
+                    if kind == "exited":
+                        with obj.job.monitor(require_active=False):
+                            alive = self._still_alive(dom)
+                        if alive:
+                            log.info("domain '%s' runs again; an older process exited", name)
+                            return
+                    reason = "crashed" if kind == "panicked" else reason
+                    log.warning("domain '%s' stopped by itself (%s); removing its filters",
+                                name, reason)
+                    self._stop_locked(obj, reason)
+                    if reason == "shutdown":
+                        emitted.append(("shutdown", "finished"))
+                    emitted.append(("stopped", reason))
+                elif kind in ("paused", "running"):
+                    # The event may be old news (a suspend's own STOP, handled
+                    # after a resume): the guest's state now decides.
+                    now = getattr(self.hypervisor, "guest_state", None)
+                    if callable(now):
+                        with obj.job.monitor():
+                            kind = now(dom)
+                if kind == "paused" and obj.state is DomainState.RUNNING:
+                    obj.set_state(DomainState.PAUSED, "unknown")
+                    self._save_status(obj)
+                    emitted.append(("suspended", "paused"))
+                elif kind == "running" and obj.state is DomainState.PAUSED:
+                    obj.set_state(DomainState.RUNNING, "unpaused")
+                    self._save_status(obj)
+                    emitted.append(("resumed", "unpaused"))
+            finally:
+                obj.job.end()
+            if not obj.is_active() and not obj.persistent:
+                self.domains.remove(obj)
+                self.names.release_domain(name)
+        finally:
+            obj.end_api()
+        for event, detail in emitted:
+            self.events.emit(lifecycle(name, event, detail))
+
+    def _still_alive(self, dom: DomainDef) -> bool:
+        """Whether the guest is alive after an exit event: a process that
+        closed its monitor may take a moment to be gone; one that lives on
+        after `EXIT_GRACE` is a newer process of the domain."""
+        deadline = time.monotonic() + EXIT_GRACE
+        while self.hypervisor.is_alive(dom):
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.02)
+        return False
 
     # -- queries (no job: they never wait for one) ----------------------------------------
 
@@ -990,6 +1142,10 @@ class DomainDriver:
                 obj.definition = live
                 obj.unlock()
                 try:
+                    try:
+                        self.hypervisor.stop(live)  # what the guest left: its ports
+                    except NwfilterError as exc:
+                        log.error("domain '%s': cleaning up after it failed: %s", name, exc)
                     with self.lock:
                         for portdev in bound:
                             if bindings(portdev) is not None:
@@ -1005,11 +1161,24 @@ class DomainDriver:
             self.names.reserve_ports(name, [p.portdev for p in ports])
             self._adopt(obj, status)
             obj.unlock()
+            reconnect = getattr(self.hypervisor, "reconnect", None)
+            changed = False
             try:
                 self._rebind(live, ports, bindings)
+                if callable(reconnect):
+                    # the monitor again, and the state QEMU is in now
+                    state = reconnect(live)
+                    with obj.mutex:
+                        if state == "paused" and obj.state is DomainState.RUNNING:
+                            obj.set_state(DomainState.PAUSED, "unknown")
+                            changed = True
+                        elif state == "running" and obj.state is DomainState.PAUSED:
+                            obj.set_state(DomainState.RUNNING, "unpaused")
+                            changed = True
             except NwfilterError:
                 # fail closed: a guest whose filters cannot be applied does not run
-                log.error("domain '%s': filters cannot be re-applied; stopping it", name)
+                log.error("domain '%s': filters or monitor cannot be taken over; stopping it",
+                          name)
                 obj.lock()
                 obj.job.begin(JobKind.DESTROY, "reconnect", timeout=self.job_timeout)
                 try:
@@ -1019,6 +1188,8 @@ class DomainDriver:
                 self.events.emit(lifecycle(name, "stopped", "failed"))
                 raise
             obj.lock()
+            if changed:
+                self._save_status(obj)
         finally:
             obj.end_api()
 
@@ -1053,8 +1224,10 @@ class DomainManager:
         mac_source: Callable[[], str] = random_mac,
         events: EventBus | None = None,
         networks: NetworkLookup | None = None,
+        loop: EventLoop | None = None,
     ) -> None:
         self.files = DomainFiles(root)
+        self.loop = loop
         self.networks = networks
         self.engine = engine
         self.events = events if events is not None else EventBus()
@@ -1082,6 +1255,7 @@ class DomainManager:
         job_timeout: float = JOB_WAIT_TIME,
         mac_source: Callable[[], str] = random_mac,
         networks: NetworkLookup | None = None,
+        loop: EventLoop | None = None,
     ) -> DomainManager:
         """The domains of `engine`'s state root, wired to its coordinator
         and binding table; the engine refuses to bind by hand a port one of
@@ -1097,6 +1271,7 @@ class DomainManager:
             mac_source=mac_source,
             events=engine.events,
             networks=networks,
+            loop=loop,
         )
         engine.add_port_holder(manager.names.port_holder)
         return manager
@@ -1120,7 +1295,8 @@ class DomainManager:
                 # Checked and cleaned here; the hypervisor opens it again itself.
                 with SafeDir.open(run_dir, what="hypervisor directory") as directory:
                     directory.remove_temporaries()
-            hypervisor = load_hypervisor(dtype, HypervisorEnv(run_dir, self.netns))
+            hypervisor = load_hypervisor(
+                dtype, HypervisorEnv(run_dir, self.netns, type=dtype, loop=self.loop))
         with self._drivers_lock:
             found = self._drivers.get(dtype)
             if found is not None:
@@ -1274,6 +1450,10 @@ class DomainManager:
         self._writable()
         self._driver_of(name).resume(name)
 
+    def reboot(self, name: str) -> None:
+        self._writable()
+        self._driver_of(name).reboot(name)
+
     def set_autostart(self, name: str, enable: bool) -> None:
         self._writable()
         self._driver_of(name).set_autostart(name, enable)
@@ -1351,4 +1531,5 @@ __all__ = [
     "binding_for",
     "random_mac",
     "validate_domain_name",
+    "with_ports",
 ]

@@ -30,15 +30,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from nwfilter.conf.model import DomainDef
 from nwfilter.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from nwfilter.domain.eventloop import EventLoop
 
 KNOWN_HYPERVISORS: Mapping[str, str] = MappingProxyType(
     {
         "test": "nwfilter.domain.testvm",
         "ns": "nwfilter.domain.nsvm",
+        "kvm": "nwfilter.domain.qemuvm",
+        "qemu": "nwfilter.domain.qemuvm",
     }
 )
 
@@ -71,11 +76,16 @@ class HypervisorEnv:
     and was checked, except when the domains are loaded for queries only;
     open it with `nwfilter.fileio.SafeDir` or `DirHandle`, never by path);
     `netns` is the network namespace host-side ports live in (the one whose
-    rules the firewall backend manages), `None` for the caller's own.
+    rules the firewall backend manages), `None` for the caller's own;
+    `type` is the domain type it serves; `loop` is the domain core's event
+    loop, where a hypervisor watches its guests (one that needs a loop and
+    gets none runs its own).
     """
 
     run_dir: Path
     netns: str | None = None
+    type: str = ""
+    loop: EventLoop | None = None
 
 
 class Hypervisor(Protocol):
@@ -106,49 +116,24 @@ class HypervisorFactory(Protocol):
     def __call__(self, env: HypervisorEnv) -> Hypervisor: ...
 
 
-# Types whose documents are defined, listed and dumped like any other, but
-# that no driver here runs yet.
-UNDRIVEN_TYPES = ("kvm", "qemu")
-
-
-class Undriven:
-    """The hypervisor of a type no driver runs: nothing ever runs, so a
-    start is refused before anything is made, and stopping is a no-op."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def refusal(self, dom: DomainDef) -> UnsupportedError:
-        """Why `dom` cannot start."""
-        return UnsupportedError(
-            f"domain '{dom.name}' has type '{self.name}', which no driver here runs yet: "
-            "define, dumpxml and the queries work, start does not"
-        )
-
-    def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
-        raise self.refusal(dom)
-
-    def launch(self, dom: DomainDef) -> None:
-        raise self.refusal(dom)
-
-    def stop(self, dom: DomainDef) -> None:
-        return None
-
-    def suspend(self, dom: DomainDef) -> None:
-        raise self.refusal(dom)
-
-    def resume(self, dom: DomainDef) -> None:
-        raise self.refusal(dom)
-
-    def is_alive(self, dom: DomainDef) -> bool:
-        return False
+# Optional methods a hypervisor may have, which the driver uses when present:
+#   set_event_sink(sink)   sink(domain, kind, reason) for what a guest does by
+#                          itself: 'paused', 'running', 'panicked', 'exited'
+#                          (reason 'shutdown', 'crashed', 'destroyed'); called
+#                          from the event loop, so it must not block
+#   shutdown(dom)          a graceful stop (the guest powers down, or is killed
+#                          after a timeout); `stop` follows it
+#   kill(dom)              end the guest at once, without waiting (destroy)
+#   reboot(dom)            reset the guest
+#   guest_state(dom) -> str  'running' or 'paused' as the guest is now (checked
+#                          when a 'paused' or 'running' event is handled)
+#   reconnect(dom) -> str  take a running guest over after a restart of the
+#                          engine; its state, 'running' or 'paused'
 
 
 def load_hypervisor(name: str, env: HypervisorEnv) -> Hypervisor:
     """Build the hypervisor for a domain type, importing its module on demand."""
     module_name = KNOWN_HYPERVISORS.get(name)
-    if module_name is None and name in UNDRIVEN_TYPES:
-        return Undriven(name)
     if module_name is None:
         known = ", ".join(sorted(KNOWN_HYPERVISORS))
         raise UnsupportedError(f"unknown domain type '{name}' (known: {known})")

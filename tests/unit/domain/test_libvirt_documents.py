@@ -53,13 +53,16 @@ def test_virt_install_file_gets_uuid_and_mac_and_keeps_the_rest(manager: DomainM
     assert manager.dumpxml("db02", inactive=True) == out and again.uuid == definition.uuid
 
 
-def test_kvm_guest_defines_and_dumps_and_start_says_why_not(manager: DomainManager) -> None:
+def test_kvm_guest_defines_and_dumps_and_start_names_what_is_missing(
+    manager: DomainManager,
+) -> None:
     text = (GOLDEN / "kvm-guest.xml").read_text()
     manager.define_xml(text)
     assert manager.dumpxml("web01", inactive=True) == text
     assert manager.dumpxml("web01") == text
     assert [r.name for r in manager.list_domains(all_domains=True)] == ["web01"]
-    with pytest.raises(UnsupportedError, match="no driver here runs yet"):
+    # Its first NIC is on network 'default', which nothing manages here.
+    with pytest.raises(UnsupportedError, match="network 'default', and no networks are managed"):
         manager.start_domain("web01")
     assert manager.state("web01").state.value == "shut off"
     assert manager.engine.list_bindings() == []  # type: ignore[attr-defined]
@@ -116,9 +119,9 @@ def test_cli_define_dumpxml_and_start(tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert main([*base, "dumpxml", "web01"]) == 0
     assert capsys.readouterr().out == path.read_text()
-    assert main([*base, "start", "web01"]) == 5
+    assert main([*base, "start", "web01"]) == 4
     err = capsys.readouterr().err
-    assert re.fullmatch(r"error: domain 'web01' has type 'kvm', which no driver here runs yet.*\n",
-                        err)
+    assert re.fullmatch(r"error: domain 'web01': interface 1 cannot attach to network 'default':"
+                        r" network 'default' is not active.*\n", err)
     assert main([*base, "domuuid", "web01"]) == 0
     assert uuid.UUID(capsys.readouterr().out.strip()) == parse_domain(path.read_text()).uuid
