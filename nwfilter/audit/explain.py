@@ -470,7 +470,7 @@ def _compare(ex: Explainer, m: Match, got: Any, rule: Rule) -> bool:
             return ipaddress.IPv4Address(got) in ex._learnt
         return bool(got in ex._learnt)
     if m.field is Field.CONNLIMIT_ABOVE:
-        return bool(got > v)  # type: ignore[operator]
+        return bool(got > v)
     if m.field is Field.IPSET:
         assert isinstance(v, IPSetMatch)
         return any(got in net for net in ex._ipsets.get(v.name, ())
@@ -483,7 +483,7 @@ def _compare(ex: Explainer, m: Match, got: Any, rule: Rule) -> bool:
         return bool(v.lo <= got <= v.hi)
     if isinstance(v, AddrRange):
         return bool(got.version == v.start.version
-                    and v.start <= got <= v.end)  # type: ignore[operator]
+                    and v.start <= got <= v.end)
     if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
         net: IPNetwork = v
         if isinstance(got, int):  # an ARP address from the raw header

@@ -77,7 +77,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    return (~total) & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def _pseudo(src: IPAddress, dst: IPAddress, proto: int, length: int) -> bytes:

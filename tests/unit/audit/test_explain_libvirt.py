@@ -23,7 +23,6 @@ from nwfilter.compile import Compiler
 from nwfilter.conf import parse_binding, parse_filter
 from nwfilter.errors import NwfilterError
 from nwfilter.ir import CtState, Hook
-from nwfilter.pool import FilterPool
 from tests.integration.test_libvirt_verdicts import DIFFERS
 
 ROOT = Path(__file__).resolve().parents[3]
