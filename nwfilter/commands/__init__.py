@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from nwfilter.commands import (
+    audit,
     bindings,
     complete,
     domains,
@@ -17,4 +18,4 @@ from nwfilter.commands import (
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, networks, events, sandbox, host, complete)
+    return (filters, bindings, domains, networks, events, sandbox, host, audit, complete)

@@ -569,7 +569,20 @@ class NftBackend:
                  self._where(), len(batch.commands))
         return len(batch.commands)
 
+    def listing(self) -> readback.Listing:
+        """Both tables as the kernel holds them now (one listing each; for
+        audits), changing nothing."""
+        return readback.parse(self.listing_text())
+
+    def listing_text(self) -> dict[str, str | None]:
+        """The text listing of each table (None: no such table)."""
+        with self._kernel() as ctx:
+            return self._table_texts(ctx)
+
     def _list_tables(self, ctx: NftContext) -> readback.Listing:
+        return readback.parse(self._table_texts(ctx))
+
+    def _table_texts(self, ctx: NftContext) -> dict[str, str | None]:
         answers: dict[str, str | None] = {}
         was_json = ctx.set_json_output(False)
         try:
@@ -578,7 +591,7 @@ class NftBackend:
                 answers[family] = out if rc == 0 else None
         finally:
             ctx.set_json_output(was_json)
-        return readback.parse(answers)
+        return answers
 
     def _forget(self) -> None:
         self._ids = _PortIds()
