@@ -64,12 +64,14 @@ def _lists(rs: Ruleset) -> Iterable[tuple[str, Sequence[Rule]]]:
 
 def shadowed(rs: Ruleset, vm: str) -> list[Finding]:
     out: list[Finding] = []
+    seen: set[object] = set()  # one finding per XML rule (a rule may sit in both hooks)
     for where, rules in _lists(rs):
         for j, later in enumerate(rules):
-            if later.origin is None or not later.origin.index:
+            if later.origin is None or not later.origin.index or later.origin in seen:
                 continue  # the compiler's own rules (jumps, chain policies)
             for earlier in rules[:j]:
                 if shadows(earlier, later):
+                    seen.add(later.origin)
                     by = str(earlier.origin) if earlier.origin is not None else (
                         earlier.comment or "a rule of the compiler")
                     out.append(Finding(
