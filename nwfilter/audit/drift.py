@@ -61,7 +61,12 @@ def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str
         tag = render.port_tag(port)
         held = set(listing.by_tag.get(tag, ()))
         port_id = ids.get(port)
-        _batch, record = render.render_port(rs, port_id or 1, None, caps)
+        known = backend.record(port)
+        if known is not None and known[1].port_id == port_id and known[0] == rs \
+                and known[1].contents:
+            record = known[1]  # what was rendered for exactly this ruleset
+        else:
+            _batch, record = render.render_port(rs, port_id or 1, None, caps)
         needed.update(record.digests)
         if port_id is None and not held and record.digests:
             out.append(Finding("drift.no-rules", "critical", "the port has no rules in the kernel",

@@ -235,7 +235,7 @@ class _Walk:
             self.out.origin = str(rule.origin)
 
     def test(self, layer: str, chain: str, index: int, rule: Rule) -> bool:
-        ok, why = rule_matches(self.ex, rule, self.frame, self.state)
+        ok, why = rule_matches(self.ex, rule, self.frame, self.state, self.trace)
         if self.trace:
             action = ""
             if ok:
@@ -322,8 +322,8 @@ class _Walk:
 # -- matching ------------------------------------------------------------------
 
 
-def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None
-                 ) -> tuple[bool, str]:
+def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None,
+                 why: bool = True) -> tuple[bool, str]:
     """Whether `rule` matches `frame`, and why (the first failing match, or 'all matched')."""
     if rule.family is not Family.ETHER:
         ip = frame.ip
@@ -352,9 +352,9 @@ def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None
             guards.add("ip")
             if frame.raw(16, 16) != ETH_P_IP or frame.raw(40, 8) != 4:
                 return False, "ARP protocol type is not IPv4/4"
-        ok, why = match_one(ex, m, frame, state, rule)
+        ok, text = match_one(ex, m, frame, state, rule, why)
         if not ok:
-            return False, why
+            return False, text
     if config:
         stp_type = next((int(m.value) for m in rule.matches if m.field is Field.STP_TYPE
                          and not m.negate and isinstance(m.value, int)), None)
@@ -362,9 +362,9 @@ def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None
             pass  # configuration fields cannot apply (ebt_stp): the renderer drops them
         elif stp_type == 0 or frame.raw(48, 8) == 0:
             for m in config:
-                ok, why = match_one(ex, m, frame, state, rule)
+                ok, text = match_one(ex, m, frame, state, rule, why)
                 if not ok:
-                    return False, why
+                    return False, text
     return True, "every condition holds" if rule.matches else "matches every frame"
 
 
@@ -372,15 +372,17 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def match_one(ex: Explainer, m: Match, frame: Frame, state: CtState | None, rule: Rule
-              ) -> tuple[bool, str]:
-    """One match: (holds, why)."""
+def match_one(ex: Explainer, m: Match, frame: Frame, state: CtState | None, rule: Rule,
+              why: bool = True) -> tuple[bool, str]:
+    """One match: (holds, why; '' unless `why`)."""
     got = _value(ex, m, frame, state, rule)
-    text = format_match(m)
     if got is _ABSENT:
-        return False, f"{text}: the frame has no {m.field.value}"
+        return False, f"{format_match(m)}: the frame has no {m.field.value}" if why else ""
     hit = _compare(ex, m, got, rule)
     result = hit != m.negate
+    if not why:
+        return result, ""
+    text = format_match(m)
     shown = _show(m, got)
     return result, f"{text}: {'holds' if result else 'fails'} ({m.field.value} is {shown})"
 

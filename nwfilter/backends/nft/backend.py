@@ -569,6 +569,14 @@ class NftBackend:
                  self._where(), len(batch.commands))
         return len(batch.commands)
 
+    def record(self, portdev: str) -> tuple[Ruleset, PortRecord] | None:
+        """The ruleset last applied to a port and the record of what it
+        rendered to (chains, digests), or None (for audits)."""
+        with self._state_lock:
+            ruleset = self._rulesets.get(portdev)
+            rec = self._records.get(portdev)
+        return None if ruleset is None or rec is None else (ruleset, rec)
+
     def listing(self) -> readback.Listing:
         """Both tables as the kernel holds them now (one listing each; for
         audits), changing nothing."""

@@ -81,7 +81,8 @@ def test_exposure_names_the_rule_that_lets_it_pass(engine: Engine) -> None:
 
 def test_shadowed_rule(engine: Engine) -> None:
     engine.define_filter("""<filter name='shadow' chain='root'>
-      <rule action='drop' direction='out' priority='100'><tcp dstportstart='1' dstportend='1000'/></rule>
+      <rule action='drop' direction='out' priority='100'>
+        <tcp dstportstart='1' dstportend='1000'/></rule>
       <rule action='accept' direction='out' priority='200'><tcp dstportstart='22'/></rule>
       <rule action='accept' direction='out' priority='300'><udp dstportstart='53'/></rule>
     </filter>""")
