@@ -394,6 +394,44 @@ def _net_autostart(ctx: ApiContext, p: dict[str, Any]) -> Json:
     return {"name": p["network"], "autostart": p["enable"]}
 
 
+def _audit_run(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    from nwfilter.audit.run import run_audit
+
+    return run_audit(ctx.engine(), ctx.domains(), p["ports"] or None)
+
+
+def _audit_fix(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    return {"commands": ctx.engine().reconcile()}
+
+
+def _explain_packet(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    from nwfilter.audit.explain import Explainer, hook_of
+    from nwfilter.ir import CtState
+
+    hook = hook_of(p["direction"])
+    state = None
+    if p["ct_state"]:
+        try:
+            state = CtState(p["ct_state"])
+        except ValueError:
+            raise ValidationError(f"ct_state must be one of "
+                                  f"{', '.join(s.value for s in CtState)}") from None
+    frames = []
+    for text in p["frames"]:
+        try:
+            frames.append(bytes.fromhex(text))
+        except ValueError:
+            raise ValidationError("each frame must be hex") from None
+    explainer = Explainer(ctx.engine().ruleset(p["port"]))
+    return [explainer.explain(hook, f, ct_state=state).as_json() for f in frames]
+
+
+def _stats_get(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    from nwfilter.audit.stats import port_stats
+
+    return port_stats(ctx.engine(), p["ports"] or None)
+
+
 _XML = Param("xml", str, required=True)
 _SOURCE = Param("source", str, "<request>")
 _DOMAIN = Param("domain", str, required=True)
@@ -444,6 +482,12 @@ METHODS: dict[str, Method] = {
         Method("network.dumpxml", _net_dumpxml, (_NETWORK, Param("inactive", bool, False))),
         Method("network.autostart", _net_autostart,
                (_NETWORK, Param("enable", bool, True)), writes=True),
+        Method("audit.run", _audit_run, (Param("ports", list),), domains=True),
+        Method("audit.fix", _audit_fix, writes=True),
+        Method("explain.packet", _explain_packet,
+               (Param("port", str, required=True), Param("direction", str, required=True),
+                Param("frames", list, required=True), Param("ct_state", str))),
+        Method("stats.get", _stats_get, (Param("ports", list),)),
         # The reply is followed by one {"event": ...} line per event until the
         # client closes (nwfilter.connserver.Streaming).
         Method("events.subscribe", _events_subscribe, (Param("kinds", list),)),

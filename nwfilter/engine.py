@@ -798,6 +798,38 @@ class Engine:
         with self.pool.lock.read():
             return self._compile(Compiler(self.pool.snapshot()), binding, check=True)
 
+    def reconcile(self) -> int:
+        """Make the kernel hold what every binding compiles to now, writing
+        only the difference in one transaction (what a start does; `audit
+        --fix`), and restore the layer-3 preconditions the backend may
+        restore.  Returns the number of commands sent (0: nothing differed)."""
+        self._check_writable()
+        with self.pool.lock.read(), self.bindings.lock:
+            # Nothing is taken as known: every binding is compiled afresh.
+            rulesets, _failed, _entries = self._compile_start(self.pool.snapshot(), {})
+            sent = self.backend.reconcile(rulesets)
+        self.backend.preconditions(repair=True)
+        return sent
+
+    def compile_bindings(
+        self, portdevs: Sequence[str] | None = None
+    ) -> dict[str, Ruleset | NwfilterError]:
+        """What the bound ports (all, or `portdevs`) compile to now, with
+        their learnt addresses, or why they do not compile; changes nothing
+        (for audits, which compare it with what the kernel holds)."""
+        wanted = None if portdevs is None else set(portdevs)
+        out: dict[str, Ruleset | NwfilterError] = {}
+        with self.pool.lock.read(), self.bindings.lock:
+            compiler = Compiler(self.pool.snapshot())
+            for binding in self.bindings.all():
+                if wanted is not None and binding.portdev not in wanted:
+                    continue
+                try:
+                    out[binding.portdev] = self._compile(compiler, binding)
+                except NwfilterError as exc:
+                    out[binding.portdev] = exc
+        return out
+
     def set_learnt(
         self,
         portdev: str,

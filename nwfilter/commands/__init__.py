@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from types import ModuleType
 
 from nwfilter.commands import (
+    audit,
     bindings,
     complete,
     domains,
@@ -27,7 +28,7 @@ from nwfilter.commands import (
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, networks, events, sandbox, host, complete)
+    return (filters, bindings, domains, networks, events, sandbox, host, audit, complete)
 
 
 def modules_naming(words: Iterable[str]) -> tuple[ModuleType, ...]:

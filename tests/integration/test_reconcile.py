@@ -497,9 +497,9 @@ def compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = Compiler.compile
 
-    def counting(self: Compiler, binding: BindingDef, *args: Any) -> Ruleset:
+    def counting(self: Compiler, binding: BindingDef, *args: Any, **kwargs: Any) -> Ruleset:
         seen.append(binding.portdev)
-        return real(self, binding, *args)
+        return real(self, binding, *args, **kwargs)
 
     monkeypatch.setattr(Compiler, "compile", counting)
     return seen

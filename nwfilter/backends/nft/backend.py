@@ -580,7 +580,28 @@ class NftBackend:
                  self._where(), len(batch.commands))
         return len(batch.commands)
 
+    def record(self, portdev: str) -> tuple[Ruleset, PortRecord] | None:
+        """The ruleset last applied to a port and the record of what it
+        rendered to (chains, digests), or None (for audits)."""
+        ruleset = self.recorded().get(portdev)  # a deferred one is compiled now
+        with self._state_lock:
+            rec = self._records.get(portdev)
+        return None if ruleset is None or rec is None else (ruleset, rec)
+
+    def listing(self) -> readback.Listing:
+        """Both tables as the kernel holds them now (one listing each; for
+        audits), changing nothing."""
+        return readback.parse(self.listing_text())
+
+    def listing_text(self) -> dict[str, str | None]:
+        """The text listing of each table (None: no such table)."""
+        with self._kernel() as ctx:
+            return self._table_texts(ctx)
+
     def _list_tables(self, ctx: NftContext) -> readback.Listing:
+        return readback.parse(self._table_texts(ctx))
+
+    def _table_texts(self, ctx: NftContext) -> dict[str, str | None]:
         answers: dict[str, str | None] = {}
         was_json = ctx.set_json_output(False)
         try:
@@ -589,7 +610,7 @@ class NftBackend:
                 answers[family] = out if rc == 0 else None
         finally:
             ctx.set_json_output(was_json)
-        return readback.parse(answers)
+        return answers
 
     def _forget(self) -> None:
         self._ids = _PortIds()
