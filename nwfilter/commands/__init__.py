@@ -6,6 +6,7 @@ from types import ModuleType
 
 from nwfilter.commands import (
     bindings,
+    cluster,
     complete,
     domains,
     events,
@@ -17,4 +18,4 @@ from nwfilter.commands import (
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, networks, events, sandbox, host, complete)
+    return (filters, bindings, domains, networks, events, sandbox, host, cluster, complete)
