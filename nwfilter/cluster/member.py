@@ -113,6 +113,9 @@ class ClusterMember:
         self._lease = 0
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
+        self._started_at = 0.0
+        #: seconds from `start` until this host had applied the pool's head
+        self.caught_up_after: float | None = None
 
     # ------------------------------------------------------------- keys
 
@@ -130,6 +133,7 @@ class ClusterMember:
         seconds for the first catch-up (the host serves its own copy
         meanwhile, and after, if etcd cannot be reached)."""
         self._load_state()
+        self._started_at = time.monotonic()
         self.engine.add_binding_observer(self._bindings_changed)
         for name, target in (("cluster-watch", self._run_watch),
                              ("cluster-lease", self._run_lease)):
@@ -212,6 +216,8 @@ class ClusterMember:
                             "comparing the whole pool", self.applied, exc)
                 self._compare = True
             except UnavailableError as exc:
+                if self._stopped.is_set():
+                    break  # the watch was cancelled by `stop`
                 self._set_connected(False, exc.message)
                 self._stopped.wait(pause)
                 pause = min(pause * 2, 1.0)
@@ -231,13 +237,18 @@ class ClusterMember:
             self._full_compare()
         self._set_connected(True)
         if self.applied >= target:
-            self._ready.set()
+            self._caught_up_now()
         for batch in self._watch_store.watch(self.pool_prefix, self.applied + 1,
                                              self._stopped):
             if batch.events and not self._stopped.is_set():
                 self._apply_batch(batch)
             if self.applied >= target:
-                self._ready.set()
+                self._caught_up_now()
+
+    def _caught_up_now(self) -> None:
+        if not self._ready.is_set():
+            self.caught_up_after = time.monotonic() - self._started_at
+            self._ready.set()
 
     def _keep_if_used(self, view: PoolView, name: str, revision: int, key: str) -> bool:
         """True (and the revision reported) when a binding here still uses

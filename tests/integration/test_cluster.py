@@ -11,6 +11,7 @@ a network namespace of its own where the kernel's rules are checked.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import threading
 import time
@@ -337,3 +338,27 @@ def test_a_dead_host_is_shown_gone_when_its_lease_expires(cluster: Cluster) -> N
     cluster.stop("h1", revoke=False)  # dies: nobody revokes its lease
     assert eventually(lambda: states()["h1"]["alive"] is False, 10)
     assert states()["h0"]["alive"] is True
+
+
+def test_cluster_status_on_the_command_line(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nwfilter.cli import main
+
+    hosts = [cluster.start(f"h{i}") for i in range(2)]
+    hosts[0].call("filter.define", {"xml": web(9500)})
+    assert eventually(lambda: has(hosts[1], "web", "9500"))
+    sock = str(hosts[0].server.path)
+
+    def rows() -> dict[str, Any]:
+        capsys.readouterr()
+        assert main(["-c", sock, "cluster", "status", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        return {r["host"]: r for r in data["hosts"]}
+
+    assert eventually(lambda: rows()["h1"]["lag"] == 0)
+    assert rows()["h0"]["alive"] is True
+    assert main(["-c", sock, "cluster", "status"]) == 0
+    out = capsys.readouterr().out
+    assert f"(prefix {cluster.prefix}), seen from host h0" in out
+    assert any(line.split()[:2] == ["h1", "alive"] for line in out.splitlines())
