@@ -24,6 +24,7 @@ from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationE
 from nwfilter.render_text import render_text
 
 if TYPE_CHECKING:
+    from nwfilter.cluster.member import ClusterMember
     from nwfilter.domain.driver import DomainManager, DomainSummary
     from nwfilter.engine import DefineOutcome, Engine
     from nwfilter.network.manager import NetworkInfo, NetworkManager
@@ -55,6 +56,11 @@ class ApiContext(Protocol):
         """The bus of this root's events; UnavailableError where none is
         served (the embedded engine: other processes' events cannot be
         seen from here)."""
+        ...
+
+    def cluster(self) -> ClusterMember | None:
+        """The cluster this root's pool is shared with (`nwfilterd
+        --cluster`), or None: the pool is this root's alone."""
         ...
 
 
@@ -157,6 +163,9 @@ def _define_result(outcome: DefineOutcome) -> Json:
 
 
 def _filter_define(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    cluster = ctx.cluster()
+    if cluster is not None and not p["dry_run"]:
+        return _define_result(cluster.define(p["xml"], source=p["source"]))
     outcome = ctx.engine().define_filter(p["xml"], source=p["source"], dry_run=p["dry_run"])
     return _define_result(outcome)
 
@@ -166,7 +175,17 @@ def _filter_validate(ctx: ApiContext, p: dict[str, Any]) -> Json:
 
 
 def _filter_undefine(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    cluster = ctx.cluster()
+    if cluster is not None:
+        return {"name": cluster.undefine(p["name"]).name}
     return {"name": ctx.engine().undefine_filter(p["name"]).name}
+
+
+def _cluster_status(ctx: ApiContext, p: dict[str, Any]) -> Json:
+    cluster = ctx.cluster()
+    if cluster is None:
+        raise UnavailableError("this nwfilterd is not in a cluster (start it with --cluster)")
+    return cluster.status()
 
 
 def _filter_list(ctx: ApiContext, p: dict[str, Any]) -> Json:
@@ -491,6 +510,7 @@ METHODS: dict[str, Method] = {
         # The reply is followed by one {"event": ...} line per event until the
         # client closes (nwfilter.connserver.Streaming).
         Method("events.subscribe", _events_subscribe, (Param("kinds", list),)),
+        Method("cluster.status", _cluster_status),
     )
 }
 
@@ -574,6 +594,9 @@ class EmbeddedContext:
             "events need nwfilterd serving the root: an engine in this process "
             "cannot see what other processes do"
         )
+
+    def cluster(self) -> ClusterMember | None:
+        return None
 
     def close(self) -> None:
         self._manager = None

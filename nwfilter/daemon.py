@@ -17,15 +17,23 @@ import functools
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nwfilter import api, daemonconf, hostrecord, protocol
 from nwfilter.access import AdminAccess, Group
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
+from nwfilter.cluster.config import (
+    DEFAULT_PREFIX,
+    DEFAULT_TTL,
+    ClusterConfig,
+    parse_endpoints,
+)
 from nwfilter.commands.context import DEFAULT_ROOT, default_ro_socket, default_socket
 from nwfilter.connserver import (
     Answer,
@@ -48,6 +56,9 @@ from nwfilter.network.manager import NetworkManager
 from nwfilter.printable import configure_logging
 from nwfilter.sdlisten import check_inherited, inherited_sockets
 
+if TYPE_CHECKING:
+    from nwfilter.cluster.member import ClusterMember
+
 log = logging.getLogger(__name__)
 
 #: how often the dnsmasq of each active network is checked (and restarted)
@@ -63,6 +74,7 @@ class DaemonContext:
         self._manager = manager
         self._bus = bus
         self._networks = networks
+        self.member: ClusterMember | None = None
 
     def engine(self) -> Engine:
         return self._engine
@@ -75,6 +87,9 @@ class DaemonContext:
 
     def events(self) -> EventBus:
         return self._bus
+
+    def cluster(self) -> ClusterMember | None:
+        return self.member
 
 
 class EventStream:
@@ -288,6 +303,7 @@ def serve(
     ro_socket: Path | None = None,
     admin_group: Group | None = None,
     inherited: Sequence[BoundSocket] = (),
+    cluster: ClusterConfig | None = None,
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
@@ -301,6 +317,10 @@ def serve(
     the engine touches the kernel or starts a domain.  An `inherited`
     socket (passed by systemd) bound to one of the two paths is served
     instead of binding it.
+
+    With `cluster`, the filter pool is the cluster's (`nwfilter.cluster`):
+    the daemon catches up with it before it serves (for a few seconds at
+    most: without etcd it serves its own copy) and follows it after.
     """
     path = socket_path or default_socket(root)
     passed = check_inherited(inherited, (path, ro_socket))
@@ -348,6 +368,12 @@ def serve(
         loop.stop()
         engine.close()
         raise
+    if cluster is not None:
+        from nwfilter.cluster.member import ClusterMember
+
+        member = ClusterMember(engine, cluster)
+        member.start()
+        server.context.member = member
     if isinstance(engine.backend, NftBackend):
         # Another program flushing or editing our tables (`nft flush
         # ruleset`, a firewall reload) is repaired from the recorded state.
@@ -365,6 +391,8 @@ def serve(
 
 def close(server: Server) -> None:
     """Stop serving and watching; the kernel keeps every binding's rules."""
+    if server.context.member is not None:
+        server.context.member.stop()
     if server.monitor is not None:
         server.monitor.stop()
     server.loop.stop()
@@ -425,8 +453,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, metavar="N",
         help=f"requests served at once (default {defaults.workers})",
     )
+    cluster = parser.add_argument_group("cluster (see docs/cluster.md)")
+    cluster.add_argument(
+        "--cluster", default=None, metavar="URL[,URL...]",
+        help="share the filter pool through the etcd cluster at these client URLs",
+    )
+    cluster.add_argument("--cluster-host", default=None, metavar="NAME",
+                         help="this host's name in the cluster (default: the host name)")
+    cluster.add_argument("--cluster-prefix", default=DEFAULT_PREFIX, metavar="PREFIX",
+                         help=f"etcd key prefix of the cluster (default {DEFAULT_PREFIX})")
+    cluster.add_argument("--cluster-ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
+                         help="seconds after which a dead host is shown gone "
+                         f"(default {DEFAULT_TTL})")
+    cluster.add_argument("--cluster-ca", type=Path, default=None, metavar="FILE",
+                         help="CA certificate of the etcd members (https URLs)")
+    cluster.add_argument("--cluster-cert", type=Path, default=None, metavar="FILE",
+                         help="this host's TLS client certificate for etcd")
+    cluster.add_argument("--cluster-key", type=Path, default=None, metavar="FILE",
+                         help="the key of --cluster-cert")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     return parser
+
+
+def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """The cluster the options name, or None."""
+    if args.cluster is None:
+        return None
+    return ClusterConfig(
+        parse_endpoints(args.cluster), host=args.cluster_host or socket.gethostname(),
+        prefix=args.cluster_prefix, ttl=args.cluster_ttl,
+        ca_cert=args.cluster_ca, cert=args.cluster_cert, key=args.cluster_key,
+    )
 
 
 def _start(args: argparse.Namespace) -> Server:
@@ -459,6 +516,7 @@ def _start(args: argparse.Namespace) -> Server:
         ro_socket=ro_socket,
         admin_group=group,
         inherited=inherited_sockets(),
+        cluster=cluster_config(args),
     )
 
 

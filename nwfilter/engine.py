@@ -148,6 +148,16 @@ def diff_rulesets(portdev: str, old: Ruleset | None, new: Ruleset | None) -> Por
 
 
 @dataclass(frozen=True)
+class FiltersReplaced:
+    """What `replace_filters` did."""
+
+    defined: tuple[str, ...]
+    undefined: tuple[str, ...]
+    rebuilt: tuple[str, ...]  # portdevs whose rules were rebuilt
+    warnings: tuple[str, ...]  # ports that kept their rules, and why
+
+
+@dataclass(frozen=True)
 class _PreparedDefine:
     """Rulesets compiled for a define before its locks were taken."""
 
@@ -530,6 +540,68 @@ class Engine:
         self.events.publish(EventKind.FILTER_UNDEFINED, "filter", result.name,
                             {"uuid": str(result.uuid)})
         return result
+
+    def replace_filters(
+        self, changes: Mapping[str, tuple[FilterDef, str] | None]
+    ) -> FiltersReplaced:
+        """Take filter definitions decided elsewhere (the cluster's pool,
+        checked by `nwfilter.cluster.view`) and rebuild every binding they
+        reach in one kernel transaction.  A binding that no longer compiles
+        keeps the rules it has, with a warning: the change is already
+        committed elsewhere and cannot be refused here."""
+        self._check_writable()
+        with self.coordinator.filter_change(), self.pool.lock.write():
+            current = self.pool.snapshot()
+            real = {
+                name: change for name, change in changes.items()
+                if current.get(name) != (change[0] if change is not None else None)
+            }
+            if not real:
+                return FiltersReplaced((), (), (), ())
+            # A binding reaching a changed filter in the new pool reaches the
+            # first changed filter on that path in the old one too.
+            names = frozenset().union(*(self.pool.reached_by(n) for n in real))
+            snapshot = dict(current)
+            for name, change in real.items():
+                if change is None:
+                    snapshot.pop(name, None)
+                else:
+                    snapshot[name] = change[0]
+            with self.bindings.lock:
+                compiler = Compiler(snapshot)
+                new: list[Ruleset] = []
+                kept: list[str] = []
+                with gc_paused():
+                    for binding in self.bindings.using(names):
+                        try:
+                            new.append(self._compile(compiler, binding))
+                        except NwfilterError as exc:
+                            kept.append(f"port '{binding.portdev}' keeps its rules: "
+                                        f"{exc.message}")
+                applied = self.backend.recorded()
+                old = {rs.port.portdev: applied.get(rs.port.portdev) for rs in new}
+                if new:
+                    self.backend.apply(Changes(set=tuple(new)))
+                try:
+                    self.pool.replace_locked(real)
+                except NwfilterError:
+                    if new:
+                        self._restore(old)
+                    raise
+        for text in kept:
+            log.warning("%s", text)
+        defined = tuple(sorted(n for n, c in real.items() if c is not None))
+        undefined = tuple(sorted(n for n, c in real.items() if c is None))
+        rebuilt = tuple(rs.port.portdev for rs in new)
+        for name in defined:
+            self.events.publish(EventKind.FILTER_DEFINED, "filter", name, {
+                "uuid": str(snapshot[name].uuid), "created": name not in current,
+                "rebuilt": list(rebuilt),
+            })
+        for name in undefined:
+            self.events.publish(EventKind.FILTER_UNDEFINED, "filter", name,
+                                {"uuid": str(current[name].uuid)})
+        return FiltersReplaced(defined, undefined, rebuilt, tuple(kept))
 
     def _usage(self, names: frozenset[str]) -> list[str]:
         return [

@@ -435,6 +435,40 @@ class FilterPool:
         self._notify(result.affected)
         return result
 
+    def replace_locked(self, changes: Mapping[str, tuple[FilterDef, str] | None]) -> None:
+        """Take definitions checked elsewhere (`nwfilter.cluster.view`): each
+        name gets its canonical definition and text, or is removed (None).
+        The caller holds `lock` for writing.  Writes the files, then calls
+        the listeners once with every filter that reached a changed one."""
+        if not changes:
+            return
+        with self._mutex:
+            affected = frozenset().union(
+                *(nx.ancestors(self._graph, n) | {n} if n in self._graph else {n}
+                  for n in changes)
+            )
+            directory = self._dir.get()
+            defs = dict(self._defs)
+            for name, change in sorted(changes.items()):
+                old = defs.pop(name, None)
+                if old is not None:
+                    self._by_uuid.pop(old.uuid, None)
+                if change is None:
+                    if old is not None:
+                        directory.remove(self._file_name(name))
+                    _set_edges(self._graph, name, frozenset())
+                    _drop_if_orphan(self._graph, name)
+                    continue
+                fdef, text = change
+                directory.write(self._file_name(name), text)
+                defs[name] = fdef
+                self._by_uuid[fdef.uuid] = name
+                _set_edges(self._graph, name, fdef.referenced_names())
+            self._defs = defs
+            self.generation += 1
+        log.info("replaced %d filter(s): %s", len(changes), ", ".join(sorted(changes)))
+        self._notify(affected)
+
     # -------------------------------------------------------------- undefine
 
     def users(self, name: str) -> list[str]:

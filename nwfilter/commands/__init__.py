@@ -17,6 +17,7 @@ from types import ModuleType
 from nwfilter.commands import (
     audit,
     bindings,
+    cluster,
     complete,
     domains,
     events,
@@ -28,7 +29,7 @@ from nwfilter.commands import (
 
 
 def command_modules() -> tuple[ModuleType, ...]:
-    return (filters, bindings, domains, networks, events, sandbox, host, audit, complete)
+    return (filters, bindings, domains, networks, events, sandbox, host, audit, cluster, complete)
 
 
 def modules_naming(words: Iterable[str]) -> tuple[ModuleType, ...]:
