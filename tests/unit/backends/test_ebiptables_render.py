@@ -52,8 +52,9 @@ def test_an_unchanged_port_gives_no_lines_and_a_removed_one_goes_whole() -> None
 def test_a_missing_tool_names_the_debian_package() -> None:
     tools.PACKAGES["iptables-restore-missing-here"] = "iptables"
     try:
-        with pytest.raises(UnavailableError, match="'iptables-restore-missing-here' is not installed: "
-                           "install the Debian package iptables$"):
+        with pytest.raises(UnavailableError,
+                           match=r"'iptables-restore-missing-here' is not installed: "
+                                 r"install the Debian package iptables$"):
             tools.Runner(None).run(["iptables-restore-missing-here"])
     finally:
         del tools.PACKAGES["iptables-restore-missing-here"]
