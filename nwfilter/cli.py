@@ -63,7 +63,7 @@ def build_parser(
     parser.add_argument(
         "--backend",
         default=os.environ.get("NWFILTER_BACKEND") or None,
-        help="firewall backend: nft or memory (default: $NWFILTER_BACKEND, else the "
+        help="firewall backend: nft, ebiptables or memory (default: $NWFILTER_BACKEND, else the "
         "root's recorded one, else nft)",
     )
     parser.add_argument(
@@ -110,7 +110,10 @@ def version_text() -> str:
         ours = metadata.version("nwfilter")
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
         ours = "unknown"
-    return f"nwfilter {ours}"
+    # Where the tools' links lead: no process is started.
+    from nwfilter.backends.ebiptables.tools import describe
+
+    return f"nwfilter {ours}; {describe()}"
 
 
 def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from nwfilter.backends.base import Backend
 from nwfilter.errors import ValidationError
 
-BACKEND_NAMES = ("memory", "nft")
+BACKEND_NAMES = ("memory", "nft", "ebiptables")
 
 
 def get_backend(name: str, netns: str | None = None) -> Backend:
@@ -22,4 +22,8 @@ def get_backend(name: str, netns: str | None = None) -> Backend:
         from nwfilter.backends.nft import NftBackend
 
         return NftBackend(netns=netns)
+    if name == "ebiptables":
+        from nwfilter.backends.ebiptables import EbiptablesBackend
+
+        return EbiptablesBackend(netns=netns)
     raise ValidationError(f"unknown backend '{name}' (choose from {', '.join(BACKEND_NAMES)})")

@@ -134,7 +134,7 @@ def test_completes_commands_and_their_options(tool: Path) -> None:
     ]
     assert complete(str(tool), "--ver") == ["--verbose", "--version"]
     assert complete(str(tool), "host-move", "--") == ["--backend", "--host-netns", "--netns"]
-    assert complete(str(tool), "--backend", "") == ["memory", "nft"]
+    assert complete(str(tool), "--backend", "") == ["ebiptables", "memory", "nft"]
     assert complete(str(tool), "--backend", "=", "m") == ["memory"]
     assert complete("nwfilterd", "--w", function="_nwfilterd") == ["--workers"]
     assert complete("nwfilterd", "--workers", "", function="_nwfilterd") == []
