@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from nwfilter.backends.base import Owner
+from nwfilter.backends.base import Owner, Wanted, compiled
 from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.ir import Changes, Ruleset
 from nwfilter.locks import Level, LevelledLock
@@ -217,7 +217,10 @@ class EbiptablesBackend:
             if not self._ports and changes.remove:
                 self._cleanup()
 
-    def reconcile(self, rulesets: Sequence[Ruleset]) -> int:
+    def reconcile(self, items: Sequence[Wanted]) -> int:
+        # Nothing here proves a port in force without its rules: a deferred
+        # ruleset is compiled now.
+        rulesets = [compiled(item) for item in items]
         wanted = {rs.port.portdev: rs for rs in rulesets}
         if len(wanted) != len(rulesets):
             raise BackendError("a port is given twice to reconcile")
