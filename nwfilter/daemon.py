@@ -57,6 +57,7 @@ from nwfilter.printable import configure_logging
 from nwfilter.sdlisten import check_inherited, inherited_sockets
 
 if TYPE_CHECKING:
+    from nwfilter.backends.ebiptables.watch import DriftWatch
     from nwfilter.cluster.member import ClusterMember
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class Server(ConnectionServer):
         self.path = bound.path
         self.ro_path = ro_bound.path if ro_bound is not None else None
         self.monitor: NftMonitor | None = None
+        self.watch: DriftWatch | None = None  # the ebiptables backend's repairs
         access = AdminAccess(bound.path, admin_group)
         self.add_listener(bound, functools.partial(_answer, self.context),
                           admit=functools.partial(_admit_admin, self.context, access))
@@ -379,6 +381,15 @@ def serve(
         # ruleset`, a firewall reload) is repaired from the recorded state.
         server.monitor = NftMonitor.for_backend(engine.backend, events=engine.events)
         server.monitor.start()
+    else:
+        from nwfilter.backends.ebiptables.backend import EbiptablesBackend
+
+        if isinstance(engine.backend, EbiptablesBackend):
+            # The restore tools report no foreign edit: look, now and then.
+            from nwfilter.backends.ebiptables.watch import DriftWatch
+
+            server.watch = DriftWatch(engine.backend, events=engine.events)
+            server.watch.start()
     server.learner = Listener(engine, server.loop, netns)
     server.learner.start()
 
@@ -395,6 +406,8 @@ def close(server: Server) -> None:
         server.context.member.stop()
     if server.monitor is not None:
         server.monitor.stop()
+    if server.watch is not None:
+        server.watch.stop()
     server.loop.stop()
     if server.learner is not None:
         server.learner.stop()

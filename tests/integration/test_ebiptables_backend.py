@@ -127,3 +127,29 @@ def test_another_root_is_refused(elab: BridgeLab) -> None:
         two.apply(Changes(set=(_drop_all("vnet1"),)))
     one.clear_all()
     assert one.owner() is None
+
+
+def test_nwfilterd_repairs_a_flush_while_it_runs(elab: BridgeLab, tmp_path: Path) -> None:
+    from nwfilter.daemon import close, serve
+    from nwfilter.events import EventKind
+
+    root = tmp_path / "root"
+    server = serve(root, "ebiptables", elab.host, tmp_path / "d.sock")
+    try:
+        assert server.watch is not None
+        server.watch.stop()  # looked at by hand below, not on a timer
+        sub = server.engine.events.subscribe()
+        server.engine.create_bindings(
+            [parse_binding(_binding("vnet0", "52:54:00:00:00:00", "10.77.0.10"))])
+        before = _save(elab)
+        assert server.watch.check() == 0  # nothing changed: no restore
+        elab.run(elab.host, ["ebtables", "-t", "nat", "-F"])
+        elab.run(elab.host, ["iptables", "-F", "FORWARD"])
+        assert server.watch.check() > 0
+        assert _lines(_save(elab)) == _lines(before)
+        events, _ended = sub.take()
+        kinds = [event.kind for event in events]
+        assert EventKind.DRIFT_REPAIRED in kinds
+    finally:
+        server.engine.backend.clear_all()
+        close(server)

@@ -226,23 +226,41 @@ class EbiptablesBackend:
             raise BackendError("a port is given twice to reconcile")
         rendered = {p: render.render_port(rs) for p, rs in wanted.items()}
         with self._lock:
-            saved = {t: self._save(t) for t in ORDER}
-            if rulesets:
-                self._claim(saved[IP4])
-                self._ensure_sysctls()
-            else:
-                held_owner = self._read_owner(saved[IP4])
-                if held_owner is not None and self._owner is not None \
-                        and not held_owner.same_root(self._owner):
-                    raise self._refuse(held_owner)
-            held = _merge(plan.ours(t, saved[t]) for t in ORDER)
-            self._shared = {t for t in (IP4, IP6) if plan.shared_ready(saved[t])}
-            writes = self._transact(held, _merge(rendered.values()), saved)
-            self._ports = rendered
-            self._rulesets = dict(wanted)
-            if not rulesets:
-                self._cleanup()
-            return writes
+            return self._reconcile_locked(rulesets, wanted, rendered)
+
+    def repair(self) -> int:
+        """Bring the kernel back to what this backend applied last (another
+        program flushed or edited our chains), writing only the difference;
+        the number of restore runs (0: nothing had changed).  What is
+        applied is read under the same lock as the repair, so a change the
+        engine makes meanwhile is never undone."""
+        with self._lock:
+            if not self._rulesets:
+                return 0
+            wanted = dict(self._rulesets)
+            return self._reconcile_locked(list(wanted.values()), wanted, dict(self._ports))
+
+    def _reconcile_locked(
+        self, rulesets: Sequence[Ruleset], wanted: dict[str, Ruleset],
+        rendered: dict[str, Tables],
+    ) -> int:
+        saved = {t: self._save(t) for t in ORDER}
+        if rulesets:
+            self._claim(saved[IP4])
+            self._ensure_sysctls()
+        else:
+            held_owner = self._read_owner(saved[IP4])
+            if held_owner is not None and self._owner is not None \
+                    and not held_owner.same_root(self._owner):
+                raise self._refuse(held_owner)
+        held = _merge(plan.ours(t, saved[t]) for t in ORDER)
+        self._shared = {t for t in (IP4, IP6) if plan.shared_ready(saved[t])}
+        writes = self._transact(held, _merge(rendered.values()), saved)
+        self._ports = rendered
+        self._rulesets = dict(wanted)
+        if not rulesets:
+            self._cleanup()
+        return writes
 
     def _cleanup(self) -> None:
         """No port left: remove the owner chain and the shared chains that
