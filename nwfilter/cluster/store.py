@@ -121,6 +121,24 @@ def _revision(reply: dict[str, Any]) -> int:
     return int(reply.get("header", {}).get("revision", 0))
 
 
+def _session(config: ClusterConfig) -> Any:
+    """An HTTP session for one member, with the cluster's TLS settings.
+
+    The environment is not consulted: requests lets `REQUESTS_CA_BUNDLE`
+    (and `CURL_CA_BUNDLE`) override a session's own CA, so a host whose
+    environment names a CA bundle would not trust the cluster's CA; and
+    etcd members are reached directly, never through an HTTP proxy."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    if config.ca_cert is not None:
+        session.verify = str(config.ca_cert)
+    if config.cert is not None and config.key is not None:
+        session.cert = (str(config.cert), str(config.key))
+    return session
+
+
 class EtcdStore:
     """A connection to one etcd cluster through any of its members."""
 
@@ -135,10 +153,7 @@ class EtcdStore:
         self.config = config
         self._clients = [
             etcd3gw.Etcd3Client(
-                host=e.host, port=e.port, protocol=e.scheme,
-                ca_cert=str(config.ca_cert) if config.ca_cert else None,
-                cert_cert=str(config.cert) if config.cert else None,
-                cert_key=str(config.key) if config.key else None,
+                host=e.host, port=e.port, protocol=e.scheme, session=_session(config),
                 timeout=config.timeout, api_path="/v3/",
             )
             for e in config.endpoints

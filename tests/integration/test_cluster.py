@@ -31,7 +31,7 @@ from nwfilter.cluster.config import ClusterConfig, parse_endpoints
 from nwfilter.cluster.member import ClusterMember
 from nwfilter.cluster.store import EtcdStore
 from nwfilter.daemon import Server, close, serve
-from nwfilter.errors import InUseError, UnavailableError
+from nwfilter.errors import InUseError, NwfilterError, UnavailableError
 from nwfilter.etcdlab import EtcdLab
 from nwfilter.netlab import NetLab
 from nwfilter.render_text import render_text
@@ -362,3 +362,40 @@ def test_cluster_status_on_the_command_line(
     out = capsys.readouterr().out
     assert f"(prefix {cluster.prefix}), seen from host h0" in out
     assert any(line.split()[:2] == ["h1", "alive"] for line in out.splitlines())
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    """Members that demand client certificates: hosts with the CA and a
+    client certificate share the pool; a host without one is refused."""
+    from nwfilter.etcdlab import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    with EtcdLab(tmp_path / "etcd", members=1, tls=tls) as lab:
+        urls = ",".join(lab.urls)
+        assert urls.startswith("https://")
+
+        def config(name: str, *, cert: bool = True) -> ClusterConfig:
+            return ClusterConfig(
+                parse_endpoints(urls), host=name, prefix="/tls/", ttl=2, timeout=1.0,
+                ca_cert=tls.ca_cert, cert=tls.client_cert if cert else None,
+                key=tls.client_key if cert else None,
+            )
+
+        hosts = []
+        try:
+            for name in ("h1", "h2"):
+                srv = serve(tmp_path / name, "memory", None, tmp_path / f"{name}.sock",
+                            cluster=config(name))
+                thread = threading.Thread(target=srv.serve_forever, daemon=True)
+                thread.start()
+                hosts.append(Host(name, tmp_path / name, srv, thread))
+            hosts[0].call("filter.define", {"xml": web(8443)})
+            assert eventually(lambda: has(hosts[1], "web", "8443"))
+            # No client certificate: etcd refuses the connection, so no define.
+            with pytest.raises(NwfilterError):
+                EtcdStore(config("h3", cert=False)).get("/tls/head")
+        finally:
+            for host in hosts:
+                host.server.shutdown()
+                close(host.server)
+                host.thread.join(5)
