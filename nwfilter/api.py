@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nwfilter import events, protocol
 from nwfilter.conf import format_binding, format_filter, parse_binding, parse_domain
-from nwfilter.errors import PermissionDeniedError, UnavailableError, ValidationError
+from nwfilter.errors import (
+    ConflictError,
+    PermissionDeniedError,
+    UnavailableError,
+    ValidationError,
+)
 from nwfilter.render_text import render_text
 
 if TYPE_CHECKING:
@@ -162,10 +167,24 @@ def _define_result(outcome: DefineOutcome) -> Json:
     }
 
 
+def _local_pool(ctx: ApiContext, what: str) -> None:
+    """Refuse to change the pool here when it belongs to a cluster this
+    process is not part of (an embedded command on a clustered root): the
+    daemon would overwrite the change from etcd at its next start."""
+    engine = ctx.engine()
+    if (engine.root / "cluster" / "state.json").exists():
+        raise ConflictError(
+            f"cannot {what}: the filter pool of state root '{engine.root}' is shared "
+            "through etcd; change it through nwfilterd --cluster (start it, or use -c SOCKET)"
+        )
+
+
 def _filter_define(ctx: ApiContext, p: dict[str, Any]) -> Json:
     cluster = ctx.cluster()
     if cluster is not None and not p["dry_run"]:
         return _define_result(cluster.define(p["xml"], source=p["source"]))
+    if cluster is None and not p["dry_run"]:
+        _local_pool(ctx, "define a filter")
     outcome = ctx.engine().define_filter(p["xml"], source=p["source"], dry_run=p["dry_run"])
     return _define_result(outcome)
 
@@ -178,6 +197,7 @@ def _filter_undefine(ctx: ApiContext, p: dict[str, Any]) -> Json:
     cluster = ctx.cluster()
     if cluster is not None:
         return {"name": cluster.undefine(p["name"]).name}
+    _local_pool(ctx, "undefine a filter")
     return {"name": ctx.engine().undefine_filter(p["name"]).name}
 
 

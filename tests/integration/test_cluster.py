@@ -399,3 +399,18 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
                 host.server.shutdown()
                 close(host.server)
                 host.thread.join(5)
+
+
+def test_a_command_without_the_daemon_does_not_change_a_clustered_pool(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nwfilter.cli import main
+
+    host = cluster.start("h1")
+    cluster.stop("h1")
+    path = tmp_path / "web.xml"
+    path.write_text(web(8081))
+    status = main(["--root", str(host.root), "nwfilter-define", str(path)])
+    err = capsys.readouterr().err
+    assert status == 4 and "shared through etcd" in err, err
+    assert main(["--root", str(host.root), "nwfilter-list"]) == 0  # reads are fine
