@@ -342,6 +342,7 @@ def _lifecycle(verb: str) -> Handler:
             "destroy": manager.destroy,
             "suspend": manager.suspend,
             "resume": manager.resume,
+            "reboot": manager.reboot,
         }
         calls[verb](name)
         result: dict[str, Any] = {"name": name}
@@ -501,7 +502,8 @@ METHODS: dict[str, Method] = {
         Method("domain.define", _domain_define, (_XML, _SOURCE), writes=True, domains=True),
         *(
             Method(f"domain.{verb}", _lifecycle(verb), (_DOMAIN,), writes=True, domains=True)
-            for verb in ("undefine", "start", "shutdown", "destroy", "suspend", "resume")
+            for verb in ("undefine", "start", "shutdown", "destroy", "suspend", "resume",
+                         "reboot")
         ),
         Method("domain.list", _domain_list, domains=True),
         Method("domain.info", _domain_info, (_DOMAIN,), domains=True),

@@ -32,10 +32,12 @@ _LIFECYCLE: tuple[tuple[str, str, str], ...] = (
     ("destroy", "stop a domain at once", "destroyed"),
     ("suspend", "pause a domain", "suspended"),
     ("resume", "continue a paused domain", "resumed"),
+    ("reboot", "reboot a running domain (its ports and filters stay)", "is being rebooted"),
 )
 _DONE = {name: done for name, _help, done in _LIFECYCLE}
 _DOING = {"undefine": "undefining", "start": "starting", "shutdown": "shutting down",
-          "destroy": "destroying", "suspend": "suspending", "resume": "resuming"}
+          "destroy": "destroying", "suspend": "suspending", "resume": "resuming",
+          "reboot": "rebooting"}
 
 
 _FIELDS = (

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from nwfilter import api
 from nwfilter.backends.nft import NftBackend
 from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.objects import DomainState
@@ -47,6 +48,19 @@ def domain_xml(name: str, dtype: str = "qemu", *, ip: str = "10.0.0.5",
         f"{dev}<model type='virtio'/><filterref filter='{filt}'>"
         f"<parameter name='IP' value='{ip}'/></filterref></interface></devices></domain>"
     )
+
+
+class _Api:
+    """What the API's domain handlers use, over a test world."""
+
+    def __init__(self, world: World) -> None:
+        self._world = world
+
+    def engine(self) -> Engine:
+        return self._world.engine
+
+    def domains(self) -> DomainManager:
+        return self._world.manager
 
 
 @dataclass
@@ -164,7 +178,8 @@ def test_start_suspend_resume_reboot_shutdown_destroy(world: World) -> None:
     assert world.state("a") == (DomainState.PAUSED, "user")
     mgr.resume("a")
     assert world.state("a") == (DomainState.RUNNING, "unpaused")
-    mgr.reboot("b")
+    # Through the API, as `nwfilter reboot b` sends it.
+    assert api.invoke(_Api(world), "domain.reboot", {"domain": "b"}) == {"name": "b"}
     assert world.state("b")[0] is DomainState.RUNNING
 
     # No guest OS answers the power button: after the timeout it is killed.

@@ -50,3 +50,17 @@ def test_define_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     status, out, _ = run(root, capsys, "list", "--all")
     assert status == 0
     assert out == " Id   Name   State\n" + "-" * 23 + "\n -    vm1    shut off\n\n"
+
+
+def test_reboot_of_a_type_that_cannot_reboot_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "vm1.xml"
+    path.write_text("<domain type='test'><name>vm1</name></domain>")
+    root = tmp_path / "root"
+    assert run(root, capsys, "define", str(path))[0] == 0
+    assert run(root, capsys, "start", "vm1")[0] == 0
+    status, out, err = run(root, capsys, "reboot", "vm1")
+    assert (status, out) == (5, "")
+    assert err == "error: domain 'vm1': type 'test' cannot reboot\n"
+    assert run(root, capsys, "domstate", "vm1")[1] == "running\n\n"
