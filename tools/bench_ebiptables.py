@@ -10,7 +10,7 @@ For each backend, in a fresh namespace with a bridge and br_netfilter on:
   * processes started by the backend (restore/save runs; nft: none, it
     speaks to the kernel in process) for each step.
 
-Usage: PYTHONPATH=$PWD /work/main/.venv/bin/python tools/bench_ebiptables.py [--ports N]
+Usage: .venv/bin/python tools/bench_ebiptables.py [--ports N]
 """
 
 from __future__ import annotations

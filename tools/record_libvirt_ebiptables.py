@@ -12,7 +12,7 @@ ebiptables backend puts there.  libvirt is needed only here.
 
 Run as root on Debian 12 from the repository root::
 
-    PYTHONPATH=$PWD /work/main/.venv/bin/python tools/record_libvirt_ebiptables.py
+    .venv/bin/python tools/record_libvirt_ebiptables.py
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ for them all the same.
 Run as root on Debian 12 from the repository root (installs libvirt-daemon
 when missing; everything happens in throwaway namespaces)::
 
-    PYTHONPATH=$PWD /work/main/.venv/bin/python tools/record_libvirt_verdicts.py
+    .venv/bin/python tools/record_libvirt_verdicts.py
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ and a capture on the other guest tells which arrived.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from nwfilter.conf import parse_binding
+from nwfilter.engine import Engine
 from tests.integration.conftest import BridgeLab
 from tests.integration.nettools import FrameCatcher, send_frames
 
@@ -59,3 +63,16 @@ def replay(lab: BridgeLab, frames: Sequence[Frame]) -> set[str]:
                 if index in batch:
                     arrived.add(batch[index].label)
     return arrived
+
+
+def bind_case(engine: Engine, case: dict[str, Any]) -> None:
+    """Define a recorded case's filters and bind its filter to `vnet0`
+    (guest 0's port) with the case's parameters, as the recording did."""
+    for doc in case["filters"]:
+        engine.define_filter(doc)
+    parameters = "".join(f"<parameter name='{k}' value='{v}'/>" for k, v in case["params"])
+    engine.create_bindings([parse_binding(
+        f"<filterbinding><owner><name>vm0</name><uuid>{uuid.UUID(int=1)}</uuid></owner>"
+        f"<portdev name='vnet0'/><mac address='52:54:00:00:00:00'/>"
+        f"<filterref filter='{case['bind']}'>{parameters}</filterref></filterbinding>"
+    )])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ from typing import Any
 import pytest
 
 from nwfilter.backends.ebiptables import EbiptablesBackend
-from nwfilter.conf import parse_binding
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
 from tests.integration.conftest import BridgeLab, build_bridge_lab
+from tests.integration.replay import bind_case
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -68,16 +67,6 @@ def engine(glab: BridgeLab, tmp_path: Path) -> Iterator[Engine]:
         backend.clear_all()
 
 
-def bind(engine: Engine, case: dict[str, Any]) -> None:
-    for doc in case["filters"]:
-        engine.define_filter(doc)
-    parameters = "".join(f"<parameter name='{k}' value='{v}'/>" for k, v in case["params"])
-    engine.create_bindings([parse_binding(
-        f"<filterbinding><owner><name>vm0</name><uuid>{uuid.UUID(int=1)}</uuid></owner>"
-        f"<portdev name='vnet0'/><mac address='52:54:00:00:00:00'/>"
-        f"<filterref filter='{case['bind']}'>{parameters}</filterref></filterbinding>"
-    )])
-
 
 def saved(lab: BridgeLab, tool: str, table: str) -> list[str]:
     return lab.run(lab.host, [tool, "-t", table]).stdout.splitlines()
@@ -85,7 +74,7 @@ def saved(lab: BridgeLab, tool: str, table: str) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_same_rules_as_libvirt(glab: BridgeLab, engine: Engine, case: dict[str, Any]) -> None:
-    bind(engine, case)
+    bind_case(engine, case)
     for key, tool, table in (("ebtables_nat", "ebtables-save", "nat"),
                              ("iptables", "iptables-save", "filter"),
                              ("ip6tables", "ip6tables-save", "filter")):

@@ -14,7 +14,6 @@ the reason.  libvirt is not needed here.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ from typing import Any
 import pytest
 
 from nwfilter.backends import get_backend
-from nwfilter.conf import parse_binding
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.netlab import NetLab
 from tests.integration.conftest import BridgeLab, build_bridge_lab
-from tests.integration.replay import Frame, quiet_guests, replay
+from tests.integration.replay import Frame, bind_case, quiet_guests, replay
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -69,16 +67,6 @@ def engine(vlab: BridgeLab, tmp_path: Path, request: pytest.FixtureRequest) -> I
         backend.clear_all()
 
 
-def _bind(engine: Engine, case: dict[str, Any]) -> None:
-    for doc in case["filters"]:
-        engine.define_filter(doc)
-    parameters = "".join(f"<parameter name='{k}' value='{v}'/>" for k, v in case["params"])
-    engine.create_bindings([parse_binding(
-        f"<filterbinding><owner><name>vm0</name><uuid>{uuid.UUID(int=1)}</uuid></owner>"
-        f"<portdev name='vnet0'/><mac address='52:54:00:00:00:00'/>"
-        f"<filterref filter='{case['bind']}'>{parameters}</filterref></filterbinding>"
-    )])
-
 
 def test_recording_covers_the_cases_asked_for() -> None:
     ids = {c["id"] for c in CASES}
@@ -93,9 +81,9 @@ def test_same_verdicts_as_libvirt(vlab: BridgeLab, engine: Engine, case: dict[st
     if "refused" in case and case["id"] not in HONOURED.get(engine.backend.name, {}):
         # A deliberate difference: refused when defined or bound, with the reason.
         with pytest.raises(NwfilterError, match=case["refused"]):
-            _bind(engine, case)
+            bind_case(engine, case)
         return
-    _bind(engine, case)
+    bind_case(engine, case)
     expected = set(case["libvirt_delivered"])
     differs = DIFFERS.get(case["id"], {}) if engine.backend.name == "nft" else {}
     for label in differs:
