@@ -16,17 +16,27 @@ explainer assumes (no earlier packet).
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.ipsec import AH
+from scapy.layers.l2 import ARP, LLC, STP, Dot1Q, Dot3, Ether
+from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkParamHostname
+from scapy.packet import Packet, Raw
+from scapy.utils import wrpcap
 
 from nwfilter.audit.explain import Explainer
 from nwfilter.audit.packet import PacketSpec, build_frame
 from nwfilter.backends import get_backend
+from nwfilter.cli import main
 from nwfilter.conf import parse_binding
 from nwfilter.engine import Engine
 from nwfilter.ir import Hook
@@ -301,3 +311,118 @@ def test_explain_verdicts_equal_the_kernels(klab: BridgeLab, engine: Engine) -> 
         f"{backend}: of {len(frames)} frames, explained as accepted but not delivered: "
         f"{[described[x] for x in missing[:8]]}; delivered but explained as refused: "
         f"{[described[x] for x in extra[:8]]}")
+
+
+def _scapy_frames(sender: int, base: int, first: int) -> list[Packet]:
+    """Frames of every family guest `sender` sends the other, made by
+    scapy (not by `build_frame`), marked from `first` on; ports, ICMP
+    identifiers and the addresses of AH and ESP are the frame's own
+    (`base` on), as in the random draw."""
+    me, peer = sender, 1 - sender
+    own_mac, peer_mac = f"52:54:00:00:00:{me:02x}", f"52:54:00:00:00:{peer:02x}"
+    own_ip, peer_ip = f"10.77.0.1{me}", f"10.77.0.1{peer}"
+    own6, peer6 = GUEST_IP6[me], GUEST_IP6[peer]
+    eth = Ether(src=own_mac, dst=peer_mac)
+    # Inside SCTP chunks: bytes after one would be taken for another chunk.
+    init, data = (f"nwt-probe:{first + n:03d}".encode() for n in (9, 10))
+    stp = Dot3(src=own_mac, dst=STP_GROUP) / LLC(dsap=0x42, ssap=0x42, ctrl=3)
+    out: list[Packet] = [
+        eth / IP(src=own_ip, dst=peer_ip) / UDP(sport=base, dport=53),
+        eth / IP(src=own_ip, dst=peer_ip) / UDP(sport=base + 1, dport=7000),
+        eth / IP(src=own_ip, dst=peer_ip) / UDP(sport=base + 2, dport=1500),
+        eth / IP(src="10.77.0.99", dst=peer_ip) / UDP(sport=base + 3, dport=53),
+        eth / IP(src=own_ip, dst=peer_ip) / TCP(sport=base + 4, dport=8080, flags="S"),
+        eth / IP(src=own_ip, dst=peer_ip) / TCP(sport=base + 5, dport=443, flags="S"),
+        eth / IP(src=own_ip, dst=peer_ip) / TCP(sport=base + 6, dport=80, flags="A"),
+        eth / IP(src=own_ip, dst=peer_ip) / ICMP(type=8, id=base + 7),
+        eth / IP(src=own_ip, dst=peer_ip) / ICMP(type=0, id=base + 8),
+        eth / IP(src=own_ip, dst=peer_ip) / SCTP(sport=base + 9, dport=2905)
+        / SCTPChunkInit(init_tag=1, params=[SCTPChunkParamHostname(hostname=init)]),
+        eth / IP(src=own_ip, dst=peer_ip) / SCTP(sport=base + 10, dport=2905)
+        / SCTPChunkData(data=data),
+        eth / IP(src=own_ip, dst=f"10.79.{base >> 8 & 0xFF}.{base & 0xFF}", proto=50),
+        eth / IPv6(src=own6, dst=f"fd00::2:{base:x}") / AH(nh=59),
+        eth / IPv6(src=own6, dst=peer6) / TCP(sport=base + 11, dport=22, flags="S"),
+        eth / IPv6(src=own6, dst=peer6) / UDP(sport=base + 12, dport=53),
+        Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=own_mac, psrc=own_ip,
+                                                       pdst=peer_ip),
+        Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=own_mac, psrc=own_ip,
+                                                       pdst=peer_ip),
+        eth / Dot1Q(vlan=200) / IP(src=own_ip, dst=peer_ip) / UDP(sport=base + 13, dport=9),
+        eth / Dot1Q(vlan=100) / IP(src=own_ip, dst=peer_ip) / UDP(sport=base + 14, dport=9),
+        stp / STP(bpdutype=0, bpduflags=0, rootid=0x8000),
+        stp / STP(bpdutype=0, bpduflags=1, rootid=0x1000),
+        stp / STP(bpdutype=0x80),
+        Ether(src=own_mac, dst=peer_mac, type=0x88B5),
+        Ether(src=own_mac, dst=peer_mac, type=0x88B6),
+    ]
+    return [p if p.haslayer(SCTP) else p / Raw(f"nwt-probe:{first + n:03d}".encode())
+            for n, p in enumerate(out)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_reads_pcap_and_prints_json(klab: BridgeLab, tmp_path: Path, capsys: Any,
+                                            backend: str) -> None:
+    """`nwfilter explain --pcap FILE --json` end to end: pcap files scapy
+    wrote, the command's JSON for both ports, and the kernel's delivery of
+    the same frames."""
+    root = tmp_path / "root"
+
+    def cli(*args: str) -> str:
+        capsys.readouterr()
+        rc = main(["--root", str(root), "--backend", backend, "--netns", klab.host, "-q",
+                   *args])
+        out: str = capsys.readouterr().out
+        assert rc == 0, out
+        return out
+
+    g0, g1 = klab.guests
+    try:
+        for n, doc in enumerate(FILTERS):
+            (tmp_path / f"filter{n}.xml").write_text(doc)
+            cli("nwfilter-define", str(tmp_path / f"filter{n}.xml"))
+        for guest, name in ((g0, "explain-a"), (g1, "explain-b")):
+            (tmp_path / f"{guest.portdev}.xml").write_text(
+                _binding(guest.portdev, guest.mac, name, guest.ip))
+            cli("nwfilter-binding-create", str(tmp_path / f"{guest.portdev}.xml"))
+        frames: list[Frame] = []
+        expected: set[str] = set()
+        for inbound in (False, True):
+            sender, receiver = (g1, g0) if inbound else (g0, g1)
+            packets = _scapy_frames(1 if inbound else 0,
+                                    50000 + 5000 * BACKENDS.index(backend) + 1000 * inbound,
+                                    len(frames))
+            pcap = tmp_path / f"{'in' if inbound else 'out'}.pcap"
+            wrpcap(str(pcap), packets)
+            sent = json.loads(cli("explain", "--port", sender.portdev, "--direction", "out",
+                                  "--pcap", str(pcap), "--json"))
+            got = json.loads(cli("explain", "--port", receiver.portdev, "--direction", "in",
+                                 "--pcap", str(pcap), "--json"))
+            assert len(sent) == len(got) == len(packets)
+            for n, (out, into) in enumerate(zip(sent, got, strict=True)):
+                assert (out["backend"], into["backend"]) == (backend, backend)
+                assert (out["port"], out["direction"]) == (sender.portdev, "out")
+                assert (into["port"], into["direction"]) == (receiver.portdev, "in")
+                assert out["verdict"] in ("ACCEPT", "DROP", "REJECT") and out["steps"]
+                label = f"{'in' if inbound else 'out'}-{n} {packets[n].summary()}"
+                frames.append(Frame(label, inbound, bytes(packets[n])))
+                if out["verdict"] == into["verdict"] == "ACCEPT":
+                    expected.add(label)
+            text = cli("explain", "--port", sender.portdev, "--direction", "out",
+                       "--pcap", str(pcap))
+            assert text.count(f"rules of the {backend} backend") == len(packets)
+            assert text.count("\nverdict: ") == len(packets)
+        assert 0 < len(expected) < len(frames)
+        assert replay(klab, frames) == expected
+        delivered = {label.split()[0] for label in expected}
+        # Guest 1 drops TCN BPDUs, which ebt_stp never sees as such.
+        assert ("out-21" in delivered) is (backend == "ebiptables")
+        # An SCTP INIT opens a flow, a DATA chunk does not (guest 0 wants state NEW).
+        assert "out-9" in delivered and "out-10" not in delivered
+    finally:
+        # The root the command used owns the tables: clear them as it.
+        kernel = get_backend(backend, klab.host)
+        eng = Engine(root, kernel, stock_dir=STOCK)
+        eng.start()
+        eng.close()
+        kernel.clear_all()
