@@ -39,7 +39,7 @@ from nwfilter.backends import get_backend
 from nwfilter.cli import main
 from nwfilter.conf import parse_binding
 from nwfilter.engine import Engine
-from nwfilter.ir import Hook
+from nwfilter.ir import CtState, Hook
 from nwfilter.netlab import NetLab
 from tests.integration.conftest import BridgeLab, build_bridge_lab
 from tests.integration.replay import Frame, quiet_guests, replay
@@ -311,6 +311,37 @@ def test_explain_verdicts_equal_the_kernels(klab: BridgeLab, engine: Engine) -> 
         f"{backend}: of {len(frames)} frames, explained as accepted but not delivered: "
         f"{[described[x] for x in missing[:8]]}; delivered but explained as refused: "
         f"{[described[x] for x in extra[:8]]}")
+
+
+FILTER_CTDIR = """<filter name='explain-ctdir' chain='root'>
+  <rule action='accept' direction='in'><udp dstportstart='6000' state='NEW'/></rule>
+  <rule action='accept' direction='out'><udp dstportstart='5353'/></rule>
+  <rule action='drop' direction='inout'><udp/></rule>
+</filter>"""
+
+
+def test_conntrack_direction_as_each_backend_tests_it(klab: BridgeLab, engine: Engine) -> None:
+    """libvirt's implicit state of an 'out' rule carries `--ctdir ORIGINAL`
+    on ebiptables, nothing on nft: the reply to a flow guest 0 opened, from
+    the port that 'out' rule names, passes nft and not ebiptables, and the
+    explainer says so for an established packet (the reply direction)."""
+    engine.define_filter(FILTER_CTDIR)
+    g0, g1 = klab.guests
+    engine.create_bindings([parse_binding(_binding(g1.portdev, g1.mac, "explain-ctdir", g1.ip))])
+    backend = engine.backend.name
+    explainer = Explainer(engine.ruleset(g1.portdev), backend=backend)
+    # A source address of its own per backend: a flow of its own.
+    peer = f"10.77.0.{50 + BACKENDS.index(backend)}"
+    opening = build_frame(PacketSpec(src_mac=g0.mac, dst_mac=g1.mac, src_ip=peer, dst_ip=g1.ip,
+                                     sport=5353, dport=6000, payload=b"nwt-probe:000"))
+    reply = build_frame(PacketSpec(src_mac=g1.mac, dst_mac=g0.mac, src_ip=g1.ip, dst_ip=peer,
+                                   sport=6000, dport=5353, payload=b"nwt-probe:000"))
+    assert explainer.explain(Hook.TO_VM, opening).verdict == "ACCEPT"
+    assert replay(klab, [Frame("opening", False, opening)]) == {"opening"}
+    walk = explainer.explain(Hook.FROM_VM, reply, ct_state=CtState.ESTABLISHED)
+    assert (walk.ct_dir, walk.verdict) == ("reply", "ACCEPT" if backend == "nft" else "DROP")
+    assert replay(klab, [Frame("reply", True, reply)]) == (
+        {"reply"} if walk.verdict == "ACCEPT" else set())
 
 
 def _scapy_frames(sender: int, base: int, first: int) -> list[Packet]:
