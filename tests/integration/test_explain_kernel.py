@@ -150,7 +150,7 @@ STP_GROUP = "01:80:c2:00:00:00"
 DPORTS = {"tcp": (21, 22, 53, 67, 80, 81, 443, 1000, 1500, 2905, 4999, 5000, 5500, 5999,
                   6000, 7000, 7500, 8080, 9999),
           "sctp": (2905, 2905, 9999), "sctp6": (2905, 2905, 9999), "tcp6": (22, 22, 80),
-          "udp6": (53, 53, 7000, 7999)}
+          "udp6": (53, 53, 7000, 7999), "ah": (7000, 9), "ah6": (7000, 7500, 9)}
 # Protocols conntrack tells flows of apart by the addresses alone: each
 # frame of these goes to an address of its own.
 UNPORTED = frozenset({"igmp", "esp", "ah", "gre", "esp6", "ah6"})
@@ -221,13 +221,19 @@ def _frames(rng: random.Random, sender: int, count: int, start: int) -> list[tup
         proto = {"gre": "47"}.get(kind, kind)
         if kind in UNPORTED:
             dst_ip = f"10.78.{sport >> 8}.{sport & 0xFF}"
+        payload = marker
+        if kind in ("ah", "ah6") and rng.random() < 0.5:
+            # An authentication header (no ICV) before UDP, which ebtables'
+            # ip6 match skips and nft and ip6tables do not.
+            payload = struct.pack("!BBHII", 17, 1, 0, 0x100, 1) + struct.pack(
+                "!HHHH", sport, dport, 8 + len(marker), 0) + marker
         if kind.endswith("6"):
             src6 = rng.choice([GUEST_IP6[me], "fd00::99", f"fe80::5054:ff:fe00:{me}"])
             dst6 = f"fd00::1:{sport:x}" if kind in UNPORTED else GUEST_IP6[peer]
             spec = PacketSpec(src_mac=src_mac, dst_mac=dst_mac, proto=proto[:-1].replace(
                 "icmp", "icmpv6"), src_ip=src6, dst_ip=dst6, sport=sport,
                 dport=dport, icmp_type=rng.choice([128, 129, 135]), icmp_id=sport, ipv6=True,
-                tcp_flags=rng.choice(["syn", "ack"]), payload=marker)
+                tcp_flags=rng.choice(["syn", "ack"]), payload=payload)
         elif kind == "rarp" and rng.random() < 0.4:
             # What QEMU announces after a migration, which clean-traffic lets pass.
             spec = PacketSpec(src_mac=src_mac, dst_mac="ff:ff:ff:ff:ff:ff", proto=kind,
@@ -236,7 +242,7 @@ def _frames(rng: random.Random, sender: int, count: int, start: int) -> list[tup
         elif kind in ("arp", "rarp"):
             spec = PacketSpec(src_mac=src_mac, dst_mac="ff:ff:ff:ff:ff:ff", proto=kind,
                               src_ip=rng.choice([own_ip, "10.77.0.99", "192.0.2.7"]),
-                              dst_ip=peer_ip, arp_op=rng.choice([1, 2, 3, 4]),
+                              dst_ip=peer_ip, arp_op=rng.choice([1, 1, 2, 3, 4]),
                               arp_sha=rng.choice([src_mac, own_mac, "52:54:00:ab:00:01"]),
                               payload=marker)
         elif kind == "ether":
@@ -258,7 +264,7 @@ def _frames(rng: random.Random, sender: int, count: int, start: int) -> list[tup
                               dst_ip=dst_ip, sport=sport, dport=dport,
                               icmp_type=rng.choice([8, 0, 13]), icmp_id=sport,
                               dscp=rng.choice([0, 10]),
-                              tcp_flags=rng.choice(["syn", "ack", "syn"]), payload=marker)
+                              tcp_flags=rng.choice(["syn", "ack", "syn"]), payload=payload)
         out.append((kind, build_frame(spec)))
     return out
 
