@@ -1,22 +1,35 @@
 """The packet explainer: one frame walked through a port's compiled rules.
 
 The walk follows the IR's evaluation model (`nwfilter.ir`) with the
-semantics of the kernel objects the port's backend renders each match to:
+semantics of the kernel objects the port's backend makes of each match:
 the nft expressions of `nwfilter.backends.nft.render`, or the ebtables and
-iptables matches of `nwfilter.backends.ebiptables.render`.  The two agree
-but for what `BACKEND_NOTES` lists.  Layer 2 is the chain tree of the hook from
-`root` (`accept` ends layer 2, `return` leaves a chain, falling off `root`
-accepts), then, for an untagged IPv4/IPv6 frame that layer 2 accepted, the
-port's flat layer-3 list, which br_netfilter hands such frames to.  A
-field the frame does not have fails its match, negated or not, as an nft
-payload or meta expression that finds nothing does.  What the IR cannot
-tell from one frame is an input: the conntrack state (derived from the
-frame as if no earlier packet had been seen, unless given), the number of
-connections a connlimit counts (1), and the elements of the operator's
-ipsets (empty unless given).  Each step names the rule, why it matched or
-not, and the filter and rule of the XML it came from.
-"""
+iptables matches of `nwfilter.backends.ebiptables.render` (`backend`).
+Layer 2 is the chain tree of the hook from `root` (`accept` ends layer 2,
+`return` leaves a chain, falling off `root` accepts), then, for an
+untagged IPv4/IPv6 frame that layer 2 accepted, the port's flat layer-3
+list, which br_netfilter hands such frames to.  A field the frame does not
+have fails its match, negated or not, as an nft payload or meta expression,
+or an ebtables or iptables match, that finds nothing does.
 
+The backends differ, and the walk with them (each measured on this
+kernel): on ebiptables, STP fields are read as ebt_stp reads them (one
+byte early, see `EBT_STP_BITS`), layer-2 IPv6 protocol and port matches
+skip an authentication header and layer-2 IPv4 protocol matches hold for
+every fragment (ebt_ip, ebt_ip6), and libvirt's implicit conntrack states
+also test the conntrack direction (`--ctdir`).  On both, a bridged
+frame's layer-3 verdict is the pair of the sending port's walk and the
+receiving port's: on ebiptables the two chains follow each other in
+FORWARD, and an accept in the first is libvirt's `return`, so the second
+still runs.  (What leaves libvirt's chains there without a verdict meets
+the rest of the host's FORWARD chain, which the walk takes as accepting.)
+
+What the IR cannot tell from one frame is an input: the conntrack state
+(derived from the frame as if no earlier packet had been seen, unless
+given) and direction ('original', or 'reply' for a given 'established'),
+the number of connections a connlimit counts (1), and the elements of the
+operator's ipsets (empty unless given).  Each step names the rule, why it
+matched or not, and the filter and rule of the XML it came from.
+"""
 from __future__ import annotations
 
 import ipaddress
@@ -77,12 +90,6 @@ _EBT_STP_CONFIG_END = 6 + 31  # bytes of the network header ebt_stp needs for th
 EBT_STP_BITS = {f: (offset - 8, size) for f, (offset, size) in STP_BITS.items()
                 if f in STP_CONFIG}
 BACKENDS = ("nft", "ebiptables")
-#: Where the two backends' kernel objects give a frame different verdicts.
-BACKEND_NOTES = {
-    "nft": "",
-    "ebiptables": "STP fields as ebt_stp reads them; libvirt's implicit conntrack "
-                  "states also test the conntrack direction (--ctdir)",
-}
 CT_DIRS = ("original", "reply")
 _MAC_FIELDS = frozenset({Field.ARP_SHA, Field.ARP_THA})
 _IP_FIELDS = frozenset({Field.ARP_SPA, Field.ARP_TPA})
@@ -92,7 +99,7 @@ _TCP_BITS = {TcpFlag.FIN: 0x01, TcpFlag.SYN: 0x02, TcpFlag.RST: 0x04, TcpFlag.PS
 # any other ICMP message without an earlier packet gets no entry: 'invalid'.
 _ICMP_NEW = {4: frozenset({8, 13, 15, 17}), 6: frozenset({128, 139})}
 # SCTP (nf_conntrack_proto_sctp): the chunk types that may open a flow, and
-# those that need the verification tag 0 to (INIT carries its own check).
+# those a new flow does not hold to its verification tag (0).
 _SCTP_INIT, _SCTP_INIT_ACK, _SCTP_HEARTBEAT, _SCTP_COOKIE_ECHO = 1, 2, 4, 10
 _SCTP_COOKIE_ACK, _SCTP_SHUTDOWN_COMPLETE = 11, 14
 _SCTP_NEW = frozenset({1, 2, 4, 5, 7, 8, 9, 10})
