@@ -30,6 +30,7 @@ the number of connections a connlimit counts (1), and the elements of the
 operator's ipsets (empty unless given).  Each step names the rule, why it
 matched or not, and the filter and rule of the XML it came from.
 """
+
 from __future__ import annotations
 
 import ipaddress
