@@ -445,7 +445,7 @@ def _audit_fix(ctx: ApiContext, p: dict[str, Any]) -> Json:
 
 
 def _explain_packet(ctx: ApiContext, p: dict[str, Any]) -> Json:
-    from nwfilter.audit.explain import Explainer, hook_of
+    from nwfilter.audit.explain import Explainer, hook_of, semantics_of
     from nwfilter.ir import CtState
 
     hook = hook_of(p["direction"])
@@ -462,8 +462,10 @@ def _explain_packet(ctx: ApiContext, p: dict[str, Any]) -> Json:
             frames.append(bytes.fromhex(text))
         except ValueError:
             raise ValidationError("each frame must be hex") from None
-    explainer = Explainer(ctx.engine().ruleset(p["port"]))
-    return [explainer.explain(hook, f, ct_state=state).as_json() for f in frames]
+    engine = ctx.engine()
+    explainer = Explainer(engine.ruleset(p["port"]), backend=semantics_of(engine.backend.name))
+    return [explainer.explain(hook, f, ct_state=state, ct_dir=p["ct_dir"]).as_json()
+            for f in frames]
 
 
 def _stats_get(ctx: ApiContext, p: dict[str, Any]) -> Json:
@@ -527,7 +529,8 @@ METHODS: dict[str, Method] = {
         Method("audit.fix", _audit_fix, writes=True),
         Method("explain.packet", _explain_packet,
                (Param("port", str, required=True), Param("direction", str, required=True),
-                Param("frames", list, required=True), Param("ct_state", str))),
+                Param("frames", list, required=True), Param("ct_state", str),
+                Param("ct_dir", str))),
         Method("stats.get", _stats_get, (Param("ports", list),)),
         # The reply is followed by one {"event": ...} line per event until the
         # client closes (nwfilter.connserver.Streaming).

@@ -1,18 +1,34 @@
 """The packet explainer: one frame walked through a port's compiled rules.
 
 The walk follows the IR's evaluation model (`nwfilter.ir`) with the
-semantics of the expressions the nft renderer gives each match
-(`nwfilter.backends.nft.render`): the layer-2 chain tree of the hook from
-`root` (`accept` ends layer 2, `return` leaves a chain, falling off `root`
-accepts), then, for an untagged IPv4/IPv6 frame that layer 2 accepted, the
-port's flat layer-3 list, which br_netfilter hands such frames to.  A
-field the frame does not have fails its match, negated or not, as an nft
-payload or meta expression that finds nothing does.  What the IR cannot
-tell from one frame is an input: the conntrack state (derived from the
-frame as if no earlier packet had been seen, unless given), the number of
-connections a connlimit counts (1), and the elements of the operator's
-ipsets (empty unless given).  Each step names the rule, why it matched or
-not, and the filter and rule of the XML it came from.
+semantics of the kernel objects the port's backend makes of each match:
+the nft expressions of `nwfilter.backends.nft.render`, or the ebtables and
+iptables matches of `nwfilter.backends.ebiptables.render` (`backend`).
+Layer 2 is the chain tree of the hook from `root` (`accept` ends layer 2,
+`return` leaves a chain, falling off `root` accepts), then, for an
+untagged IPv4/IPv6 frame that layer 2 accepted, the port's flat layer-3
+list, which br_netfilter hands such frames to.  A field the frame does not
+have fails its match, negated or not, as an nft payload or meta expression,
+or an ebtables or iptables match, that finds nothing does.
+
+The backends differ, and the walk with them (each measured on this
+kernel): on ebiptables, STP fields are read as ebt_stp reads them (one
+byte early, see `EBT_STP_BITS`), layer-2 IPv6 protocol and port matches
+skip an authentication header and layer-2 IPv4 protocol matches hold for
+every fragment (ebt_ip, ebt_ip6), and libvirt's implicit conntrack states
+also test the conntrack direction (`--ctdir`).  On both, a bridged
+frame's layer-3 verdict is the pair of the sending port's walk and the
+receiving port's: on ebiptables the two chains follow each other in
+FORWARD, and an accept in the first is libvirt's `return`, so the second
+still runs.  (What leaves libvirt's chains there without a verdict meets
+the rest of the host's FORWARD chain, which the walk takes as accepting.)
+
+What the IR cannot tell from one frame is an input: the conntrack state
+(derived from the frame as if no earlier packet had been seen, unless
+given) and direction ('original', or 'reply' for a given 'established'),
+the number of connections a connlimit counts (1), and the elements of the
+operator's ipsets (empty unless given).  Each step names the rule, why it
+matched or not, and the filter and rule of the XML it came from.
 """
 
 from __future__ import annotations
@@ -23,7 +39,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nwfilter.audit.packet import Frame
+from nwfilter.audit.packet import Frame, sctp_checksum
+from nwfilter.backends.ebiptables.render import ct_direction
 from nwfilter.errors import ValidationError
 from nwfilter.ir import (
     ETH_P_IP,
@@ -62,6 +79,19 @@ STP_BITS = {
 }
 STP_CONFIG = frozenset(STP_BITS) - {Field.STP_TYPE}
 _STP_LLC = 0x424203
+# ebtables' --stp-* options are the kernel's ebt_stp match, which reads a
+# BPDU one byte early: its header has a one-byte protocol identifier, and
+# it compares six bytes (LLC, protocol identifier, version: 42 42 03 00 00
+# 00), so an RSTP BPDU (version 2) never matches, the "type" it reads is the
+# version byte (always 0: every BPDU is a configuration BPDU to it, a TCN
+# one never), and it reads the configuration fields (31 bytes) from the
+# real type byte on.  Measured on this kernel with ebtables-nft 1.8.9.
+_EBT_STP_HEADER = 0x424203000000
+_EBT_STP_CONFIG_END = 6 + 31  # bytes of the network header ebt_stp needs for them
+EBT_STP_BITS = {f: (offset - 8, size) for f, (offset, size) in STP_BITS.items()
+                if f in STP_CONFIG}
+BACKENDS = ("nft", "ebiptables")
+CT_DIRS = ("original", "reply")
 _MAC_FIELDS = frozenset({Field.ARP_SHA, Field.ARP_THA})
 _IP_FIELDS = frozenset({Field.ARP_SPA, Field.ARP_TPA})
 _TCP_BITS = {TcpFlag.FIN: 0x01, TcpFlag.SYN: 0x02, TcpFlag.RST: 0x04, TcpFlag.PSH: 0x08,
@@ -69,6 +99,12 @@ _TCP_BITS = {TcpFlag.FIN: 0x01, TcpFlag.SYN: 0x02, TcpFlag.RST: 0x04, TcpFlag.PS
 # Conntrack: the ICMP types that may start a connection (nf_conntrack_proto_icmp[v6]);
 # any other ICMP message without an earlier packet gets no entry: 'invalid'.
 _ICMP_NEW = {4: frozenset({8, 13, 15, 17}), 6: frozenset({128, 139})}
+# SCTP (nf_conntrack_proto_sctp): the chunk types that may open a flow, and
+# those a new flow does not hold to its verification tag (0).
+_SCTP_INIT, _SCTP_INIT_ACK, _SCTP_HEARTBEAT, _SCTP_COOKIE_ECHO = 1, 2, 4, 10
+_SCTP_COOKIE_ACK, _SCTP_SHUTDOWN_COMPLETE = 11, 14
+_SCTP_NEW = frozenset({1, 2, 4, 5, 7, 8, 9, 10})
+_SCTP_TAG_EXEMPT = frozenset({1, 4, 5, 6, 8, 10, 14})  # not held to the flow's tag
 
 
 def _mac_int(text: str) -> int:
@@ -93,7 +129,55 @@ def default_ct_state(frame: Frame) -> CtState | None:
     if proto in (1, 58):
         kind = frame.transport(0, 1)
         return CtState.NEW if kind in _ICMP_NEW[ip[0]] else CtState.INVALID
+    if proto == 132:
+        return CtState.NEW if _sctp_opens(frame) else CtState.INVALID
     return CtState.NEW
+
+
+def _sctp_opens(frame: Frame) -> bool:
+    """Whether conntrack takes an SCTP packet for the first of a flow:
+    a correct CRC32c (checked for packets the kernel has not verified, as
+    from a veth or tap), chunks of non-zero length with INIT, INIT ACK and
+    SHUTDOWN COMPLETE only alone and COOKIE chunks only first, only chunk
+    types that may open a flow (not DATA, SACK, ABORT, COOKIE ACK, SHUTDOWN
+    COMPLETE), and verification tag 0 where the chunks need it (INIT
+    always).  Measured on this kernel for each chunk type."""
+    ip = frame.ip
+    assert ip is not None
+    seg = frame.nh[ip[5]:]
+    if ip[0] == 4:
+        seg = seg[:max(0, int.from_bytes(frame.nh[2:4], "big") - ip[5])]
+    else:
+        seg = seg[:max(0, 40 + int.from_bytes(frame.nh[4:6], "big") - ip[5])]
+    if len(seg) < 12 or seg[8:12] != sctp_checksum(seg):
+        return False
+    vtag = int.from_bytes(seg[4:8], "big")
+    types: list[int] = []
+    offset = 12
+    while offset + 4 <= len(seg):
+        kind, length = seg[offset], int.from_bytes(seg[offset + 2:offset + 4], "big")
+        if length == 0 or (types and (kind in (_SCTP_COOKIE_ACK, _SCTP_COOKIE_ECHO) or any(
+                t in (_SCTP_INIT, _SCTP_INIT_ACK, _SCTP_SHUTDOWN_COMPLETE)
+                for t in [*types, kind]))):
+            return False
+        if kind in (_SCTP_INIT, _SCTP_INIT_ACK) and offset + 4 + 16 > len(seg):
+            return False  # no room for the INIT header
+        types.append(kind)
+        offset += (length + 3) & ~3
+    if not types or any(t not in _SCTP_NEW for t in types):
+        return False
+    if not vtag:
+        return True
+    # A new flow's own tag is 0, or the packet's when it holds a HEARTBEAT.
+    if _SCTP_INIT in types or (_SCTP_COOKIE_ECHO in types and _SCTP_HEARTBEAT not in types):
+        return False
+    return any(t in _SCTP_TAG_EXEMPT for t in types)
+
+
+def semantics_of(backend: str) -> str:
+    """The backend whose kernel objects a walk models for `backend` (the
+    memory backend applies nothing; its rules are walked as nft's)."""
+    return backend if backend in BACKENDS else "nft"
 
 
 @dataclass(frozen=True)
@@ -125,17 +209,21 @@ class Explanation:
     verdict: str = "ACCEPT"
     decided_by: str = ""  # the rule that decided, or how the walk ended
     origin: str = ""
+    backend: str = "nft"  # whose kernel objects the walk models
+    ct_dir: str = "original"  # the conntrack direction (tested by ebiptables only)
 
     def as_json(self) -> dict[str, Any]:
         return {"port": self.portdev, "direction": "out" if self.hook is Hook.FROM_VM else "in",
-                "packet": self.packet, "ct_state": self.ct_state,
+                "backend": self.backend, "packet": self.packet, "ct_state": self.ct_state,
+                "ct_dir": self.ct_dir if self.ct_state else None,
                 "steps": [s.as_json() for s in self.steps], "verdict": self.verdict,
                 "decided_by": self.decided_by, "origin": self.origin}
 
     def lines(self) -> list[str]:
         out = [f"port {self.portdev} direction "
-               f"{'out (from the VM)' if self.hook is Hook.FROM_VM else 'in (to the VM)'}",
-               f"packet: {self.packet}" + (f" (ct state {self.ct_state})"
+               f"{'out (from the VM)' if self.hook is Hook.FROM_VM else 'in (to the VM)'}"
+               f", rules of the {self.backend} backend",
+               f"packet: {self.packet}" + (f" (ct state {self.ct_state}, {self.ct_dir})"
                                            if self.ct_state else "")]
         for step in self.steps:
             if not step.rule:
@@ -162,8 +250,13 @@ class Explainer:
         ipsets: Mapping[str, frozenset[str]] | None = None,
         connections: int = 1,
         now: float | None = None,
+        backend: str = "nft",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValidationError(f"backend must be one of {', '.join(BACKENDS)}, "
+                                  f"not {backend!r}")
         self.ruleset = ruleset
+        self.backend = backend
         self._ipsets = {k: [ipaddress.ip_network(v, strict=False) for v in vals]
                         for k, vals in (ipsets or {}).items()}
         self._connections = connections
@@ -176,12 +269,20 @@ class Explainer:
 
     def explain(
         self, hook: Hook, data: bytes | Frame, *, ct_state: CtState | None = None,
-        trace: bool = True,
+        ct_dir: str | None = None, trace: bool = True,
     ) -> Explanation:
+        """Walk one frame.  `ct_state` defaults to the state of a first
+        packet; `ct_dir` (the conntrack direction) to 'reply' for an
+        established packet, else 'original'."""
         frame = data if isinstance(data, Frame) else Frame(data)
         state = ct_state if ct_state is not None else default_ct_state(frame)
+        if ct_dir is None:
+            ct_dir = "reply" if ct_state is CtState.ESTABLISHED else "original"
+        if ct_dir not in CT_DIRS:
+            raise ValidationError(f"ct_dir must be one of {', '.join(CT_DIRS)}, not {ct_dir!r}")
         out = Explanation(self.ruleset.port.portdev, hook, frame.describe(),
-                          state.value if state is not None else None)
+                          state.value if state is not None else None, backend=self.backend,
+                          ct_dir=ct_dir)
         walk = _Walk(self, frame, state, out, trace)
         rs = self.ruleset
         if rs.learn is not None and rs.learn.held() and hook in rs.learn.learning:
@@ -235,7 +336,8 @@ class _Walk:
             self.out.origin = str(rule.origin)
 
     def test(self, layer: str, chain: str, index: int, rule: Rule) -> bool:
-        ok, why = rule_matches(self.ex, rule, self.frame, self.state, self.trace)
+        ok, why = rule_matches(self.ex, rule, self.frame, self.state, self.trace,
+                               ct_dir=self.out.ct_dir)
         if self.trace:
             action = ""
             if ok:
@@ -323,8 +425,9 @@ class _Walk:
 
 
 def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None,
-                 why: bool = True) -> tuple[bool, str]:
+                 why: bool = True, *, ct_dir: str = "original") -> tuple[bool, str]:
     """Whether `rule` matches `frame`, and why (the first failing match, or 'all matched')."""
+    ebt = ex.backend == "ebiptables"
     if rule.family is not Family.ETHER:
         ip = frame.ip
         want = 4 if rule.family is Family.IPV4 else 6
@@ -332,7 +435,12 @@ def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None,
             return False, f"not an IPv{want} packet"
     fields = {m.field for m in rule.matches}
     stp = fields & frozenset(STP_BITS)
-    if stp:
+    if stp and ebt:
+        # ebtables tests the destination only where the rule says so.
+        if frame.raw(0, 48) != _EBT_STP_HEADER:
+            return False, ("no BPDU header as ebt_stp reads it (LLC 42 42 03, protocol 0, "
+                           "version 0)")
+    elif stp:
         if not any(m.field is Field.ETH_DST and not m.negate for m in rule.matches) \
                 and frame.dst_mac != _mac_int(STP_GROUP_MAC):
             return False, f"not sent to the STP group address {STP_GROUP_MAC}"
@@ -355,7 +463,20 @@ def rule_matches(ex: Explainer, rule: Rule, frame: Frame, state: CtState | None,
         ok, text = match_one(ex, m, frame, state, rule, why)
         if not ok:
             return False, text
-    if config:
+        if m.field is Field.CT_STATE and ebt:
+            ctdir = ct_direction(rule, m)
+            if ctdir is not None and ctdir.lower() != ct_dir:
+                return False, (f"--ctdir {ctdir}: fails (the packet is in the {ct_dir} "
+                               "direction of its connection)")
+    if config and ebt:
+        # ebt_stp takes every BPDU it reads for a configuration one.
+        if len(frame.nh) < _EBT_STP_CONFIG_END:
+            return False, "the BPDU is too short for ebt_stp's configuration fields"
+        for m in config:
+            ok, text = match_one(ex, m, frame, state, rule, why)
+            if not ok:
+                return False, text
+    elif config:
         stp_type = next((int(m.value) for m in rule.matches if m.field is Field.STP_TYPE
                          and not m.negate and isinstance(m.value, int)), None)
         if stp_type is not None and stp_type != 0:
@@ -424,7 +545,11 @@ def _value(ex: Explainer, m: Match, frame: Frame, state: CtState | None, rule: R
         raw = frame.raw(*ARP_BITS[f])
         return _ABSENT if raw is None else raw
     if f in STP_BITS:
-        raw = frame.raw(*STP_BITS[f])
+        if ex.backend == "ebiptables":
+            # The version byte, which the header check found 0.
+            raw = 0 if f is Field.STP_TYPE else frame.raw(*EBT_STP_BITS[f])
+        else:
+            raw = frame.raw(*STP_BITS[f])
         return _ABSENT if raw is None else raw
     if f is Field.ARP_GRATUITOUS:
         spa, tpa = frame.raw(112, 32), frame.raw(192, 32)
@@ -440,10 +565,13 @@ def _value(ex: Explainer, m: Match, frame: Frame, state: CtState | None, rule: R
         return ip[2]
     if f is Field.IP_DSCP:
         return ip[3]
+    ebt_l3 = ex.backend == "ebiptables" and rule.family is Family.ETHER
     if f is Field.IP_PROTO:
-        return _ABSENT if ip[4] is None else ip[4]
+        proto = frame.ebt_l4[0] if ebt_l3 else ip[4]
+        return _ABSENT if proto is None else proto
     if f in (Field.L4_SPORT, Field.L4_DPORT):
-        got = frame.transport(0 if f is Field.L4_SPORT else 2, 2)
+        offset = 0 if f is Field.L4_SPORT else 2
+        got = frame.ebt_transport(offset, 2) if ebt_l3 else frame.transport(offset, 2)
         return _ABSENT if got is None else got
     if f in (Field.ICMP_TYPE, Field.ICMP_CODE):
         # `icmp type` carries an implicit `meta l4proto icmp` (icmpv6 for IPv6).

@@ -29,6 +29,31 @@ TCP_FLAG_BITS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10
 _IPV6_EXT = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 _IPV6_FRAG = 44
 _IPV6_AH = 51
+_IPV6_NONE = 59
+_SCTP_INIT = 1
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def sctp_checksum(segment: bytes) -> bytes:
+    """The CRC32c of an SCTP packet (its checksum field taken as zero), as
+    the 4 bytes the header carries (RFC 4960 appendix B: least significant
+    byte first)."""
+    crc = 0xFFFFFFFF
+    for byte in segment[:8] + b"\0\0\0\0" + segment[12:]:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return struct.pack("<I", crc ^ 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,7 @@ class PacketSpec:
     dport: int = 0
     icmp_type: int = 8
     icmp_code: int = 0
+    icmp_id: int = 1  # echo identifier: conntrack tells ICMP flows apart by it
     tcp_flags: str = "syn"
     dscp: int = 0
     arp_op: int = 1
@@ -104,13 +130,21 @@ def _transport(spec: PacketSpec, number: int, src: IPAddress, dst: IPAddress) ->
         csum = _checksum(_pseudo(src, dst, number, len(seg)) + seg) or 0xFFFF
         return seg[:6] + struct.pack("!H", csum) + seg[8:]
     if number in (1, 58):
-        seg = struct.pack("!BBHI", spec.icmp_type, spec.icmp_code, 0, 0x00010001) + body
+        seg = struct.pack("!BBHHH", spec.icmp_type, spec.icmp_code, 0, spec.icmp_id & 0xFFFF,
+                          1) + body
         pseudo = _pseudo(src, dst, 58, len(seg)) if number == 58 else b""
         csum = _checksum(pseudo + seg)
         return seg[:2] + struct.pack("!H", csum) + seg[4:]
-    if number in (132, 33):
-        # Ports first, as in every port-carrying protocol; no checksum check
-        # happens on the bridge for these.
+    if number == 132:
+        # The first packet of an association: an INIT chunk (the payload
+        # after its fixed part), verification tag 0, a correct CRC32c;
+        # conntrack refuses anything else as the start of a flow.
+        init = struct.pack("!IIHHI", 0x4E575446, 65535, 1, 1, 1) + body
+        chunk = struct.pack("!BBH", _SCTP_INIT, 0, 4 + len(init)) + init
+        seg = struct.pack("!HHII", spec.sport, spec.dport, 0, 0) + chunk + b"\0" * (-len(chunk) % 4)
+        return seg[:8] + sctp_checksum(seg) + seg[12:]
+    if number == 33:
+        # Ports first, as in every port-carrying protocol.
         return struct.pack("!HHII", spec.sport, spec.dport, 0, 0) + body
     return body
 
@@ -245,20 +279,56 @@ class Frame:
             src6 = ipaddress.IPv6Address(b[8:24])
             dst6 = ipaddress.IPv6Address(b[24:40])
             dscp = ((int.from_bytes(b[0:2], "big") >> 4) & 0xFF) >> 2
+            # nft (ipv6_find_hdr with IP6_FH_F_AUTH) and ip6tables stop at
+            # an authentication header: AH is the protocol (measured).
             nxt, off = b[6], 40
-            while nxt in _IPV6_EXT or nxt in (_IPV6_FRAG, _IPV6_AH):
+            while nxt in _IPV6_EXT or nxt == _IPV6_FRAG:
                 if off + 8 > len(b):
                     return (6, src6, dst6, dscp, None, off)
                 if nxt == _IPV6_FRAG:
                     if int.from_bytes(b[off + 2:off + 4], "big") & 0xFFF8:
                         return (6, src6, dst6, dscp, None, off)
                     nxt, off = b[off], off + 8
-                elif nxt == _IPV6_AH:
-                    nxt, off = b[off], off + (b[off + 1] + 2) * 4
                 else:
                     nxt, off = b[off], off + (b[off + 1] + 1) * 8
             return (6, src6, dst6, dscp, nxt, off)
         return None
+
+    @cached_property
+    def ebt_l4(self) -> tuple[int | None, int | None]:
+        """(protocol, transport offset) as ebtables' ip and ip6 matches
+        (ebt_ip, ebt_ip6) read them, None where they find none: IPv4 gives
+        the protocol of any fragment but ports of the first only; IPv6
+        skips every extension header, AH too (ipv6_skip_exthdr), stops at a
+        fragment that is not the first, and finds nothing after 'no next
+        header'."""
+        ip = self.ip
+        if ip is None:
+            return None, None
+        b = self.nh
+        if ip[0] == 4:
+            first = not int.from_bytes(b[6:8], "big") & 0x1FFF
+            return b[9], ip[5] if first else None
+        nxt, off = b[6], 40
+        while nxt in _IPV6_EXT or nxt in (_IPV6_FRAG, _IPV6_AH, _IPV6_NONE):
+            if nxt == _IPV6_NONE or off + 8 > len(b):
+                return None, None
+            if nxt == _IPV6_FRAG:
+                if int.from_bytes(b[off + 2:off + 4], "big") & 0xFFF8:
+                    break
+                nxt, off = b[off], off + 8
+            elif nxt == _IPV6_AH:
+                nxt, off = b[off], off + (b[off + 1] + 2) * 4
+            else:
+                nxt, off = b[off], off + (b[off + 1] + 1) * 8
+        return nxt, off
+
+    def ebt_transport(self, offset: int, length: int) -> int | None:
+        """Bytes of the transport header where ebtables' ip/ip6 matches find it."""
+        start = self.ebt_l4[1]
+        if start is None or start + offset + length > len(self.nh):
+            return None
+        return int.from_bytes(self.nh[start + offset:start + offset + length], "big")
 
     def transport(self, offset: int, length: int) -> int | None:
         """Bytes of the transport header (`th`), or None."""

@@ -64,6 +64,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ct-state", choices=("new", "established", "related", "invalid",
                                           "untracked"),
                    help="conntrack state (default: as if no earlier packet was seen)")
+    p.add_argument("--ct-dir", choices=("original", "reply"),
+                   help="conntrack direction, which the ebiptables backend's rules test "
+                   "(default: reply for --ct-state established, else original)")
     p.add_argument("--pcap", metavar="FILE", help="explain every frame of a pcap file instead")
     p.add_argument("--json", action="store_true", help="print the walk as JSON")
     p.set_defaults(handler=explain_handler)
@@ -160,7 +163,7 @@ def explain_handler(args: argparse.Namespace, ctx: Context) -> int:
         frames = [build_frame(spec)]
     result = ctx.call("explain.packet", {"port": args.port, "direction": args.direction,
                                          "frames": [f.hex() for f in frames],
-                                         "ct_state": args.ct_state})
+                                         "ct_state": args.ct_state, "ct_dir": args.ct_dir})
     if args.json:
         print(json.dumps(result if args.pcap else result[0], indent=2))
         return 0
@@ -173,8 +176,9 @@ def explain_handler(args: argparse.Namespace, ctx: Context) -> int:
 
 def _walk_text(walk: dict[str, Any]) -> str:
     direction = "out (from the VM)" if walk["direction"] == "out" else "in (to the VM)"
-    lines = [f"port {walk['port']} direction {direction}",
-             f"packet: {walk['packet']}" + (f" (ct state {walk['ct_state']})"
+    lines = [f"port {walk['port']} direction {direction}, rules of the {walk['backend']} "
+             "backend",
+             f"packet: {walk['packet']}" + (f" (ct state {walk['ct_state']}, {walk['ct_dir']})"
                                             if walk["ct_state"] else "")]
     for step in walk["steps"]:
         if not step["rule"]:

@@ -303,6 +303,19 @@ def _implicit_state(rule: Rule) -> bool:
     return " state=" not in text and "!state=" not in text
 
 
+def ct_direction(rule: Rule, m: Match) -> str | None:
+    """The conntrack direction libvirt adds to the CT_STATE match `m` of
+    `rule` (`-m conntrack --ctdir ...`): REPLY for its implicit ESTABLISHED,
+    ORIGINAL for its implicit NEW,ESTABLISHED, else none."""
+    if m.negate or not _implicit_state(rule):
+        return None
+    if m.value == frozenset({CtState.ESTABLISHED}):
+        return "REPLY"
+    if m.value == frozenset({CtState.NEW, CtState.ESTABLISHED}):
+        return "ORIGINAL"
+    return None
+
+
 def ip_rule(rule: Rule, v6: bool) -> str:
     by = {m.field: m for m in rule.matches}
     if len(by) != len(rule.matches):
@@ -382,11 +395,9 @@ def ip_rule(rule: Rule, v6: bool) -> str:
         assert isinstance(m.value, frozenset)
         states = ",".join(s.name for s in _CT_ORDER if s in m.value)
         text = "-m conntrack " + _xopt("--ctstate", states, m.negate)
-        if _implicit_state(rule) and not m.negate:
-            if m.value == frozenset({CtState.ESTABLISHED}):
-                text += " -m conntrack --ctdir REPLY"
-            elif m.value == frozenset({CtState.NEW, CtState.ESTABLISHED}):
-                text += " -m conntrack --ctdir ORIGINAL"
+        ctdir = ct_direction(rule, m)
+        if ctdir is not None:
+            text += f" -m conntrack --ctdir {ctdir}"
         mods.append(text)
     if (m := take(Field.IPSET)) is not None:
         assert isinstance(m.value, IPSetMatch)
