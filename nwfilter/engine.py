@@ -215,10 +215,12 @@ class Engine:
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
         self._learnt_info: dict[str, dict[str, tuple[LearntAddress, ...]]] = {}
         self._learnt_generation = 0
-        # Guarded by bindings.lock: per port, the sources (`_source_key`) of
-        # a compile and what it gave, for `compile_bindings` (a compile is a
-        # pure function of its sources, so an entry is never wrong).
-        self._compiled: dict[str, tuple[tuple[str, str], Wanted | NwfilterError]] = {}
+        # Guarded by bindings.lock: per port, the sources of a compile and
+        # what it gave, for `compile_bindings` (a compile is a pure function
+        # of its sources, so an entry is never wrong).  The sources are a
+        # source stamp, or (cheaper to take where ports are bound) the pool
+        # generation with the binding and its learnt addresses.
+        self._compiled: dict[str, tuple[tuple[object, ...], Wanted | NwfilterError]] = {}
         self.learnt_store = LearntStore(self.root)
         self._started = False  # set by start(), cleared by close()
         self._read_only = False
@@ -341,7 +343,7 @@ class Engine:
             learnt = self._learnt.get(binding.portdev)
             source = stamps.of(binding, learnt)
             entry = known.get(binding.portdev)
-            key = (source, self._info_key(binding.portdev))
+            key = ("stamp", source, self._info_key(binding.portdev))
             if entry is not None and entry[0] == source:
                 entries[binding.portdev] = entry
                 deferred = Deferred(port_of(binding), entry[1],
@@ -776,6 +778,8 @@ class Engine:
                 continue
             request.succeed()
             ports += len(rulesets)
+            for binding, rs in zip(request.item, rulesets, strict=True):
+                self._compiled[binding.portdev] = (self._generation_key(binding), rs)
         if ports:
             log.info("bound %d port(s) for %d request(s)", ports, len(batch))
 
@@ -920,9 +924,11 @@ class Engine:
                 port = binding.portdev
                 if wanted is not None and port not in wanted:
                     continue
-                key = (stamps.of(binding, self._learnt.get(port)), self._info_key(port))
+                key = ("stamp", stamps.of(binding, self._learnt.get(port)),
+                       self._info_key(port))
                 known = self._compiled.get(port)
-                if known is not None and known[0] == key:
+                if known is not None and (known[0] == key
+                                          or known[0] == self._generation_key(binding)):
                     # The same sources: what the engine compiled (at start,
                     # the very ruleset it applied) is what they compile to.
                     result = known[1]
@@ -936,6 +942,15 @@ class Engine:
                 self._compiled[port] = (key, result)
                 out[port] = result
         return out
+
+    def _generation_key(self, binding: BindingDef) -> tuple[object, ...]:
+        """The sources of a compile of `binding` against the pool as it is
+        (pool lock held): its generation, the binding and its learnt
+        addresses (under bindings.lock)."""
+        port = binding.portdev
+        learnt = self._learnt.get(port)
+        return ("generation", self.pool.generation, binding,
+                repr(sorted(learnt.items())) if learnt else "", self._info_key(port))
 
     def _info_key(self, portdev: str) -> str:
         """The learnt-address details a compile reads besides the values

@@ -72,6 +72,15 @@ def test_an_unchanged_port_is_audited_against_the_ruleset_applied(root: Path,
     assert engine.compile_bindings()["vnet0"] is now["vnet0"]
 
 
+def test_a_port_bound_later_is_audited_against_the_ruleset_applied(root: Path) -> None:
+    engine = restarted(root)
+    engine.create_bindings([bind(5)])
+    assert engine.compile_bindings()["vnet5"] is engine.backend.recorded()["vnet5"]
+    # Any change of the pool: the generation moved, the stamp decides.
+    engine.define_filter("<filter name='lonely' chain='root'/>")
+    assert engine.compile_bindings()["vnet5"] == engine.backend.recorded()["vnet5"]
+
+
 def test_a_filter_changed_behind_the_engine_is_compiled_again(root: Path) -> None:
     engine = restarted(root)
     applied = engine.backend.recorded()["vnet0"]
