@@ -859,6 +859,7 @@ class Engine:
                 self._restore({portdev: old})
                 raise
             self._learnt.pop(portdev, None)
+            self._compiled.pop(portdev, None)
             if self._learnt_info.pop(portdev, None):
                 try:
                     self.learnt_store.save_all(self._learnt_info)

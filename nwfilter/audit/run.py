@@ -23,6 +23,7 @@ alive until it ends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -90,15 +91,20 @@ class Auditor:
         no commit came while it was read).  Nobody changes a listing."""
         from nwfilter.backends.nft import generation
 
-        before = generation.current(backend.netns)
+        try:
+            before = generation.current(backend.netns)
+        except NwfilterError as exc:
+            log.warning("%s: the tables are read again", exc.message)
+            return backend.listing()
         with self._lock:
             kept = self._kept_listing
         if kept is not None and kept[0] == before:
             return kept[1]
         listing = backend.listing()
-        if generation.current(backend.netns) == before:
-            with self._lock:
-                self._kept_listing = (before, listing)
+        with contextlib.suppress(NwfilterError):
+            if generation.current(backend.netns) == before:
+                with self._lock:
+                    self._kept_listing = (before, listing)
         return listing
 
     def _forget_except(self, ports: set[str]) -> None:
