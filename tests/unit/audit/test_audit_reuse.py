@@ -5,6 +5,7 @@ events (memory backend, no root)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from nwfilter.backends.memory import MemoryBackend
 from nwfilter.conf import parse_filter
 from nwfilter.conf.model import BindingDef, FilterRef, Parameter
 from nwfilter.engine import Engine
-from nwfilter.events import EventKind
+from nwfilter.events import Event, EventKind
 
 STOCK = Path(__file__).resolve().parents[3] / "filters"
 GUEST = """<filter name='guest' chain='root'>
@@ -157,3 +158,41 @@ def test_the_interval_must_be_positive(root: Path) -> None:
     engine = restarted(root)
     with pytest.raises(ValueError):
         PeriodicAudit(engine, lambda: None, 0)
+
+
+def test_periodic_audit_beside_changes_keeps_the_lock_order_and_adds_up(root: Path) -> None:
+    """Rounds in their thread while filters and bindings change: the lock
+    checker (on in every test) sees no inversion, and what the events say
+    is open at the end is what an audit finds then."""
+    engine = restarted(root)
+    sub = engine.events.subscribe(frozenset({EventKind.AUDIT}))
+    periodic = PeriodicAudit(engine, lambda: None, 0.01)
+    told: list[Event] = []
+    periodic.start()
+    try:
+        for n in range(2, 12):
+            engine.create_bindings([bind(n, "clean-traffic" if n % 2 else "guest")])
+            engine.define_filter(
+                f"<filter name='spare{n % 3}' chain='root'><uuid>{uuid.UUID(int=900 + n % 3)}"
+                f"</uuid><rule action='drop' direction='out' priority='{n}'><all/></rule>"
+                "</filter>")
+            if n % 4 == 0:
+                engine.delete_binding(f"vnet{n - 1}")
+        wanted, give_up = periodic.rounds + 2, time.monotonic() + 30
+        while periodic.rounds < wanted and periodic.last_error is None:
+            assert time.monotonic() < give_up, "no periodic round within 30 s"
+            told.extend(sub.wait(0.05))
+    finally:
+        periodic.stop()
+    assert periodic.last_error is None
+    assert periodic.run_once()
+    opened: dict[tuple[str, ...], int] = {}
+    for event in told + sub.wait(0):
+        f = event.details["finding"]
+        key = (f["kind"], f["port"], f["filter"], f["rule"], f["message"])
+        opened[key] = opened.get(key, 0) + (1 if event.details["state"] == "found" else -1)
+        assert opened[key] in (0, 1), key  # told found and resolved in turn
+    now = {(f["kind"], f["port"], f["filter"], f["rule"], f["message"])
+           for f in Auditor().run(engine, None)["findings"]}
+    assert {k for k, v in opened.items() if v == 1} == now
+    assert any(k[0] == "exposure.dhcp-server" for k in now)
