@@ -196,3 +196,17 @@ def test_periodic_audit_beside_changes_keeps_the_lock_order_and_adds_up(root: Pa
            for f in Auditor().run(engine, None)["findings"]}
     assert {k for k, v in opened.items() if v == 1} == now
     assert any(k[0] == "exposure.dhcp-server" for k in now)
+
+
+def test_learnt_addresses_are_sources_too(root: Path) -> None:
+    engine = restarted(root)
+    learning = BindingDef("vm7", uuid.UUID(int=8), "vnet7", "52:54:00:00:00:07",
+                          FilterRef("guest"))
+    engine.create_bindings([learning])
+    held = engine.compile_bindings()["vnet7"]
+    assert held is engine.backend.recorded()["vnet7"]
+    engine.set_learnt("vnet7", "IP", ["10.0.0.77"])
+    now = engine.compile_bindings()["vnet7"]
+    assert now is not held and now == engine.backend.recorded()["vnet7"]
+    assert "10.0.0.77" in repr(now) and "10.0.0.77" not in repr(held)
+    assert Auditor().run(engine, None)["findings"] == []
