@@ -1,8 +1,9 @@
 """The event bus: what happened, told to whoever listens.
 
 Publishers (the engine once the kernel and the files agree, the domain
-drivers, the nft monitor, the daemon's periodic audit) call `EventBus.publish`; subscribers (the
-daemon's `events.subscribe` streams) read their own bounded queue.
+drivers, the nft monitor, the daemon's periodic audit) call
+`EventBus.publish`; subscribers (the daemon's `events.subscribe` streams)
+read their own bounded queue.
 
 Publishing never blocks and takes no lock of the documented lock order
 (docs/locking.md): it takes the bus's own plain lock, a leaf under which
