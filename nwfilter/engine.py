@@ -5,7 +5,8 @@ defining and undefining filters (rebuilding every affected binding in one
 transaction), creating and deleting bindings, reconciling the kernel with
 every binding at start, and re-applying a port after IP learning.  What
 is applied is the backend's to know (`Backend.recorded`); the engine keeps
-no copy.
+no copy (only, for audits, what each port last compiled to and from what:
+`compile_bindings`).
 
 Failure rules: every change compiles in memory first, then makes one
 kernel transaction, then writes files.  If the kernel refuses, nothing
@@ -909,9 +910,10 @@ class Engine:
         their learnt addresses, or why they do not compile; changes nothing
         (for audits, which compare it with what the kernel holds).  A port
         whose sources (`SourceStamps`: binding, filter tree, learnt
-        addresses, code) are those of its last compile here or at start is
-        not compiled again: its ruleset is the object compiled then, which
-        for a port unchanged since start is the one the backend applied."""
+        addresses, code) are those of its last compile at start, when it was
+        bound or here is not compiled again: its ruleset is the object
+        compiled then, which for a port unchanged since is the one the
+        backend applied."""
         wanted = None if portdevs is None else set(portdevs)
         out: dict[str, Ruleset | NwfilterError] = {}
         with self.pool.lock.read(), self.bindings.lock:
