@@ -29,6 +29,7 @@ from nwfilter.errors import (
 from nwfilter.render_text import render_text
 
 if TYPE_CHECKING:
+    from nwfilter.audit.run import Auditor
     from nwfilter.cluster.member import ClusterMember
     from nwfilter.domain.driver import DomainManager, DomainSummary
     from nwfilter.engine import DefineOutcome, Engine
@@ -66,6 +67,11 @@ class ApiContext(Protocol):
     def cluster(self) -> ClusterMember | None:
         """The cluster this root's pool is shared with (`nwfilterd
         --cluster`), or None: the pool is this root's alone."""
+        ...
+
+    def auditor(self) -> Auditor:
+        """What runs `audit.run` (the daemon keeps one, shared with its
+        periodic audit; `nwfilter.audit.run`)."""
         ...
 
 
@@ -435,9 +441,7 @@ def _net_autostart(ctx: ApiContext, p: dict[str, Any]) -> Json:
 
 
 def _audit_run(ctx: ApiContext, p: dict[str, Any]) -> Json:
-    from nwfilter.audit.run import run_audit
-
-    return run_audit(ctx.engine(), ctx.domains(), p["ports"] or None)
+    return ctx.auditor().run(ctx.engine(), ctx.domains(), p["ports"] or None)
 
 
 def _audit_fix(ctx: ApiContext, p: dict[str, Any]) -> Json:
@@ -622,6 +626,11 @@ class EmbeddedContext:
 
     def cluster(self) -> ClusterMember | None:
         return None
+
+    def auditor(self) -> Auditor:
+        from nwfilter.audit.run import Auditor
+
+        return Auditor()  # one command, one audit: nothing to keep
 
     def close(self) -> None:
         self._manager = None

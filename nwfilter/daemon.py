@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from nwfilter import api, daemonconf, hostrecord, protocol
 from nwfilter.access import AdminAccess, Group
+from nwfilter.audit.periodic import PeriodicAudit
+from nwfilter.audit.run import Auditor
 from nwfilter.backends import get_backend
 from nwfilter.backends.nft import NftBackend
 from nwfilter.backends.nft.monitor import NftMonitor
@@ -76,6 +78,9 @@ class DaemonContext:
         self._bus = bus
         self._networks = networks
         self.member: ClusterMember | None = None
+        # One for `audit.run` and the periodic audit: what the per-port
+        # checks found for unchanged rulesets is not computed again.
+        self._auditor = Auditor()
 
     def engine(self) -> Engine:
         return self._engine
@@ -91,6 +96,9 @@ class DaemonContext:
 
     def cluster(self) -> ClusterMember | None:
         return self.member
+
+    def auditor(self) -> Auditor:
+        return self._auditor
 
 
 class EventStream:
@@ -239,6 +247,7 @@ class Server(ConnectionServer):
         self.ro_path = ro_bound.path if ro_bound is not None else None
         self.monitor: NftMonitor | None = None
         self.watch: DriftWatch | None = None  # the ebiptables backend's repairs
+        self.audit: PeriodicAudit | None = None
         access = AdminAccess(bound.path, admin_group)
         self.add_listener(bound, functools.partial(_answer, self.context),
                           admit=functools.partial(_admit_admin, self.context, access))
@@ -306,6 +315,7 @@ def serve(
     admin_group: Group | None = None,
     inherited: Sequence[BoundSocket] = (),
     cluster: ClusterConfig | None = None,
+    audit_interval: int = 0,
 ) -> Server:
     """Start the engine and a server for it; the caller runs `serve_forever`.
 
@@ -323,6 +333,10 @@ def serve(
     With `cluster`, the filter pool is the cluster's (`nwfilter.cluster`):
     the daemon catches up with it before it serves (for a few seconds at
     most: without etcd it serves its own copy) and follows it after.
+
+    With `audit_interval` (seconds; 0: none) the whole audit runs that
+    often in the background and publishes each new and each resolved
+    finding as an `audit` event (`nwfilter.audit.periodic`).
     """
     path = socket_path or default_socket(root)
     passed = check_inherited(inherited, (path, ro_socket))
@@ -392,6 +406,10 @@ def serve(
             server.watch.start()
     server.learner = Listener(engine, server.loop, netns)
     server.learner.start()
+    if audit_interval > 0:
+        server.audit = PeriodicAudit(engine, server.context.domains, audit_interval,
+                                     auditor=server.context.auditor(), events=engine.events)
+        server.audit.start()
 
     def supervise(_timer: int, _opaque: object) -> None:
         networks.supervise()
@@ -404,6 +422,8 @@ def close(server: Server) -> None:
     """Stop serving and watching; the kernel keeps every binding's rules."""
     if server.context.member is not None:
         server.context.member.stop()
+    if server.audit is not None:
+        server.audit.stop()
     if server.monitor is not None:
         server.monitor.stop()
     if server.watch is not None:
@@ -413,6 +433,12 @@ def close(server: Server) -> None:
         server.learner.stop()
     server.server_close()
     server.engine.close()
+
+
+def _seconds(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (0: off), not {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, metavar="N",
         help=f"requests served at once (default {defaults.workers})",
     )
+    parser.add_argument(
+        "--audit-interval", type=_seconds, default=None, metavar="SECONDS",
+        help="run the whole audit this often and publish each new and each resolved "
+        "finding as an 'audit' event (default: the file's 'audit_interval', else 0: off)",
+    )
     cluster = parser.add_argument_group("cluster (see docs/cluster.md)")
     cluster.add_argument(
         "--cluster", default=None, metavar="URL[,URL...]",
@@ -499,6 +530,14 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
     )
 
 
+def audit_interval(args: argparse.Namespace, config: daemonconf.DaemonConfig) -> int:
+    """Seconds between periodic audits (0: none): the option, else the
+    file's `audit_interval`, else none."""
+    if args.audit_interval is not None:
+        return int(args.audit_interval)
+    return config.integers.get("audit_interval", 0)
+
+
 def _start(args: argparse.Namespace) -> Server:
     """The server the options and the configuration file ask for."""
     config = daemonconf.load(args.config)
@@ -530,6 +569,7 @@ def _start(args: argparse.Namespace) -> Server:
         admin_group=group,
         inherited=inherited_sockets(),
         cluster=cluster_config(args),
+        audit_interval=audit_interval(args, config),
     )
 
 

@@ -23,7 +23,8 @@ _MAX_SIZE = 64 * 1024
 
 _PATHS = ("root", "socket", "ro_socket")
 _INTEGERS = ("max_connections", "max_buffered", "workers")
-KEYS = tuple(sorted((*_PATHS, *_INTEGERS, "admin_group")))
+_SECONDS = ("audit_interval",)  # 0: off
+KEYS = tuple(sorted((*_PATHS, *_INTEGERS, *_SECONDS, "admin_group")))
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ def parse(text: str, source: str) -> DaemonConfig:
         elif key in _INTEGERS:
             if not value.isascii() or not value.isdigit() or len(value) > 18 or int(value) < 1:
                 raise bad(f"'{key}' must be a positive integer, got {value[:64]!r}")
+            integers[key] = int(value)
+        elif key in _SECONDS:
+            if not value.isascii() or not value.isdigit() or len(value) > 9:
+                raise bad(f"'{key}' must be a number of seconds (0: off), got {value[:64]!r}")
             integers[key] = int(value)
         else:
             try:

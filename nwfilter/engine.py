@@ -5,7 +5,8 @@ defining and undefining filters (rebuilding every affected binding in one
 transaction), creating and deleting bindings, reconciling the kernel with
 every binding at start, and re-applying a port after IP learning.  What
 is applied is the backend's to know (`Backend.recorded`); the engine keeps
-no copy.
+no copy (only, for audits, what each port last compiled to and from what:
+`compile_bindings`).
 
 Failure rules: every change compiles in memory first, then makes one
 kernel transaction, then writes files.  If the kernel refuses, nothing
@@ -215,6 +216,12 @@ class Engine:
         self._learnt: dict[str, dict[str, tuple[str, ...]]] = {}
         self._learnt_info: dict[str, dict[str, tuple[LearntAddress, ...]]] = {}
         self._learnt_generation = 0
+        # Guarded by bindings.lock: per port, the sources of a compile and
+        # what it gave, for `compile_bindings` (a compile is a pure function
+        # of its sources, so an entry is never wrong).  The sources are a
+        # source stamp, or (cheaper to take where ports are bound) the pool
+        # generation with the binding and its learnt addresses.
+        self._compiled: dict[str, tuple[tuple[object, ...], Wanted | NwfilterError]] = {}
         self.learnt_store = LearntStore(self.root)
         self._started = False  # set by start(), cleared by close()
         self._read_only = False
@@ -330,20 +337,25 @@ class Engine:
         compiler = Compiler(snapshot)
         stamps = SourceStamps(snapshot, self.pool.reaches)
         memo: Memo = {}
+        self._compiled = {}
         # Not checked against the backend here: reconciling renders every
         # rule anyway, and a port it refuses fails closed in `_apply_start`.
         for binding in counted(self.progress, "compiling bindings", self.bindings.all()):
             learnt = self._learnt.get(binding.portdev)
             source = stamps.of(binding, learnt)
             entry = known.get(binding.portdev)
+            key = ("stamp", source, self._info_key(binding.portdev))
             if entry is not None and entry[0] == source:
                 entries[binding.portdev] = entry
-                wanted.append(Deferred(port_of(binding), entry[1],
-                                       self._deferred_compile(compiler, binding, learnt)))
+                deferred = Deferred(port_of(binding), entry[1],
+                                    self._deferred_compile(compiler, binding, learnt))
+                self._compiled[binding.portdev] = (key, deferred)
+                wanted.append(deferred)
                 continue
             try:
                 rs = self._compile(compiler, binding)
                 entries[binding.portdev] = (source, ruleset_digest(rs, memo))
+                self._compiled[binding.portdev] = (key, rs)
             except NwfilterError as exc:
                 warnings.append(
                     f"port '{binding.portdev}' drops all traffic: its binding cannot be "
@@ -362,13 +374,18 @@ class Engine:
         the pool and the learnt values of the start, which its recorded
         digest stands for (what the kernel holds until a change replaces it)."""
         learnt = dict(learnt or {})
+        done: list[Ruleset] = []  # one ruleset object for every caller (backend, audits)
 
         def run() -> Ruleset:
+            if done:
+                return done[0]
             try:
-                return self._compile(compiler, binding, learnt)
+                rs = self._compile(compiler, binding, learnt)
             except NwfilterError as exc:  # it compiled with these sources before
                 log.error("port '%s': a deferred compile failed: %s", binding.portdev, exc)
-                return drop_all(port_of(binding))
+                rs = drop_all(port_of(binding))
+            done.append(rs)
+            return done[0]
 
         return run
 
@@ -762,6 +779,8 @@ class Engine:
                 continue
             request.succeed()
             ports += len(rulesets)
+            for binding, rs in zip(request.item, rulesets, strict=True):
+                self._compiled[binding.portdev] = (self._generation_key(binding), rs)
         if ports:
             log.info("bound %d port(s) for %d request(s)", ports, len(batch))
 
@@ -841,6 +860,7 @@ class Engine:
                 self._restore({portdev: old})
                 raise
             self._learnt.pop(portdev, None)
+            self._compiled.pop(portdev, None)
             if self._learnt_info.pop(portdev, None):
                 try:
                     self.learnt_store.save_all(self._learnt_info)
@@ -888,19 +908,58 @@ class Engine:
     ) -> dict[str, Ruleset | NwfilterError]:
         """What the bound ports (all, or `portdevs`) compile to now, with
         their learnt addresses, or why they do not compile; changes nothing
-        (for audits, which compare it with what the kernel holds)."""
+        (for audits, which compare it with what the kernel holds).  A port
+        whose sources (`SourceStamps`: binding, filter tree, learnt
+        addresses, code) are those of its last compile at start, when it was
+        bound or here is not compiled again: its ruleset is the object
+        compiled then, which for a port unchanged since is the one the
+        backend applied."""
         wanted = None if portdevs is None else set(portdevs)
         out: dict[str, Ruleset | NwfilterError] = {}
         with self.pool.lock.read(), self.bindings.lock:
-            compiler = Compiler(self.pool.snapshot())
-            for binding in self.bindings.all():
-                if wanted is not None and binding.portdev not in wanted:
+            snapshot = self.pool.snapshot()
+            compiler = Compiler(snapshot)
+            stamps = SourceStamps(snapshot, self.pool.reaches)
+            bound = self.bindings.all()
+            for gone in set(self._compiled) - {b.portdev for b in bound}:
+                del self._compiled[gone]
+            for binding in bound:
+                port = binding.portdev
+                if wanted is not None and port not in wanted:
                     continue
-                try:
-                    out[binding.portdev] = self._compile(compiler, binding)
-                except NwfilterError as exc:
-                    out[binding.portdev] = exc
+                key = ("stamp", stamps.of(binding, self._learnt.get(port)),
+                       self._info_key(port))
+                known = self._compiled.get(port)
+                if known is not None and (known[0] == key
+                                          or known[0] == self._generation_key(binding)):
+                    # The same sources: what the engine compiled (at start,
+                    # the very ruleset it applied) is what they compile to.
+                    result = known[1]
+                    if isinstance(result, Deferred):
+                        result = compiled(result)
+                else:
+                    try:
+                        result = self._compile(compiler, binding)
+                    except NwfilterError as exc:
+                        result = exc
+                self._compiled[port] = (key, result)
+                out[port] = result
         return out
+
+    def _generation_key(self, binding: BindingDef) -> tuple[object, ...]:
+        """The sources of a compile of `binding` against the pool as it is
+        (pool lock held): its generation, the binding and its learnt
+        addresses (under bindings.lock)."""
+        port = binding.portdev
+        learnt = self._learnt.get(port)
+        return ("generation", self.pool.generation, binding,
+                repr(sorted(learnt.items())) if learnt else "", self._info_key(port))
+
+    def _info_key(self, portdev: str) -> str:
+        """The learnt-address details a compile reads besides the values
+        a source stamp covers (leases, for learnt sets); under bindings.lock."""
+        info = self._learnt_info.get(portdev)
+        return repr(sorted(info.items())) if info else ""
 
     def set_learnt(
         self,
@@ -962,6 +1021,12 @@ class Engine:
                     log.warning("learnt addresses of %s not kept: %s", ", ".join(learnt), exc)
             self._learnt_generation += 1
         return [rs.port.portdev for rs in new]
+
+    def generation(self) -> int:
+        """A number that grows with every change of the filter pool, the
+        bindings or the learnt addresses (each counter only grows): a reader
+        that sees it move while it worked read a state that changed."""
+        return self.pool.generation + self.bindings.generation + self._learnt_generation
 
     def learnt(self, portdev: str) -> dict[str, tuple[str, ...]]:
         return dict(self._learnt.get(portdev, {}))

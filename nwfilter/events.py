@@ -1,8 +1,9 @@
 """The event bus: what happened, told to whoever listens.
 
 Publishers (the engine once the kernel and the files agree, the domain
-drivers, the nft monitor) call `EventBus.publish`; subscribers (the
-daemon's `events.subscribe` streams) read their own bounded queue.
+drivers, the nft monitor, the daemon's periodic audit) call
+`EventBus.publish`; subscribers (the daemon's `events.subscribe` streams)
+read their own bounded queue.
 
 Publishing never blocks and takes no lock of the documented lock order
 (docs/locking.md): it takes the bus's own plain lock, a leaf under which
@@ -43,6 +44,7 @@ class EventKind(Enum):
     REBUILD = "rebuild"
     DRIFT_REPAIRED = "drift-repaired"
     PRECONDITION = "precondition"
+    AUDIT = "audit"
     OVERFLOW = "overflow"  # only ever the last event of a dropped subscriber
 
 
@@ -155,6 +157,12 @@ def _describe(event: Event) -> str:
         if d.get("state") == "restored":
             return "layer-3 preconditions hold again"
         return "layer-3 rules are not enforced: " + "; ".join(d.get("problems", []))
+    if kind is EventKind.AUDIT:
+        finding = d.get("finding", {})
+        what = f"{finding.get('kind', '?')} ({finding.get('severity', '?')})"
+        if d.get("state") == "resolved":
+            return f"finding {what} resolved: {finding.get('message', '')}"
+        return f"new finding {what}: {finding.get('message', '')}"
     if kind is EventKind.OVERFLOW:
         return f"this subscriber fell behind ({d.get('queued', '?')} events unread); dropped"
     return ""

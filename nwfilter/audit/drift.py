@@ -29,12 +29,15 @@ def _strip(comment: str) -> str:
     return comment.split(render.DIGEST_TAG)[0]
 
 
-def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str]
-              ) -> list[Finding]:
-    """Drift findings of the nft backend for the ports of `wanted`."""
+def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str],
+              listing: Any = None) -> list[Finding]:
+    """Drift findings of the nft backend for the ports of `wanted`, from
+    `listing` (read from the kernel now when None)."""
+    from nwfilter.backends.base import compiled
     from nwfilter.backends.nft import readback, render
 
-    listing = backend.listing()
+    if listing is None:
+        listing = backend.listing()
     caps = backend.capabilities()
     out: list[Finding] = []
     if not listing.tables:
@@ -54,6 +57,7 @@ def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str
                            f"base chain or map {family} {name} is missing or altered: "
                            "dispatch to the ports' chains is broken", _FIX_RECONCILE))
     ids = readback.port_ids(listing, wanted)
+    records = backend.records()
     needed: set[tuple[str, str]] = set()
     for port in sorted(wanted):
         rs = wanted[port]
@@ -61,9 +65,9 @@ def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str
         tag = render.port_tag(port)
         held = set(listing.by_tag.get(tag, ()))
         port_id = ids.get(port)
-        known = backend.record(port)
-        if known is not None and known[1].port_id == port_id and known[0] == rs \
-                and known[1].contents:
+        known = records.get(port)
+        if known is not None and known[1].port_id == port_id and known[1].contents \
+                and compiled(known[0]) == rs:
             record = known[1]  # what was rendered for exactly this ruleset
         else:
             _batch, record = render.render_port(rs, port_id or 1, None, caps)
@@ -79,6 +83,8 @@ def nft_drift(backend: Any, wanted: Mapping[str, Ruleset], vms: Mapping[str, str
                 out.append(Finding("drift.missing-chain", "high",
                                    f"chain {key[0]} {key[1]} is missing", _FIX_RECONCILE,
                                    port=port, vm=vm, rule=key[1]))
+                continue
+            if tuple(want) == tuple(have):
                 continue
             origins = [o if o is not None else render.port_id_comment(port_id or 0)
                        for _e, o in record.contents.get(key, [])]

@@ -10,12 +10,13 @@ their own addresses are the port's MAC and its first given or learnt IP.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nwfilter.audit.explain import Explainer
 from nwfilter.audit.findings import Finding
-from nwfilter.audit.packet import PacketSpec, build_frame
+from nwfilter.audit.packet import Frame, PacketSpec, build_frame
 from nwfilter.ir import Hook, Ruleset
 
 FOREIGN_MAC = "02:00:5e:10:00:99"
@@ -77,6 +78,24 @@ def probes(mac: str, ip: str | None) -> list[Probe]:
     ]
 
 
+class _ProbeFrame(Frame):
+    """A probe's frame, described by what it probes: a walk without a
+    trace never shows the description, so it is not built from the bytes."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        super().__init__(data)
+        self._what = what
+
+    def describe(self) -> str:
+        return self._what
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_frame(spec: PacketSpec) -> bytes:
+    """The bytes of a probe that is the same for every port."""
+    return build_frame(spec)
+
+
 def port_exposure(rs: Ruleset, ip: str | None, vm: str) -> list[Finding]:
     explainer = Explainer(rs)
     out: list[Finding] = []
@@ -84,7 +103,10 @@ def port_exposure(rs: Ruleset, ip: str | None, vm: str) -> list[Finding]:
     for probe in probes(rs.port.mac, ip):
         if probe.kind in seen:
             continue
-        result = explainer.explain(Hook.FROM_VM, build_frame(probe.spec), trace=False)
+        spec = probe.spec
+        data = _fixed_frame(spec) if spec.src_mac == FOREIGN_MAC and spec.src_ip is None \
+            else build_frame(spec)
+        result = explainer.explain(Hook.FROM_VM, _ProbeFrame(data, probe.what), trace=False)
         if result.verdict != "ACCEPT":
             continue
         seen.add(probe.kind)

@@ -12,6 +12,7 @@ which makes the match fail, negated or not.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterator
@@ -80,6 +81,8 @@ class PacketSpec:
     payload: bytes = b""
 
 
+# Cached: an audit builds probes from the same few addresses again and again.
+@functools.lru_cache(maxsize=4096)
 def _mac(text: str, what: str) -> bytes:
     parts = text.replace("-", ":").split(":")
     try:
@@ -90,6 +93,7 @@ def _mac(text: str, what: str) -> bytes:
         raise ValidationError(f"{what} {text!r} is not a MAC address") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def _addr(text: str, what: str) -> IPAddress:
     try:
         return ipaddress.ip_address(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nwfilter import daemonconf
+from nwfilter import daemon, daemonconf
 from nwfilter.access import AdminAccess, Group, peer_groups
 from nwfilter.connserver import Peer
 from nwfilter.daemon import main as daemon_main
@@ -39,6 +39,8 @@ def test_a_full_file() -> None:
         ("workers = 1e3\n", 1, "must be a positive integer"),
         ("workers = \uff13\n", 1, "must be a positive integer"),
         ("admin_group = no-such-group-nwf\n", 1, "admin group 'no-such-group-nwf' does not exist"),
+        ("audit_interval = -5\n", 1, "'audit_interval' must be a number of seconds (0: off)"),
+        ("audit_interval = 1.5\n", 1, "'audit_interval' must be a number of seconds"),
     ],
 )
 def test_mistakes_name_the_file_and_line(text: str, line: int, why: str) -> None:
@@ -46,6 +48,21 @@ def test_mistakes_name_the_file_and_line(text: str, line: int, why: str) -> None
         daemonconf.parse(text, "/etc/x.conf")
     assert err.value.message.startswith(f"config file '/etc/x.conf', line {line}: ")
     assert why in err.value.message
+
+
+def test_audit_interval_in_the_file_and_on_the_command_line(tmp_path: Path) -> None:
+    conf = tmp_path / "d.conf"
+    conf.write_text("audit_interval = 300\n")
+    conf.chmod(0o600)
+    config = daemonconf.load(conf)
+    assert config.integers == {"audit_interval": 300}
+    parser = daemon.build_parser()
+    for extra, wanted in (([], 300), (["--audit-interval", "0"], 0),
+                          (["--audit-interval", "5"], 5)):
+        assert daemon.audit_interval(parser.parse_args(extra), config) == wanted
+    assert daemon.audit_interval(parser.parse_args([]), daemonconf.DaemonConfig()) == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--audit-interval", "-1"])
 
 
 def test_load_reads_a_safe_file_only(tmp_path: Path) -> None:

@@ -580,13 +580,13 @@ class NftBackend:
                  self._where(), len(batch.commands))
         return len(batch.commands)
 
-    def record(self, portdev: str) -> tuple[Ruleset, PortRecord] | None:
-        """The ruleset last applied to a port and the record of what it
-        rendered to (chains, digests), or None (for audits)."""
-        ruleset = self.recorded().get(portdev)  # a deferred one is compiled now
+    def records(self) -> dict[str, tuple[Wanted, PortRecord]]:
+        """Per port, the ruleset last applied (`compiled` gives a deferred
+        one) and the record of what it rendered to (chains, digests): one
+        snapshot of every port, for audits."""
         with self._state_lock:
-            rec = self._records.get(portdev)
-        return None if ruleset is None or rec is None else (ruleset, rec)
+            return {port: (self._rulesets[port], rec) for port, rec in self._records.items()
+                    if port in self._rulesets}
 
     def listing(self) -> readback.Listing:
         """Both tables as the kernel holds them now (one listing each; for
