@@ -75,7 +75,7 @@ from nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
-from nwfilter.ir_digest import ruleset_digest
+from nwfilter.ir_digest import rule_text, ruleset_digest
 
 Json = dict[str, Any]
 
@@ -1270,9 +1270,11 @@ def _connlimit(
 
 
 def rule_key(rule: Rule) -> str:
-    """A short stable key for a rule's own objects (connlimit sets)."""
-    text = repr((rule.family, rule.matches, rule.verdict, rule.target, rule.origin))
-    return hashlib.sha256(text.encode()).hexdigest()[:RULE_KEY_LEN]
+    """A short key for a rule's own objects (connlimit sets), the same in
+    every process: from `ir_digest.rule_text`, which writes sets sorted
+    (`repr` of a frozenset of enums follows the process's string hashes)."""
+    raw = rule_text(rule).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()[:RULE_KEY_LEN]
 
 
 def _ipset(
