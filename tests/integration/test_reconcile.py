@@ -119,11 +119,29 @@ def binding(portdev: str, mac: str, flt: str, ip: str | None = None) -> BindingD
 
 
 def listing(lab: BridgeLab) -> dict[str, Any]:
-    """Both tables with handles: equal listings mean no object was recreated."""
+    """Both tables with handles: equal listings mean no object was recreated.
+    Counter values are left out (traffic moves them); `counts` has them."""
     out = {}
     for family in ("bridge", "inet"):
         text = lab.run(lab.host, ["nft", "-a", "-j", "list", "table", family, "nwfilter"]).stdout
-        out[family] = [x for x in json.loads(text)["nftables"] if "metainfo" not in x]
+        items = [x for x in json.loads(text)["nftables"] if "metainfo" not in x]
+        for item in items:
+            if "rule" in item:
+                item["rule"]["expr"] = [{"counter": "..."} if "counter" in e else e
+                                        for e in item["rule"]["expr"]]
+        out[family] = items
+    return out
+
+
+def counts(lab: BridgeLab) -> dict[tuple[str, int], int]:
+    """(family, rule handle) -> packets, for every rule with a counter."""
+    out = {}
+    for family in ("bridge", "inet"):
+        text = lab.run(lab.host, ["nft", "-a", "-j", "list", "table", family, "nwfilter"]).stdout
+        for item in json.loads(text)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", ()):
+                if "counter" in expr:
+                    out[(family, item["rule"]["handle"])] = expr["counter"]["packets"]
     return out
 
 
@@ -201,6 +219,8 @@ def test_restart_and_commands_write_nothing_but_the_new_port(
         open_connections(lab3, 0, 1, 2, held)
         assert events.take()  # the setup wrote, and the monitor saw it
         before = listing(lab3)
+        packets = counts(lab3)
+        assert sum(packets.values()) > 0, "the rules counted the connections' packets"
         counted = elements(lab3, "inet", connlimit_sets(lab3)[0])
         assert counted, "the connlimit set counts the open connections"
 
@@ -212,6 +232,9 @@ def test_restart_and_commands_write_nothing_but_the_new_port(
         cli(root, lab3, "nwfilter-binding-list")
         assert events.take() == []
         assert listing(lab3) == before  # same objects, same handles, same elements
+        later = counts(lab3)
+        assert later.keys() == packets.keys()
+        assert all(later[key] >= packets[key] for key in packets)  # counters survive
 
         xml = tmp_path / "vnet9.xml"
         xml.write_text(
@@ -436,7 +459,7 @@ def test_monitor_repairs_a_foreign_edit_that_keeps_our_comment(
             text = lab3.run(lab3.host, ["nft", "-a", "-j", "list", "chain", "bridge",
                                         "nwfilter", chain]).stdout
             last = [x["rule"] for x in json.loads(text)["nftables"] if "rule" in x][-1]
-            assert last["expr"] == [{"drop": None}]
+            assert last["expr"][-1] == {"drop": None}
             # The rule now accepts, under the comment (and digest) of ours.
             lab3.run(lab3.host, ["nft", "replace", "rule", "bridge", "nwfilter", chain,
                                  "handle", str(last["handle"]), "accept", "comment",

@@ -313,13 +313,23 @@ BASE_COMMENT = f"{LAYOUT_TAG}{LAYOUT_VERSION}"
 # `stamp_comment`) records it, together with a digest of this module's source
 # and of the base layout, so a start after an upgrade renders every port
 # again instead of trusting stamps of another renderer.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: every rule of a port carries a counter
 # Each port owns one chain nothing jumps to, holding one rule whose comment
 # is the port's stamp: no packet ever walks it.
 STAMP_CHAIN = "stamp"
 STAMP_TAG = "nwfilter stamp "
 STAMP_LEN = 16  # hex digits of each half of a stamp
 _STAMP_EXPRS: list[Json] = [{"continue": None}]
+# Every rule of a port's chains carries a counter (the stamp rule, which no
+# packet walks, does not); `nwfilter stats` reads them.  Digests cover the
+# statement, never its values: a listed `counter packets 5 bytes 300` is the
+# rule rendered with `counter`.
+COUNTER: Json = {"counter": None}
+# The first rule of each root chain: a counter of every frame the port's
+# chains see in that direction, so that accepted = entered - dropped holds
+# whatever way a frame leaves them (accept, return, the end of a chain).
+ENTRY_TEXT = "nwfilter: frames entering the port's chains"
+_ENTRY_EXPRS: list[Json] = [COUNTER]
 
 
 def base_chains() -> dict[tuple[str, str], tuple[str, int]]:
@@ -459,15 +469,17 @@ def render_port(
                 bridge_chains[cname] = kept
                 continue
             rules: list[tuple[list[Json], str | None]] = []
+            if chain is root:
+                rules.append((_ENTRY_EXPRS, ENTRY_TEXT))
             if chain is root and gate is not None:
                 rules.append(learning_gate(portdev, hook))
             if chain is root and l3:
                 shift = 0 if hook is Hook.FROM_VM else 16
                 keep = TO_MASK if hook is Hook.FROM_VM else FROM_MASK
-                rules.append(([_mark_set(keep, port_id << shift)], None))
+                rules.append(([_mark_set(keep, port_id << shift), COUNTER], None))
             for rule in chain.rules:
                 for exprs in _l2_rule(rule, portdev, hook, caps):
-                    rules.append((exprs, _origin(rule)))
+                    rules.append((_counted(exprs), _origin(rule)))
             bridge_chains[l2_chain_name(portdev, hook, chain.name)] = rules
         if gate is not None:
             cname = l2_chain_name(portdev, hook, LEARNING_CHAIN)
@@ -475,7 +487,7 @@ def render_port(
             if kept is not None and prev_learning is not None and prev_learning.get(hook) == gate:
                 bridge_chains[cname] = kept
             else:
-                bridge_chains[cname] = [(exprs, _origin(rule)) for rule in gate
+                bridge_chains[cname] = [(_counted(exprs), _origin(rule)) for rule in gate
                                         for exprs in _l2_rule(rule, portdev, hook, caps)]
         if l3:
             l3_hooks.add(hook)
@@ -489,7 +501,7 @@ def render_port(
             used: dict[tuple[str, str], Json] = {}
             for rule in l3:
                 for exprs in _l3_rule(rule, portdev, hook, used):
-                    rules.append((exprs, _origin(rule)))
+                    rules.append((_counted(exprs), _origin(rule)))
             inet_chains[cname] = rules
             chain_sets[cname] = frozenset(name for (_, name) in used)
             sets.update(used)
@@ -648,7 +660,7 @@ def learning_gate(portdev: str, hook: Hook) -> tuple[list[Json], str]:
     learnt IPv4 address (its flag element), its learning rules decide."""
     key = "iifname" if hook is Hook.FROM_VM else "oifname"
     exprs = [_cmp({"meta": {"key": key}}, f"@{learn_set_name(portdev, None)}", True),
-             {"goto": {"target": l2_chain_name(portdev, hook, LEARNING_CHAIN)}}]
+             COUNTER, {"goto": {"target": l2_chain_name(portdev, hook, LEARNING_CHAIN)}}]
     return exprs, "nwfilter: the learning rules until an address is learnt"
 
 
@@ -902,6 +914,11 @@ def _origin(rule: Rule) -> str:
     if rule.origin is not None:
         return str(rule.origin)
     return rule.comment or f"{rule.family.value} rule"
+
+
+def _counted(exprs: list[Json]) -> list[Json]:
+    """A rule's expressions with the counter before its verdict (the last)."""
+    return [*exprs[:-1], COUNTER, exprs[-1]]
 
 
 def _mark_set(keep: int, value: int) -> Json:
