@@ -22,12 +22,15 @@ from typing import Any
 import pytest
 
 from nwfilter.backends import get_backend
+from nwfilter.backends.nft import NftBackend, readback, render
 from nwfilter.cli import main
 from nwfilter.commands.context import default_socket
 from nwfilter.daemon import close, serve
 from nwfilter.engine import Engine
+from nwfilter.ir import Chain, Changes, Family, Field, Hook, Match, Origin, Rule, Ruleset, Verdict
 from nwfilter.netlab import NetLab
 from tests.integration.conftest import BridgeLab, Guest, build_bridge_lab
+from tests.nft_rulesets import clean_traffic
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -183,3 +186,39 @@ def test_counters_rise_by_what_was_sent_and_survive_a_restart(
     assert rc == 0
     assert "filter 'stats-guest' rule 2 <udp dstportstart='4444'>" in text
     assert "Dropped pkts" in text
+
+
+def test_a_reconcile_that_rewrites_a_chain_keeps_its_unchanged_rules_counts(
+        qlab: BridgeLab) -> None:
+    """A start that finds a port's chain changed rewrites the chain; each
+    rule it held unchanged (by digest) starts again at its old values."""
+    g0, g1 = qlab.guests
+    clean = clean_traffic(g0.portdev, g0.mac, g0.ip)
+    first = NftBackend(netns=qlab.host)
+    first.probe()
+    first.apply(Changes(set=(clean,)))
+    send(qlab, g0, g1, 4000, 20, 5)
+
+    def counts(chain: str) -> list[tuple[str, tuple[int, int] | None]]:
+        listing = readback.parse(first.listing_text())
+        key = ("bridge", f"{g0.portdev}/from/{chain}")
+        return [(c.split(render.DIGEST_TAG)[0], n)
+                for c, n in zip(listing.comments[key], listing.counts[key], strict=True)]
+
+    before = settled(lambda: counts("mac"), lambda c: c[0][1] == (5, 5 * (UDP_HEADERS + 20)))
+    assert before[0][1] == (5, 5 * (UDP_HEADERS + 20))
+    kept_before = counts("ipv4-ip")
+
+    extra = Rule(Family.ETHER, (Match(Field.ETH_TYPE, 0x88B5),), Verdict.DROP,
+                 origin=Origin("extra", 1))
+    changed = Ruleset(port=clean.port, filter_names=clean.filter_names, l2={
+        **clean.l2, Hook.FROM_VM: tuple(
+            Chain(c.name, c.priority, (extra, *c.rules)) if c.name == "mac" else c
+            for c in clean.chains(Hook.FROM_VM))})
+    second = NftBackend(netns=qlab.host)
+    second.probe()
+    assert second.reconcile([changed]) > 0
+    after = counts("mac")
+    assert after[0] == ("filter 'extra' rule 1", (0, 0))
+    assert after[1:] == before  # the chain's old rules, with their counts
+    assert counts("ipv4-ip") == kept_before  # a chain not rewritten keeps them anyway

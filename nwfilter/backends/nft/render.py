@@ -236,6 +236,13 @@ class PortRecord:
     digests: dict[tuple[str, str], tuple[str, ...]] = field(
         default_factory=dict, compare=False, hash=False
     )
+    # Per chain, the counter values (packets, bytes) of its rules in order,
+    # for a record read back from the kernel: a chain rewritten gives each
+    # rule whose digest it held its old values, so a rule that did not
+    # change keeps counting from where it was.
+    counts: dict[tuple[str, str], tuple[tuple[int, int] | None, ...]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass
@@ -426,6 +433,7 @@ def render_port(
     old_l3 = previous.l3_hooks if previous else frozenset()
     old_contents = previous.contents if previous else {}
     old_digests = previous.digests if previous else {}
+    old_counts = previous.counts if previous else {}
     mark_text = port_id_comment(port_id)
 
     bridge_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
@@ -554,8 +562,12 @@ def render_port(
         for name, chain_rules in table_chains.items():
             if (fam, name) in unchanged:
                 continue
+            carried = _carried(old_digests.get((fam, name), ()), old_counts.get((fam, name), ()))
             for (exprs, origin), sig in zip(chain_rules, digests[(fam, name)], strict=True):
                 text = origin if origin is not None else mark_text
+                values = carried.get(sig)
+                if values:
+                    exprs = _with_counts(exprs, values.pop(0))
                 batch.add(_rule(fam, name, exprs, text, sig),
                           (portdev, origin) if origin is not None else None)
     # 4. chains no longer used.
@@ -914,6 +926,24 @@ def _origin(rule: Rule) -> str:
     if rule.origin is not None:
         return str(rule.origin)
     return rule.comment or f"{rule.family.value} rule"
+
+
+def _carried(
+    digests: tuple[str, ...], counts: tuple[tuple[int, int] | None, ...]
+) -> dict[str, list[tuple[int, int]]]:
+    """Per rule digest, the counter values the rules with that digest held,
+    in order (a digest that is no rule of ours carries nothing)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for sig, values in zip(digests, counts, strict=False):
+        if values is not None and digest_of(DIGEST_TAG + sig) is not None:
+            out.setdefault(sig, []).append(values)
+    return out
+
+
+def _with_counts(exprs: list[Json], values: tuple[int, int]) -> list[Json]:
+    """`exprs` with its counter starting at `values` (packets, bytes)."""
+    start = {"counter": {"packets": values[0], "bytes": values[1]}}
+    return [start if expr == COUNTER else expr for expr in exprs]
 
 
 def _counted(exprs: list[Json]) -> list[Json]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -365,3 +366,32 @@ def test_every_rule_of_a_port_counts_packets() -> None:
     for (_family, name), rendered in record.contents.items():
         if name.endswith("/root"):
             assert rendered[0] == ([render.COUNTER], render.ENTRY_TEXT)
+
+
+def test_a_rewritten_chain_keeps_the_counts_of_its_unchanged_rules() -> None:
+    """A record read back from the kernel carries each rule's counter values;
+    rendering a changed chain against it starts every rule whose digest the
+    chain held at its old values, and a new rule at zero."""
+    rs = clean_traffic("vnet0", "52:54:00:00:00:01", "10.0.0.1")
+    _batch, first = render.render_port(rs, 1, None, CAPS)
+    key = ("bridge", "vnet0/from/mac")
+    held = first.digests[key]
+    counts = {k: tuple((7 * i + 1, 100 * i + 60) for i, _ in enumerate(v))
+              for k, v in first.digests.items()}
+    kernel = dataclasses.replace(first, contents={}, counts=counts)
+    mac = next(c for c in rs.chains(Hook.FROM_VM) if c.name == "mac")
+    extra = Rule(Family.ETHER, (Match(Field.ETH_TYPE, 0x88B5),), Verdict.DROP,
+                 origin=Origin("extra", 1))
+    changed = Ruleset(port=rs.port, l2={**rs.l2, Hook.FROM_VM: tuple(
+        Chain(c.name, c.priority, (extra, *c.rules)) if c is mac else c
+        for c in rs.chains(Hook.FROM_VM))})
+    batch, record = render.render_port(changed, 1, kernel, CAPS)
+    written = [c["add"]["rule"] for c in batch.commands if "rule" in c.get("add", {})]
+    assert {r["chain"] for r in written} == {"vnet0/from/mac", "vnet0/stamp"}
+    mac_rules = [r for r in written if r["chain"] == "vnet0/from/mac"]
+    found = [next(e["counter"] for e in r["expr"] if "counter" in e) for r in mac_rules]
+    assert found == [None, {"packets": 1, "bytes": 60}, {"packets": 8, "bytes": 160}]
+    # The digests are those of the rules, whatever their counts.
+    assert record.digests[key][1:] == held
+    assert [render.digest_of(r["comment"]) for r in mac_rules] == list(record.digests[key])
+    assert record.counts == {}
