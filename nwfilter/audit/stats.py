@@ -24,7 +24,7 @@ the end of a chain, the chain's policy).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nwfilter.errors import NotFoundError, NwfilterError
@@ -46,9 +46,11 @@ _VERDICT = re.compile(r"\b(accept|drop|reject|return|continue|jump|goto)\b")
 _XT_VERDICT = re.compile(r"(?:^| )-([jg]) (\S+)")
 
 
-def parse_counters(family: str, text: str) -> dict[str, list[Json]]:
-    """Per chain of an nft table listing, its rules: comment, digest,
-    verdict and counters (None where a rule has no counter)."""
+def parse_counters(family: str, text: str,
+                   tags: Collection[str] | None = None) -> dict[str, list[Json]]:
+    """Per chain of an nft table listing (with `tags`, only the chains of
+    ports with those tags), its rules: comment, digest, verdict and
+    counters (None where a rule has no counter)."""
     from nwfilter.backends.nft import render
 
     out: dict[str, list[Json]] = {}
@@ -57,6 +59,9 @@ def parse_counters(family: str, text: str) -> dict[str, list[Json]]:
         line = raw.strip()
         if line.startswith("chain ") and line.endswith("{"):
             chain = line[6:-1].strip().strip('"')
+            if tags is not None and chain.partition("/")[0] not in tags:
+                chain = None
+                continue
             out[chain] = []
             continue
         if line == "}":
@@ -178,40 +183,28 @@ def _totals(rows: Iterable[Json], entered: dict[str, tuple[int, int]] | None) ->
 def _nft_ports(backend: NftBackend, rulesets: dict[str, Ruleset | None]) -> dict[str, Json]:
     from nwfilter.backends.nft import render
 
-    chains: dict[tuple[str, str], list[Json]] = {}
+    by_tag: dict[str, list[tuple[tuple[str, str], list[Json]]]] = {}
+    tags = {render.port_tag(port) for port in rulesets}
     for family, text in backend.listing_text().items():
         if text is not None:
-            for name, rules in parse_counters(family, text).items():
-                chains[(family, name)] = rules
-    caps = backend.capabilities()
+            for name, rules in parse_counters(family, text, tags).items():
+                tag, slash, _rest = name.partition("/")
+                if slash:  # a port's chain (base chains have no '/')
+                    by_tag.setdefault(tag, []).append(((family, name), rules))
     out: dict[str, Json] = {}
     for port, ruleset in rulesets.items():
-        known: dict[tuple[str, str], dict[str, str]] = {}  # chain -> digest -> origin text
-        origins: dict[str, Origin] = {}
-        if ruleset is not None:
-            held = backend.record(port)
-            record = held[1] if held is not None and held[0] is ruleset else None
-            if record is None or not record.contents:
-                # Proven at start, or not applied by this engine: render it
-                # (the port id only names the mark rule, which has no origin).
-                _batch, record = render.render_port(
-                    ruleset, record.port_id if record is not None else 1, None, caps)
-            for key, rendered in record.contents.items():
-                sigs = record.digests.get(key, ())
-                known[key] = {sig: origin for (_e, origin), sig in zip(rendered, sigs, strict=True)
-                              if origin is not None}
-            origins = _origins(ruleset)
-        tag = render.port_tag(port) + "/"
+        known, origins = _nft_origins(backend, port, ruleset)
         rows: list[Json] = []
         entered: dict[str, tuple[int, int]] = {}
-        for key in sorted(chains):
+        for key, rules in sorted(by_tag.get(render.port_tag(port), ()), key=lambda c: c[0]):
             family, name = key
-            word = name[len(tag):].split("/", 1)[0] if name.startswith(tag) else ""
+            word = name.split("/", 2)[1]
             if word not in ("from", "to"):
-                continue  # another port's, or the stamp chain (no packet walks it)
+                continue  # the stamp chain: no packet walks it
             direction = "out" if word == "from" else "in"
-            for index, rule in enumerate(chains[key], 1):
-                text = known.get(key, {}).get(rule["digest"] or "")
+            mine = known.get(key, {})
+            for index, rule in enumerate(rules, 1):
+                text = mine.get(rule["digest"] or "") or known.get(None, {}).get(rule["comment"])
                 if text is None:  # not what we render: say what its comment says
                     text = rule["comment"] or "(a rule without a comment of ours)"
                 if text == render.ENTRY_TEXT and rule["packets"] is not None:
@@ -220,6 +213,44 @@ def _nft_ports(backend: NftBackend, rulesets: dict[str, Ruleset | None]) -> dict
                                  origins.get(text), text, rule["packets"], rule["bytes"]))
         out[port] = {"rules": rows, "totals": _totals(rows, entered)}
     return out
+
+
+def _nft_origins(
+    backend: NftBackend, port: str, ruleset: Ruleset | None
+) -> tuple[dict[tuple[str, str] | None, dict[str, str]], dict[str, Origin]]:
+    """How to tie a listed rule of `port` to its origin text: per chain,
+    rule digest -> origin text, from what the backend rendered for the port
+    (exact); or, under the key None, rule comment -> origin text, from the
+    origins of its ruleset (a port proven at start has nothing rendered in
+    memory: rendering every port on every call would cost more than the
+    listing).  A port whose ruleset has two origins that cut to one comment
+    is rendered.  And the origins of the ruleset by their text."""
+    from nwfilter.backends.nft import render
+
+    if ruleset is None:
+        return {}, {}
+    origins = _origins(ruleset)
+    held = backend.record(port)
+    record = held[1] if held is not None and held[0] == ruleset else None
+    if record is None or not record.contents:
+        room = render.MAX_COMMENT_BYTES - len(render.DIGEST_TAG) - render.DIGEST_LEN
+        comments: dict[str, str] = {}
+        for text in origins:
+            cut = render.comment_text(text, room)
+            if comments.setdefault(cut, text) != text:
+                break  # ambiguous: render it
+        else:
+            return {None: comments}, origins
+        # The port id only names the mark rule, which has no origin.
+        _batch, record = render.render_port(
+            ruleset, record.port_id if record is not None else 1, None,
+            backend.capabilities())
+    known: dict[tuple[str, str] | None, dict[str, str]] = {}
+    for key, rendered in record.contents.items():
+        sigs = record.digests.get(key, ())
+        known[key] = {sig: origin for (_e, origin), sig in zip(rendered, sigs, strict=True)
+                      if origin is not None}
+    return known, origins
 
 
 # -- ebiptables ----------------------------------------------------------------

@@ -118,6 +118,8 @@ def _stats_text(result: dict[str, Any]) -> str:
             chain = r["chain"]
             if chain.startswith(port + "/"):
                 chain = chain[len(port) + 1:]
+            if r["table"] == "inet":  # nft's layer-3 chains: `from`, `to`
+                chain = f"inet {chain}"
             rows.append((port, r["direction"], chain, str(r["index"]), r["verdict"] or "-",
                          _count(r["packets"]), _count(r["bytes"]), r["origin"]))
         t = stats["totals"]
