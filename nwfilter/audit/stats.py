@@ -7,10 +7,12 @@ Both kernel backends count every rule of a port's chains:
   every frame entering the port's chains passes.  One text listing of the
   two tables gives every rule's packets and bytes; a rule is tied to its
   origin by the digest its comment carries (`render.digest`), looked up in
-  what the port's recorded ruleset renders to.
+  what the engine rendered for the port, or else by its comment, looked
+  up among the origins of the port's ruleset (`_nft_origins`).
 * ebiptables: the tools count every rule themselves (`*-save -c`); rules
-  are tied to their origin by their position in what the backend rendered
-  (`render.port_origins`), or by their text where the chain was edited.
+  are tied to their origin by their position in what the port's ruleset
+  renders to (`render.port_origins`), or by their text where the chain
+  was edited.
   The links from PREROUTING/POSTROUTING into the port's root chains count
   the frames entering them.
 
