@@ -163,6 +163,11 @@ def test_counters_rise_by_what_was_sent_and_survive_a_restart(
     assert delta(t1["in"]["dropped"], t0["in"]["dropped"]) == want_drop_in
     assert delta(t1["in"]["accepted"], t0["in"]["accepted"]) == (0, 0)
 
+    # Counter values are no drift: the audit finds none.
+    rc, out = cli(root, backend, qlab, capsys, "audit", "--json", "vnet0")
+    assert rc == 0
+    assert [f for f in json.loads(out)["findings"] if f["kind"].startswith("drift")] == []
+
     # nwfilterd answers the same.
     server = serve(root, backend, qlab.host, None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
