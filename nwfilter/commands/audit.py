@@ -109,34 +109,67 @@ def audit_handler(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
 def _stats_text(result: dict[str, Any]) -> str:
     rows = []
-    for port, rules in sorted(result["ports"].items()):
-        for r in rules:
-            rows.append((port, r["chain"].split("/", 1)[-1] if "/" in r["chain"] else r["chain"],
-                         str(r["index"]), r["verdict"] or "-",
-                         "-" if r["packets"] is None else str(r["packets"]),
-                         "-" if r["bytes"] is None else str(r["bytes"]), r["origin"]))
-    text = format_table(("Port", "Chain", "#", "Verdict", "Packets", "Bytes", "Origin"), rows)
+    totals = []
+    for port, stats in sorted(result["ports"].items()):
+        for r in stats["rules"]:
+            chain = r["chain"]
+            if chain.startswith(port + "/"):
+                chain = chain[len(port) + 1:]
+            if r["table"] == "inet":  # nft's layer-3 chains: `from`, `to`
+                chain = f"inet {chain}"
+            rows.append((port, r["direction"], chain, str(r["index"]), r["verdict"] or "-",
+                         _count(r["packets"]), _count(r["bytes"]), r["origin"]))
+        t = stats["totals"]
+        for direction in ("out", "in"):
+            acc, drop = t[direction]["accepted"], t[direction]["dropped"]
+            totals.append((port, direction,
+                           _count(acc and acc["packets"]), _count(acc and acc["bytes"]),
+                           _count(drop and drop["packets"]), _count(drop and drop["bytes"])))
+    text = format_table(("Port", "Dir", "Chain", "#", "Action", "Packets", "Bytes", "Origin"),
+                        [tuple(printable(c) for c in row) for row in rows])
+    text += "\n" + format_table(("Port", "Dir", "Accepted pkts", "Accepted bytes",
+                                 "Dropped pkts", "Dropped bytes"), totals)
     if not result["counters"]:
-        text += "(no rule carries an nft counter: packets and bytes are shown as '-')\n"
+        text += f"(the {result['backend']} backend keeps no counters: shown as '-')\n"
     return text
 
 
 def stats_handler(args: argparse.Namespace, ctx: Context) -> int:
     params = {"ports": list(args.ports)}
-    while True:
-        result = ctx.call("stats.get", params)
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[H\x1b[2J")
-            sys.stdout.write(_stats_text(result))
-            sys.stdout.flush()
-        if not args.watch:
-            return 0
-        time.sleep(args.watch)
+    if args.watch is not None and not 0 < args.watch < 86400:
+        from nwfilter.errors import ValidationError
+
+        raise ValidationError(f"--watch: the interval must be a number of seconds above 0 "
+                              f"and below 86400, not {args.watch:g}")
+    redraw = bool(args.watch) and sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            result = ctx.call("stats.get", params)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                head = ""
+                if args.watch:
+                    head = (f"every {args.watch:g}s: nwfilter stats "
+                            f"{' '.join(args.ports)}".rstrip()
+                            + time.strftime("  %Y-%m-%d %H:%M:%S\n"))
+                sys.stdout.write(("\x1b[H\x1b[2J" if redraw else "") + head
+                                 + _stats_text(result) + ("" if redraw or not args.watch
+                                                          else "\n"))
+                sys.stdout.flush()
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        if redraw:
+            sys.stdout.write("\n")
+        return 0
 
 
 def explain_handler(args: argparse.Namespace, ctx: Context) -> int:

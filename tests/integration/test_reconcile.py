@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -119,11 +120,29 @@ def binding(portdev: str, mac: str, flt: str, ip: str | None = None) -> BindingD
 
 
 def listing(lab: BridgeLab) -> dict[str, Any]:
-    """Both tables with handles: equal listings mean no object was recreated."""
+    """Both tables with handles: equal listings mean no object was recreated.
+    Counter values are left out (traffic moves them); `counts` has them."""
     out = {}
     for family in ("bridge", "inet"):
         text = lab.run(lab.host, ["nft", "-a", "-j", "list", "table", family, "nwfilter"]).stdout
-        out[family] = [x for x in json.loads(text)["nftables"] if "metainfo" not in x]
+        items = [x for x in json.loads(text)["nftables"] if "metainfo" not in x]
+        for item in items:
+            if "rule" in item:
+                item["rule"]["expr"] = [{"counter": "..."} if "counter" in e else e
+                                        for e in item["rule"]["expr"]]
+        out[family] = items
+    return out
+
+
+def counts(lab: BridgeLab) -> dict[tuple[str, int], int]:
+    """(family, rule handle) -> packets, for every rule with a counter."""
+    out = {}
+    for family in ("bridge", "inet"):
+        text = lab.run(lab.host, ["nft", "-a", "-j", "list", "table", family, "nwfilter"]).stdout
+        for item in json.loads(text)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", ()):
+                if "counter" in expr:
+                    out[(family, item["rule"]["handle"])] = expr["counter"]["packets"]
     return out
 
 
@@ -201,6 +220,8 @@ def test_restart_and_commands_write_nothing_but_the_new_port(
         open_connections(lab3, 0, 1, 2, held)
         assert events.take()  # the setup wrote, and the monitor saw it
         before = listing(lab3)
+        packets = counts(lab3)
+        assert sum(packets.values()) > 0, "the rules counted the connections' packets"
         counted = elements(lab3, "inet", connlimit_sets(lab3)[0])
         assert counted, "the connlimit set counts the open connections"
 
@@ -212,6 +233,9 @@ def test_restart_and_commands_write_nothing_but_the_new_port(
         cli(root, lab3, "nwfilter-binding-list")
         assert events.take() == []
         assert listing(lab3) == before  # same objects, same handles, same elements
+        later = counts(lab3)
+        assert later.keys() == packets.keys()
+        assert all(later[key] >= packets[key] for key in packets)  # counters survive
 
         xml = tmp_path / "vnet9.xml"
         xml.write_text(
@@ -436,7 +460,7 @@ def test_monitor_repairs_a_foreign_edit_that_keeps_our_comment(
             text = lab3.run(lab3.host, ["nft", "-a", "-j", "list", "chain", "bridge",
                                         "nwfilter", chain]).stdout
             last = [x["rule"] for x in json.loads(text)["nftables"] if "rule" in x][-1]
-            assert last["expr"] == [{"drop": None}]
+            assert last["expr"][-1] == {"drop": None}
             # The rule now accepts, under the comment (and digest) of ours.
             lab3.run(lab3.host, ["nft", "replace", "rule", "bridge", "nwfilter", chain,
                                  "handle", str(last["handle"]), "accept", "comment",
@@ -626,3 +650,79 @@ def test_a_renderer_salt_change_renders_every_port_again(
     rendered.clear()
     restart(root, lab3)
     assert rendered == [] and events.take() == []
+
+
+def _as_written_without_counters(root: Path, lab: BridgeLab, path: Path) -> None:
+    """Rewrite every port's chains as a renderer without counters wrote
+    them (RENDER_VERSION 1): the same rules less their `counter` and less
+    the root chains' entry counters, with the digests and stamps that
+    renderer gave them."""
+    engine = new_engine(root, lab)
+    engine.start()
+    try:
+        backend = engine.backend
+        assert isinstance(backend, NftBackend)
+        caps = backend.capabilities()
+        batch = render.Batch()
+        for portdev in backend.ports():
+            held = backend.record(portdev)
+            assert held is not None
+            ruleset, record = held
+            _b, record = render.render_port(ruleset, record.port_id, None, caps)
+            digests: dict[tuple[str, str], tuple[str, ...]] = {}
+            for (family, name), rules in sorted(record.contents.items()):
+                if name.endswith("/" + render.STAMP_CHAIN):
+                    continue
+                batch.add({"flush": {"chain": {"family": family, "table": "nwfilter",
+                                               "name": name}}})
+                sigs = []
+                for exprs, origin in rules:
+                    if origin == render.ENTRY_TEXT:
+                        continue
+                    old = [e for e in exprs if e != render.COUNTER]
+                    text = origin if origin is not None else render.port_id_comment(
+                        record.port_id)
+                    sigs.append(render.digest(old, text))
+                    batch.add(render._rule(family, name, old, text))
+                digests[(family, name)] = tuple(sigs)
+            version = render.RENDER_VERSION
+            try:
+                render.RENDER_VERSION = 1
+                render.renderer_salt.cache_clear()
+                stamp = render.stamp_comment(ruleset, record.port_id, caps, digests)
+            finally:
+                render.RENDER_VERSION = version
+                render.renderer_salt.cache_clear()
+            name = render.stamp_chain_name(portdev)
+            batch.add({"flush": {"chain": {"family": "bridge", "table": "nwfilter",
+                                           "name": name}}})
+            batch.add(render._rule("bridge", name, [{"continue": None}], stamp))
+    finally:
+        engine.close()
+    path.write_text(json.dumps(batch.document()))
+    lab.run(lab.host, ["nft", "-j", "-f", str(path)])
+
+
+def _uncounted(lab: BridgeLab) -> str:
+    text = lab.run(lab.host, ["nft", "list", "ruleset"]).stdout
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
+
+
+def test_rules_written_without_counters_are_rewritten_once(
+    lab3: BridgeLab, events: NftEvents, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    bind_three(root, lab3)
+    current = _uncounted(lab3)
+    _as_written_without_counters(root, lab3, tmp_path / "old.json")
+    older = _uncounted(lab3)
+    assert not [line for line in older.splitlines() if "#d=" in line and "counter" in line]
+    assert render.ENTRY_TEXT not in older
+    events.take()
+
+    restart(root, lab3)  # the first start of the version with counters
+    written = events.take()
+    assert written
+    assert _uncounted(lab3) == current  # exactly what a fresh install holds
+    restart(root, lab3)
+    assert events.take() == []  # and from then on nothing is written

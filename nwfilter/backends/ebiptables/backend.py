@@ -309,6 +309,13 @@ class EbiptablesBackend:
         with self._lock:
             return tuple(sorted(self._ports))
 
+    def counted_tables(self) -> dict[str, str]:
+        """Each table as `*-save -c` prints it, with every rule's packet and
+        byte counters (for `nwfilter stats`); changes nothing."""
+        with self._lock:
+            return {table: self.runner.save(_TOOLS[table][1], _TOOLS[table][2], counters=True)
+                    for table in ORDER}
+
     def read_back(self, portdev: str) -> str:
         word = re.compile(rf"(?<![\w.-]){re.escape(portdev)}(?![\w.])")
         out: list[str] = []

@@ -47,6 +47,23 @@ class Saved:
         return None
 
 
+_COUNTED = re.compile(r"\[(\d+):(\d+)\] -A (\S+) ?(.*)\Z")
+
+
+def counted(text: str) -> dict[str, list[tuple[str, int, int]]]:
+    """Per chain, its rules as `*-save -c` prints them: (spec, packets, bytes)."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for line in text.splitlines():
+        if line.startswith(":"):
+            out.setdefault(line[1:].split(" ", 1)[0], [])
+            continue
+        found = _COUNTED.match(line)
+        if found is not None:
+            out.setdefault(found.group(3), []).append(
+                (found.group(4), int(found.group(1)), int(found.group(2))))
+    return out
+
+
 def ours(table: str, saved: Saved) -> Tables:
     """The chains and links of ours in a saved table (by libvirt's names)."""
     out = Tables()
@@ -114,5 +131,5 @@ def l3_tables() -> tuple[str, str]:
     return (IP4, IP6)
 
 
-__all__ = ["TABLES", "Saved", "diff", "l3_tables", "ours", "restore_text", "shared_lines",
-           "shared_ready"]
+__all__ = ["TABLES", "Saved", "counted", "diff", "l3_tables", "ours", "restore_text",
+           "shared_lines", "shared_ready"]

@@ -41,6 +41,7 @@ from nwfilter.ir import (
     LearntSet,
     MacMatch,
     Match,
+    Origin,
     Rule,
     Ruleset,
     TcpFlag,
@@ -473,6 +474,25 @@ def render_port(rs: Ruleset) -> Tables:
             ("libvirt-in-post", f"-m physdev --physdev-in {portdev} -j ACCEPT"),
             ("libvirt-host-in", f"-m physdev --physdev-in {portdev} -g {hi}"),
         ))
+    return out
+
+
+def port_origins(rs: Ruleset) -> dict[str, dict[str, tuple[Origin | None, ...]]]:
+    """Per table and chain of `render_port(rs)`, the origin of each rule in
+    order (what ties a counted rule back to the filter and rule of the XML)."""
+    portdev = rs.port.portdev
+    out: dict[str, dict[str, tuple[Origin | None, ...]]] = {t: {} for t in TABLES}
+    for hook in (Hook.FROM_VM, Hook.TO_VM):
+        for chain in rs.chains(hook):
+            out[EB][eb_chain(hook, portdev, chain.name)] = tuple(
+                rule.origin for i, rule in enumerate(chain.rules)
+                if not is_policy_rule(chain, i))
+    fi, fo, hi = ip_chains(portdev)
+    for table, family in ((IP4, Family.IPV4), (IP6, Family.IPV6)):
+        from_vm = tuple(r.origin for r in rs.l3_rules(Hook.FROM_VM) if r.family is family)
+        to_vm = tuple(r.origin for r in rs.l3_rules(Hook.TO_VM) if r.family is family)
+        if from_vm or to_vm:
+            out[table].update({fi: from_vm, fo: to_vm, hi: from_vm})
     return out
 
 

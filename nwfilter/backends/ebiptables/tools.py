@@ -71,8 +71,8 @@ class Runner:
             except subprocess.TimeoutExpired as exc:
                 raise BackendError(f"'{argv[0]}' did not finish in {TIMEOUT_S:.0f} s") from exc
 
-    def save(self, tool: str, table: str) -> str:
-        done = self.run([tool, "-t", table])
+    def save(self, tool: str, table: str, *, counters: bool = False) -> str:
+        done = self.run([tool, *(("-c",) if counters else ()), "-t", table])
         if done.returncode != 0:
             raise BackendError(f"'{tool} -t {table}' failed in {self.where()}: "
                                f"{done.stderr.strip()}")

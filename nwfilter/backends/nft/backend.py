@@ -580,6 +580,14 @@ class NftBackend:
                  self._where(), len(batch.commands))
         return len(batch.commands)
 
+    def record(self, portdev: str) -> tuple[Ruleset, PortRecord] | None:
+        """The ruleset last applied to one port and the record of what it
+        rendered to (chains, digests), or None (for stats of a few ports)."""
+        ruleset = self.recorded().get(portdev)  # a deferred one is compiled now
+        with self._state_lock:
+            rec = self._records.get(portdev)
+        return None if ruleset is None or rec is None else (ruleset, rec)
+
     def records(self) -> dict[str, tuple[Wanted, PortRecord]]:
         """Per port, the ruleset last applied (`compiled` gives a deferred
         one) and the record of what it rendered to (chains, digests): one
@@ -597,6 +605,23 @@ class NftBackend:
         """The text listing of each table (None: no such table)."""
         with self._kernel() as ctx:
             return self._table_texts(ctx)
+
+    def chain_texts(self, chains: Iterable[ChainKey]) -> dict[str, str | None]:
+        """Per family, the text listing of the given chains ((family, name))
+        one after the other, as `listing_text` gives whole tables (a chain
+        that does not exist is left out); for reading a few ports' counters
+        without listing every port's."""
+        parts: dict[str, list[str]] = {BRIDGE: [], INET: []}
+        with self._kernel() as ctx:
+            was_json = ctx.set_json_output(False)
+            try:
+                for family, name in chains:
+                    rc, out, _err = ctx.cmd(f"list chain {family} {TABLE} {name}")
+                    if rc == 0:
+                        parts[family].append(out)
+            finally:
+                ctx.set_json_output(was_json)
+        return {family: "".join(texts) for family, texts in parts.items()}
 
     def _list_tables(self, ctx: NftContext) -> readback.Listing:
         return readback.parse(self._table_texts(ctx))

@@ -54,6 +54,8 @@ class Listing:
     chains: dict[ChainKey, Json] = field(default_factory=dict)
     digests: dict[ChainKey, list[str]] = field(default_factory=dict)
     comments: dict[ChainKey, list[str]] = field(default_factory=dict)
+    # per chain, each rule's counter values (packets, bytes), None without one
+    counts: dict[ChainKey, list[tuple[int, int] | None]] = field(default_factory=dict)
     maps: dict[ChainKey, Json] = field(default_factory=dict)
     # per map, key -> jump target (None: a verdict other than a jump)
     elements: dict[ChainKey, dict[Any, str | None]] = field(default_factory=dict)
@@ -91,6 +93,7 @@ _BASE_LINE = re.compile(
     r"type (\S+) hook (\S+)(?: device \S+)? priority ([^;]+);(?: policy (\S+);)?")
 _COMMENT = re.compile(r' comment "(.*)"\Z')
 _SET_REF = re.compile(r"@([A-Za-z0-9_.-]+)")
+_COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
 _ELEMENT = re.compile(r'\s*("[^"]*"|[^\s:,]+) : (.+?)\s*\Z')
 
 
@@ -116,6 +119,7 @@ def _open_block(out: Listing, kind: str, key: ChainKey) -> Json:
         out.chains[key] = obj
         out.digests.setdefault(key, [])
         out.comments.setdefault(key, [])
+        out.counts.setdefault(key, [])
         tag, slash, _rest = key[1].partition("/")
         if slash:
             out.by_tag.setdefault(tag, []).append(key)
@@ -162,6 +166,9 @@ def _parse_table(out: Listing, family: str, lines: list[str]) -> None:
             comment = found.group(1) if found else ""
             out.digests[key].append(render.digest_of(comment) or UNKNOWN)
             out.comments[key].append(comment)
+            counted = _COUNTER.search(line, 0, found.start() if found else len(line))
+            out.counts[key].append(None if counted is None else
+                                   (int(counted.group(1)), int(counted.group(2))))
             if "@" in line and family == INET:
                 body = line[:found.start()] if found else line
                 out.set_refs.setdefault(key, set()).update(_SET_REF.findall(body))
@@ -385,7 +392,8 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
     """What `portdev` owns in the kernel now, as a record `render_port` can
     replace: its chains (by name), the dispatch elements that are exactly
     right for it and `port_id`, its connlimit sets, and per chain the
-    digests of its rules (no `contents`: those are only what we rendered)."""
+    digests of its rules and their counter values (no `contents`: those
+    are only what we rendered)."""
     tag = render.port_tag(portdev)
     mine = listing.by_tag.get(tag, ())
     bridge = frozenset(n for f, n in mine if f == BRIDGE)
@@ -406,9 +414,10 @@ def port_record(listing: Listing, portdev: str, port_id: int) -> PortRecord:
                   for key in listing.learn_sets if render.learn_set_tag(key[1]) == tag}
     digests = {(f, n): tuple(listing.digests.get((f, n), ()))
                for f, names in ((BRIDGE, bridge), (INET, inet)) for n in names}
+    counts = {key: tuple(listing.counts.get(key, ())) for key in digests}
     return PortRecord(portdev=portdev, port_id=port_id, bridge_chains=bridge,
                       inet_chains=inet, l2_hooks=l2, l3_hooks=l3, sets=sets,
-                      learn_sets=learn_sets, digests=digests)
+                      learn_sets=learn_sets, digests=digests, counts=counts)
 
 
 def proven_record(

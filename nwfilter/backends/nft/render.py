@@ -75,7 +75,7 @@ from nwfilter.ir import (
     TcpFlags,
     Verdict,
 )
-from nwfilter.ir_digest import ruleset_digest
+from nwfilter.ir_digest import rule_text, ruleset_digest
 
 Json = dict[str, Any]
 
@@ -236,6 +236,13 @@ class PortRecord:
     digests: dict[tuple[str, str], tuple[str, ...]] = field(
         default_factory=dict, compare=False, hash=False
     )
+    # Per chain, the counter values (packets, bytes) of its rules in order,
+    # for a record read back from the kernel: a chain rewritten gives each
+    # rule whose digest it held its old values, so a rule that did not
+    # change keeps counting from where it was.
+    counts: dict[tuple[str, str], tuple[tuple[int, int] | None, ...]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 @dataclass
@@ -313,13 +320,23 @@ BASE_COMMENT = f"{LAYOUT_TAG}{LAYOUT_VERSION}"
 # `stamp_comment`) records it, together with a digest of this module's source
 # and of the base layout, so a start after an upgrade renders every port
 # again instead of trusting stamps of another renderer.
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: every rule of a port carries a counter
 # Each port owns one chain nothing jumps to, holding one rule whose comment
 # is the port's stamp: no packet ever walks it.
 STAMP_CHAIN = "stamp"
 STAMP_TAG = "nwfilter stamp "
 STAMP_LEN = 16  # hex digits of each half of a stamp
 _STAMP_EXPRS: list[Json] = [{"continue": None}]
+# Every rule of a port's chains carries a counter (the stamp rule, which no
+# packet walks, does not); `nwfilter stats` reads them.  Digests cover the
+# statement, never its values: a listed `counter packets 5 bytes 300` is the
+# rule rendered with `counter`.
+COUNTER: Json = {"counter": None}
+# The first rule of each root chain: a counter of every frame the port's
+# chains see in that direction, so that accepted = entered - dropped holds
+# whatever way a frame leaves them (accept, return, the end of a chain).
+ENTRY_TEXT = "nwfilter: frames entering the port's chains"
+_ENTRY_EXPRS: list[Json] = [COUNTER]
 
 
 def base_chains() -> dict[tuple[str, str], tuple[str, int]]:
@@ -416,6 +433,7 @@ def render_port(
     old_l3 = previous.l3_hooks if previous else frozenset()
     old_contents = previous.contents if previous else {}
     old_digests = previous.digests if previous else {}
+    old_counts = previous.counts if previous else {}
     mark_text = port_id_comment(port_id)
 
     bridge_chains: dict[str, list[tuple[list[Json], str | None]]] = {}
@@ -459,15 +477,17 @@ def render_port(
                 bridge_chains[cname] = kept
                 continue
             rules: list[tuple[list[Json], str | None]] = []
+            if chain is root:
+                rules.append((_ENTRY_EXPRS, ENTRY_TEXT))
             if chain is root and gate is not None:
                 rules.append(learning_gate(portdev, hook))
             if chain is root and l3:
                 shift = 0 if hook is Hook.FROM_VM else 16
                 keep = TO_MASK if hook is Hook.FROM_VM else FROM_MASK
-                rules.append(([_mark_set(keep, port_id << shift)], None))
+                rules.append(([_mark_set(keep, port_id << shift), COUNTER], None))
             for rule in chain.rules:
                 for exprs in _l2_rule(rule, portdev, hook, caps):
-                    rules.append((exprs, _origin(rule)))
+                    rules.append((_counted(exprs), _origin(rule)))
             bridge_chains[l2_chain_name(portdev, hook, chain.name)] = rules
         if gate is not None:
             cname = l2_chain_name(portdev, hook, LEARNING_CHAIN)
@@ -475,7 +495,7 @@ def render_port(
             if kept is not None and prev_learning is not None and prev_learning.get(hook) == gate:
                 bridge_chains[cname] = kept
             else:
-                bridge_chains[cname] = [(exprs, _origin(rule)) for rule in gate
+                bridge_chains[cname] = [(_counted(exprs), _origin(rule)) for rule in gate
                                         for exprs in _l2_rule(rule, portdev, hook, caps)]
         if l3:
             l3_hooks.add(hook)
@@ -489,7 +509,7 @@ def render_port(
             used: dict[tuple[str, str], Json] = {}
             for rule in l3:
                 for exprs in _l3_rule(rule, portdev, hook, used):
-                    rules.append((exprs, _origin(rule)))
+                    rules.append((_counted(exprs), _origin(rule)))
             inet_chains[cname] = rules
             chain_sets[cname] = frozenset(name for (_, name) in used)
             sets.update(used)
@@ -542,8 +562,12 @@ def render_port(
         for name, chain_rules in table_chains.items():
             if (fam, name) in unchanged:
                 continue
+            carried = _carried(old_digests.get((fam, name), ()), old_counts.get((fam, name), ()))
             for (exprs, origin), sig in zip(chain_rules, digests[(fam, name)], strict=True):
                 text = origin if origin is not None else mark_text
+                values = carried.get(sig)
+                if values:
+                    exprs = _with_counts(exprs, values.pop(0))
                 batch.add(_rule(fam, name, exprs, text, sig),
                           (portdev, origin) if origin is not None else None)
     # 4. chains no longer used.
@@ -648,7 +672,7 @@ def learning_gate(portdev: str, hook: Hook) -> tuple[list[Json], str]:
     learnt IPv4 address (its flag element), its learning rules decide."""
     key = "iifname" if hook is Hook.FROM_VM else "oifname"
     exprs = [_cmp({"meta": {"key": key}}, f"@{learn_set_name(portdev, None)}", True),
-             {"goto": {"target": l2_chain_name(portdev, hook, LEARNING_CHAIN)}}]
+             COUNTER, {"goto": {"target": l2_chain_name(portdev, hook, LEARNING_CHAIN)}}]
     return exprs, "nwfilter: the learning rules until an address is learnt"
 
 
@@ -902,6 +926,29 @@ def _origin(rule: Rule) -> str:
     if rule.origin is not None:
         return str(rule.origin)
     return rule.comment or f"{rule.family.value} rule"
+
+
+def _carried(
+    digests: tuple[str, ...], counts: tuple[tuple[int, int] | None, ...]
+) -> dict[str, list[tuple[int, int]]]:
+    """Per rule digest, the counter values the rules with that digest held,
+    in order (a digest that is no rule of ours carries nothing)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for sig, values in zip(digests, counts, strict=False):
+        if values is not None and digest_of(DIGEST_TAG + sig) is not None:
+            out.setdefault(sig, []).append(values)
+    return out
+
+
+def _with_counts(exprs: list[Json], values: tuple[int, int]) -> list[Json]:
+    """`exprs` with its counter starting at `values` (packets, bytes)."""
+    start = {"counter": {"packets": values[0], "bytes": values[1]}}
+    return [start if expr == COUNTER else expr for expr in exprs]
+
+
+def _counted(exprs: list[Json]) -> list[Json]:
+    """A rule's expressions with the counter before its verdict (the last)."""
+    return [*exprs[:-1], COUNTER, exprs[-1]]
 
 
 def _mark_set(keep: int, value: int) -> Json:
@@ -1270,9 +1317,11 @@ def _connlimit(
 
 
 def rule_key(rule: Rule) -> str:
-    """A short stable key for a rule's own objects (connlimit sets)."""
-    text = repr((rule.family, rule.matches, rule.verdict, rule.target, rule.origin))
-    return hashlib.sha256(text.encode()).hexdigest()[:RULE_KEY_LEN]
+    """A short key for a rule's own objects (connlimit sets), the same in
+    every process: from `ir_digest.rule_text`, which writes sets sorted
+    (`repr` of a frozenset of enums follows the process's string hashes)."""
+    raw = rule_text(rule).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw).hexdigest()[:RULE_KEY_LEN]
 
 
 def _ipset(

@@ -34,7 +34,8 @@ BRIDGE = (
     + _base(render.BRIDGE) +
     "\tchain vnet0/from/root {\n"
     f'\t\tmeta mark set meta mark & 0xffff0000 | 0x00000007 comment "port id 7{D}0123456789"\n'
-    f'\t\tether type ip drop comment "filter \'x\' rule 1{D}abcdefabcd"\n'
+    f'\t\tether type ip counter packets 12 bytes 3456 drop comment '
+    f'"filter \'x\' rule 1 counter packets 9 bytes 9{D}abcdefabcd"\n'
     '\t\tether type arp accept comment "someone else"\n'
     "\t}\n"
     "\tchain vnet0/to/root {\n\t}\n"
@@ -63,6 +64,10 @@ def test_parse_reads_chains_digests_elements_and_sets() -> None:
     root = ("bridge", "vnet0/from/root")
     assert listing.digests[root] == ["0123456789", "abcdefabcd", readback.UNKNOWN]
     assert listing.digests[("bridge", "vnet0/to/root")] == []
+    # Counter values are read apart from the digests; a comment cannot pass for one.
+    assert listing.counts[root] == [None, (12, 3456), None]
+    record = readback.port_record(listing, "vnet0", 7)
+    assert record.counts[root] == (None, (12, 3456), None)
     assert listing.elements[("bridge", "from_vm")] == {
         "vnet0": "vnet0/from/root", "v,}{": "_762c7d7b/from/root", "vnet9": None}
     assert listing.elements[("inet", "l3_from")] == {7: "vnet0/from"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -71,7 +72,8 @@ def _exprs(ruleset: Ruleset, caps: Capabilities = CAPS) -> list[list[dict[str, A
     batch, _ = render.render_port(ruleset, 1, None, caps)
     return [c["add"]["rule"]["expr"] for c in batch.commands
             if "add" in c and "rule" in c["add"]
-            and not c["add"]["rule"]["chain"].endswith("/stamp")]
+            and not c["add"]["rule"]["chain"].endswith("/stamp")
+            and not c["add"]["rule"]["comment"].startswith(render.ENTRY_TEXT)]
 
 
 def test_golden_base() -> None:
@@ -182,7 +184,7 @@ def test_stp_config_fields_split_like_ebt_stp() -> None:
     rules = _exprs(rs)
     assert len(rules) == 3  # 1 for the first rule, 2 for the config-only rule
     non_config, config = rules[1], rules[2]
-    assert non_config[-2] == {"match": {"op": "!=", "left": {"payload": {
+    assert non_config[-3] == {"match": {"op": "!=", "left": {"payload": {
         "base": "nh", "offset": 48, "len": 8}}, "right": 0}}
     assert {"match": {"op": "==", "left": {"payload": {"base": "nh", "offset": 128, "len": 32}},
                       "right": 4}} in config
@@ -219,7 +221,8 @@ def test_l3_fields() -> None:
     # The root chain stamps the port id into the low half of the mark.
     root = [c for c in batch.commands if "add" in c and "rule" in c["add"]
             and c["add"]["rule"]["chain"] == "vnet0/from/root"]
-    assert root[0]["add"]["rule"]["expr"][0]["mangle"]["value"]["|"][1] == 3
+    assert root[0]["add"]["rule"]["expr"] == [render.COUNTER]  # the entry counter
+    assert root[1]["add"]["rule"]["expr"][0]["mangle"]["value"]["|"][1] == 3
 
 
 @pytest.mark.parametrize("ruleset, why", [
@@ -336,3 +339,59 @@ def test_port_matches_need_a_protocol_libvirt_gives_ports() -> None:
         render.check_ruleset(with_l3(_l2(), to_vm=(
             l3_rule([Match(Field.IP_PROTO, proto), Match(Field.L4_DPORT, IntRange.single(5))],
                     Verdict.DROP),)), CAPS)
+
+
+def test_every_rule_of_a_port_counts_packets() -> None:
+    """Each rule of the port's chains (but the stamp, which no packet walks)
+    has a counter before its verdict, and each root chain begins with a
+    counter of every frame entering it; the digests cover the statement."""
+    rs = with_l3(clean_traffic("vnet0", "52:54:00:00:00:01", "10.0.0.1"), from_vm=(
+        l3_rule([Match(Field.IP_PROTO, 6), Match(Field.CONNLIMIT_ABOVE, 4)], Verdict.DROP),))
+    batch, record = render.render_port(rs, 1, None, CAPS)
+    rules = [c["add"]["rule"] for c in batch.commands if "rule" in c.get("add", {})]
+    assert rules
+    roots = set()
+    for rule in rules:
+        exprs = rule["expr"]
+        if rule["chain"].endswith("/stamp"):
+            assert render.COUNTER not in exprs
+            continue
+        assert exprs.count(render.COUNTER) == 1, rule
+        if rule["comment"].startswith(render.ENTRY_TEXT):
+            roots.add(rule["chain"])
+            assert exprs == [render.COUNTER]
+        elif "mangle" not in exprs[0]:
+            assert exprs[-2] == render.COUNTER, rule
+    assert roots == {"vnet0/from/root", "vnet0/to/root"}
+    for (_family, name), rendered in record.contents.items():
+        if name.endswith("/root"):
+            assert rendered[0] == ([render.COUNTER], render.ENTRY_TEXT)
+
+
+def test_a_rewritten_chain_keeps_the_counts_of_its_unchanged_rules() -> None:
+    """A record read back from the kernel carries each rule's counter values;
+    rendering a changed chain against it starts every rule whose digest the
+    chain held at its old values, and a new rule at zero."""
+    rs = clean_traffic("vnet0", "52:54:00:00:00:01", "10.0.0.1")
+    _batch, first = render.render_port(rs, 1, None, CAPS)
+    key = ("bridge", "vnet0/from/mac")
+    held = first.digests[key]
+    counts = {k: tuple((7 * i + 1, 100 * i + 60) for i, _ in enumerate(v))
+              for k, v in first.digests.items()}
+    kernel = dataclasses.replace(first, contents={}, counts=counts)
+    mac = next(c for c in rs.chains(Hook.FROM_VM) if c.name == "mac")
+    extra = Rule(Family.ETHER, (Match(Field.ETH_TYPE, 0x88B5),), Verdict.DROP,
+                 origin=Origin("extra", 1))
+    changed = Ruleset(port=rs.port, l2={**rs.l2, Hook.FROM_VM: tuple(
+        Chain(c.name, c.priority, (extra, *c.rules)) if c is mac else c
+        for c in rs.chains(Hook.FROM_VM))})
+    batch, record = render.render_port(changed, 1, kernel, CAPS)
+    written = [c["add"]["rule"] for c in batch.commands if "rule" in c.get("add", {})]
+    assert {r["chain"] for r in written} == {"vnet0/from/mac", "vnet0/stamp"}
+    mac_rules = [r for r in written if r["chain"] == "vnet0/from/mac"]
+    found = [next(e["counter"] for e in r["expr"] if "counter" in e) for r in mac_rules]
+    assert found == [None, {"packets": 1, "bytes": 60}, {"packets": 8, "bytes": 160}]
+    # The digests are those of the rules, whatever their counts.
+    assert record.digests[key][1:] == held
+    assert [render.digest_of(r["comment"]) for r in mac_rules] == list(record.digests[key])
+    assert record.counts == {}
