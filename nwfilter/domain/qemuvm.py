@@ -4,9 +4,9 @@ One hypervisor serves `<domain type='kvm'>` (hardware virtualisation,
 needs a usable `/dev/kvm`) and `<domain type='qemu'>` (TCG emulation,
 runs anywhere).  What a guest gets from its document: `memory`, `vcpu`,
 each interface as a NIC (its `<model>`, virtio by default, with its MAC),
-and a direct kernel boot from `<os><kernel>`, `<initrd>`, `<cmdline>`.
-Disks, consoles, graphics and the rest are kept in the document, not
-given to QEMU.
+a direct kernel boot from `<os><kernel>`, `<initrd>`, `<cmdline>`, and
+the serial ports and console (`nwfilter.domain.qemuboot`).  Disks,
+graphics and the rest are kept in the document, not given to QEMU.
 
 Start, fail closed (libvirt's order):
 
@@ -59,6 +59,7 @@ from nwfilter.conf.values import check_port_name
 from nwfilter.domain.eventloop import EventLoop
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
 from nwfilter.domain.links import Links
+from nwfilter.domain.qemuboot import read_boot
 from nwfilter.domain.qmp import COMMAND_TIMEOUT, Monitor, MonitorTimeoutError
 from nwfilter.errors import (
     BackendError,
@@ -119,21 +120,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def _boot(dom: DomainDef) -> list[str]:
-    """QEMU options for `<os><kernel>/<initrd>/<cmdline>` of the document."""
-    if not dom.document:
-        return []
-    from nwfilter.conf.safexml import parse_xml
-
-    root = parse_xml(dom.document)
-    argv: list[str] = []
-    for tag, option in (("kernel", "-kernel"), ("initrd", "-initrd"), ("cmdline", "-append")):
-        found = root.find(f"os/{tag}")
-        if found is not None and found.text:
-            argv += [option, found.text.strip()]
-    return argv
 
 
 class QemuHypervisor:
@@ -354,6 +340,7 @@ class QemuHypervisor:
                 f"domain '{dom.name}' has type 'kvm', but {KVM_DEVICE} cannot be used here; "
                 "type 'qemu' runs without it"
             )
+        read_boot(dom)  # the kernel, initrd and console paths, before any tap is made
 
     def _argv(self, dom: DomainDef, run: _Run, monitor_fd: int) -> list[str]:
         memory = (dom.memory_kib // 1024) if dom.memory_kib else _DEFAULT_MEMORY_MIB
@@ -365,9 +352,7 @@ class QemuHypervisor:
             "-chardev", f"socket,id=charmonitor,fd={monitor_fd},server=on,wait=off",
             "-mon", "chardev=charmonitor,id=monitor,mode=control",
         ]
-        boot = _boot(dom)
-        if boot:
-            argv += ["-serial", "file:/dev/null", *boot]
+        argv += read_boot(dom).argv()
         for index, portdev in enumerate(run.ports):
             iface = dom.interfaces[index]
             model = _NIC_MODELS.get(iface.model or "virtio", "virtio-net-pci")
