@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from nwfilter.domain.qemuvm import QEMU_BINARY
+from nwfilter.errors import ValidationError
 from tests.integration import guestimage
 from tests.integration.guestimage import CMDLINE, KERNEL, READY, Console, build_initramfs
 from tests.integration.netstack import Stack, stack, wait_for
@@ -129,3 +130,24 @@ def test_a_real_guest_leases_pings_and_cannot_spoof(
     assert st.call("binding.dumpxml", portdev=port)["learnt"][0]["address"] == leased
     st.call("domain.destroy", domain="g1")
     assert st.call("domain.info", domain="g1")["state"] == "shut off"
+
+
+def test_a_missing_initrd_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    console = Console(tmp_path / "console.sock")
+    try:
+        with stack(tmp_path) as st:
+            st.call("network.start", network="default")
+            st.call("domain.define", xml=guest_xml("g2", tmp_path / "no-initrd.gz",
+                                                   console.path))
+            with pytest.raises(ValidationError) as err:
+                st.call("domain.start", domain="g2")
+            assert err.value.message == (
+                f"domain 'g2': <initrd> '{tmp_path}/no-initrd.gz': No such file or directory")
+            assert st.call("domain.info", domain="g2")["state"] == "shut off"
+            assert not [ln for ln in st.links() if ln.startswith("vnet")]
+            assert st.call("binding.list") == []
+            assert not list(st.root.glob("run/hypervisor/qemu/g2.*"))
+    finally:
+        console.close()
