@@ -14,6 +14,7 @@ status.
 from __future__ import annotations
 
 import gzip
+import lzma
 import socket
 import stat
 import time
@@ -71,7 +72,7 @@ def module_order(wanted: Iterable[str], directory: Path = MODULES) -> list[str]:
             return
         if name in path:
             raise ValueError(f"module dependency loop: {' -> '.join((*path, name))}")
-        for dep in _depends(directory / f"{name}.ko"):
+        for dep in _depends(module_bytes(name, directory)):
             visit(dep, (*path, name))
         order.append(name)
 
@@ -80,8 +81,19 @@ def module_order(wanted: Iterable[str], directory: Path = MODULES) -> list[str]:
     return order
 
 
-def _depends(path: Path) -> list[str]:
-    data = path.read_bytes()
+def module_bytes(name: str, directory: Path = MODULES) -> bytes:
+    """Module `name` as insmod takes it (Debian compresses modules with xz
+    from 6.6 on; busybox's insmod here may not read that)."""
+    plain = directory / f"{name}.ko"
+    if plain.exists():
+        return plain.read_bytes()
+    packed = directory / f"{name}.ko.xz"
+    if packed.exists():
+        return lzma.decompress(packed.read_bytes())
+    raise FileNotFoundError(f"module {name} is not in {directory}")
+
+
+def _depends(data: bytes) -> list[str]:
     start = data.find(b"\0depends=")
     if start < 0:
         return []
@@ -128,8 +140,8 @@ def build_initramfs(dest: Path, modules: Iterable[str] = NIC_MODULES) -> Path:
         _Entry("etc/udhcpc.script", stat.S_IFREG | 0o755, UDHCPC_SCRIPT.encode()),
         _Entry("etc/modules", stat.S_IFREG | 0o644, "".join(f"{m}\n" for m in order).encode()),
     ]
-    entries += [_Entry(f"lib/modules/{m}.ko", stat.S_IFREG | 0o644,
-                       (MODULES / f"{m}.ko").read_bytes()) for m in order]
+    entries += [_Entry(f"lib/modules/{m}.ko", stat.S_IFREG | 0o644, module_bytes(m))
+                for m in order]
     dest.write_bytes(gzip.compress(_cpio(entries), compresslevel=1, mtime=0))
     return dest
 
