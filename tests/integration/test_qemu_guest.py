@@ -115,6 +115,12 @@ def test_a_real_guest_leases_pings_and_cannot_spoof(
     # ... the leased one works again ...
     con.check(f"ip -4 addr flush dev eth0 && ip addr add {leased}/24 dev eth0")
     assert con.run(f"ping -c 1 -W 2 {HOST}")[0] == 0
+    # ... so is an ARP request that claims another address (unfiltered, the
+    # host answers it), while one with its own is answered ...
+    con.check("ip addr add 192.168.122.251/24 dev eth0")  # arping binds to it
+    assert con.run(f"arping -c 2 -w 2 -I eth0 -s 192.168.122.251 {HOST}")[0] != 0
+    con.check("ip addr del 192.168.122.251/24 dev eth0")
+    assert con.run(f"arping -c 1 -w 2 -I eth0 -s {leased} {HOST}")[0] == 0
     # ... another MAC is dropped, with the leased address ...
     con.check(f"ip link set eth0 address {OTHER_MAC}")
     before = host_echo_requests(st)
