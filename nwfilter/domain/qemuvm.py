@@ -295,11 +295,15 @@ class QemuHypervisor:
 
     def kill(self, dom: DomainDef) -> None:
         """SIGKILL the guest now, without waiting (a destroy does this before
-        it waits for the domain's job, so a hung monitor call ends at once)."""
+        it waits for the domain's job, so a hung monitor call ends at once).
+        The caller stops the domain next: the end of this process is no
+        event (libvirt's monitor EOF handler skips a domain being destroyed
+        the same way)."""
         run = self._current(dom.name)
         if run is None or not self._alive(run):
             return
         run.exit_reason = "destroyed"
+        run.stopping = True
         assert run.pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.kill(run.pid, signal.SIGKILL)

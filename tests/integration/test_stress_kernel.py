@@ -242,3 +242,58 @@ def test_a_filter_redefined_while_qemu_domains_start_and_stop(tmp_path: Path) ->
             hv.close()
             _kill_qemus(tmp_path)
             engine.close()
+
+
+@pytest.mark.skipif(not QEMU, reason=f"{QEMU_BINARY} is not installed")
+def test_the_end_of_a_qemu_killed_by_destroy_is_no_guest_event(tmp_path: Path) -> None:
+    """A destroy kills QEMU before it waits for the domain's job (so a hung
+    monitor call ends at once), and stops the domain itself once it has the
+    job.  The killed process's monitor closes meanwhile; reporting that as
+    the guest exiting by itself (as libvirt does not: its EOF handler skips
+    a domain being destroyed) let the event handler race the destroy: it
+    either stopped the domain first, and the destroy failed with 'not
+    running', or ran after a start that followed the destroy, found the new
+    process alive and held the new domain's job while waiting to see whether
+    it went away too (found by the race above: a start that timed out)."""
+    with NetLab() as lab:
+        host = lab.add_ns("host")
+        lab.add_bridge(host, "br0")
+        hv = _qemu(tmp_path, host)
+        world = make_world(tmp_path, NftBackend(netns=host), more={"qemu": hv}, netns=host)
+        manager = world.manager
+        reported: list[tuple[str, str, str]] = []
+        seen = threading.Event()
+        to_driver = hv._sink
+        assert to_driver is not None
+
+        def sink(name: str, kind: str, reason: str) -> None:
+            if kind == "exited":
+                reported.append((name, kind, reason))
+                seen.set()
+            to_driver(name, kind, reason)
+
+        hv.set_event_sink(sink)
+        try:
+            manager.define_xml(domain_xml("q", "qemu"))
+            manager.start_domain("q")
+            dom = manager.driver("qemu").get("q")[1]
+            pid = hv.pid(dom)
+            hv.kill(dom)  # what a destroy does before it waits for the job
+            assert not seen.wait(1.0), reported
+            assert not hv.is_alive(dom) and pid is not None
+            manager.destroy("q")  # and then, with the job, this
+            assert manager.state("q").state is DomainState.SHUTOFF
+            assert manager.state("q").reason == "destroyed"
+            # A QEMU that dies by itself is still reported.
+            manager.start_domain("q")
+            pid = hv.pid(manager.driver("qemu").get("q")[1])
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert seen.wait(10.0)
+            assert reported == [("q", "exited", "crashed")]
+        finally:
+            with contextlib.suppress(NwfilterError):
+                manager.stop_all()
+            hv.close()
+            _kill_qemus(tmp_path)
+            world.engine.close()
