@@ -38,7 +38,7 @@ def domain_xml(dtype: str, initrd: Path, console: Path) -> str:
         f"<domain type='{dtype}'><name>guest</name><memory unit='MiB'>128</memory>"
         f"<os><type>hvm</type><kernel>{KERNEL}</kernel><initrd>{initrd}</initrd>"
         f"<cmdline>{CMDLINE}</cmdline></os><devices>"
-        "<interface type='bridge'><source bridge='br0'/><model type='virtio'/>"
+        "<interface type='bridge'><source bridge='br0'/><model type='virtio'/><rom enabled='no'/>"
         f"<filterref filter='clean-traffic'><parameter name='IP' value='{GUEST_IP}'/>"
         "</filterref></interface>"
         f"<serial type='unix'><source mode='connect' path='{console}'/></serial>"

@@ -19,6 +19,12 @@ A document without ports gets none (`-nodefaults`), except that a direct
 kernel boot gets a serial port that discards what is written to it, so
 a kernel told to use `ttyS0` finds one.
 
+- An interface's `<rom>`: its NIC's option ROM (the network boot firmware
+  that SeaBIOS runs, and waits in, at every boot): `enabled='no'` loads
+  none (`romfile=`), which a direct kernel boot does not need; `bar='off'`
+  hides it from the guest's PCI BAR (`rombar=0`); `file` loads another
+  (an existing regular file).
+
 Paths become QEMU option values, where a comma separates options: a comma
 in a path is doubled, as QEMU's option syntax wants.  A socket path is
 limited to what a unix socket address holds (107 bytes).
@@ -70,6 +76,11 @@ class Boot:
     initrd: str | None = None
     cmdline: str | None = None
     serials: tuple[Serial, ...] = ()
+    nic_roms: tuple[str, ...] = ()  # per interface: `-device` options for its ROM
+
+    def nic_options(self, index: int) -> str:
+        """What to append to the `-device` option of interface `index`."""
+        return self.nic_roms[index] if index < len(self.nic_roms) else ""
 
     def argv(self) -> list[str]:
         """QEMU's options (after `-nodefaults`) for this boot and these ports."""
@@ -122,7 +133,24 @@ def read_boot(dom: DomainDef) -> Boot:
                 )
             serials.append(_serial(el, f"{where}: <console> {n}", "console"))
             break  # the first console is the first serial port; others need virtio
-    return Boot(kernel, initrd, cmdline, tuple(serials))
+    roms = tuple(_rom(el.find("rom"), f"{where}: interface {n}")
+                 for n, el in enumerate(root.findall("devices/interface")))
+    return Boot(kernel, initrd, cmdline, tuple(serials), roms)
+
+
+def _rom(element: etree._Element | None, where: str) -> str:
+    if element is None:
+        return ""
+    if element.get("enabled") == "no":
+        return ",romfile="
+    options = ""
+    if element.get("bar") == "off":
+        options += ",rombar=0"
+    path = element.get("file")
+    if path is not None:
+        _check_file(path, f"{where}: <rom file>", where="")
+        options += f",romfile={_opt(path)}"
+    return options
 
 
 def _file(root: etree._Element, xpath: str, where: str) -> str | None:
@@ -130,18 +158,24 @@ def _file(root: etree._Element, xpath: str, where: str) -> str | None:
     if element is None:
         return None
     path = (element.text or "").strip()
-    tag = f"<{xpath.rsplit('/', 1)[1]}>"
+    _check_file(path, f"<{xpath.rsplit('/', 1)[1]}>", where)
+    return path
+
+
+def _check_file(path: str, tag: str, where: str) -> None:
+    """`path` names an existing, readable regular file (`tag` and `where`
+    name it in the error)."""
+    where = f"{where}: " if where else ""
     if not os.path.isabs(path):
-        raise ValidationError(f"{where}: {tag} must be an absolute path, not '{path}'")
+        raise ValidationError(f"{where}{tag} must be an absolute path, not '{path}'")
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise ValidationError(f"{where}: {tag} '{path}': {exc.strerror}") from exc
+        raise ValidationError(f"{where}{tag} '{path}': {exc.strerror}") from exc
     if not stat.S_ISREG(info.st_mode):
-        raise ValidationError(f"{where}: {tag} '{path}' is not a regular file")
+        raise ValidationError(f"{where}{tag} '{path}' is not a regular file")
     if not os.access(path, os.R_OK):
-        raise ValidationError(f"{where}: {tag} '{path}' is not readable")
-    return path
+        raise ValidationError(f"{where}{tag} '{path}' is not readable")
 
 
 def _serial(element: etree._Element, where: str, tag: str) -> Serial:

@@ -356,13 +356,15 @@ class QemuHypervisor:
             "-chardev", f"socket,id=charmonitor,fd={monitor_fd},server=on,wait=off",
             "-mon", "chardev=charmonitor,id=monitor,mode=control",
         ]
-        argv += read_boot(dom).argv()
+        boot = read_boot(dom)
+        argv += boot.argv()
         for index, portdev in enumerate(run.ports):
             iface = dom.interfaces[index]
             model = _NIC_MODELS.get(iface.model or "virtio", "virtio-net-pci")
             argv += [
                 "-netdev", f"tap,id=hostnet{index},ifname={portdev},script=no,downscript=no",
-                "-device", f"{model},netdev=hostnet{index},id=net{index},mac={iface.mac}",
+                "-device", f"{model},netdev=hostnet{index},id=net{index},mac={iface.mac}"
+                + boot.nic_options(index),
             ]
         return argv
 

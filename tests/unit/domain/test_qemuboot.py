@@ -99,3 +99,16 @@ def test_what_cannot_be_used_is_refused_naming_the_element(
         read_boot(definition)
     assert err.value.message.startswith("domain 'g': ")
     assert message.replace("{d}", d) in err.value.message
+
+
+def test_each_interface_rom_becomes_its_nic_options(files: Path) -> None:
+    nic = "<interface type='bridge'><source bridge='br0'/>{}</interface>"
+    boot = read_boot(parse_domain(_doc(devices="".join(nic.format(rom) for rom in (
+        "", "<rom enabled='no'/>", "<rom bar='off'/>", f"<rom file='{files}/initrd,1.gz'/>",
+    )))))
+    assert [boot.nic_options(n) for n in range(5)] == [
+        "", ",romfile=", ",rombar=0", f",romfile={files}/initrd,,1.gz", ""]
+    with pytest.raises(ValidationError) as err:
+        read_boot(parse_domain(_doc(devices=nic.format(f"<rom file='{files}/gone'/>"))))
+    assert err.value.message == (
+        f"domain 'g': interface 0: <rom file> '{files}/gone': No such file or directory")
