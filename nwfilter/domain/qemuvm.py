@@ -4,10 +4,10 @@ One hypervisor serves `<domain type='kvm'>` (hardware virtualisation,
 needs a usable `/dev/kvm`) and `<domain type='qemu'>` (TCG emulation,
 runs anywhere).  What a guest gets from its document: `memory`, `vcpu`,
 each interface as a NIC (its `<model>`, virtio by default, its MAC and
-its option `<rom>`),
-a direct kernel boot from `<os><kernel>`, `<initrd>`, `<cmdline>`, and
-the serial ports and console (`nwfilter.domain.qemuboot`).  Disks,
-graphics and the rest are kept in the document, not given to QEMU.
+its option `<rom>`), a direct kernel boot from `<os><kernel>`,
+`<initrd>`, `<cmdline>`, and the serial ports and console
+(`nwfilter.domain.qemuboot`).  Disks, graphics and the rest are kept in
+the document, not given to QEMU.
 
 Start, fail closed (libvirt's order):
 
