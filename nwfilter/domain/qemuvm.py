@@ -3,10 +3,11 @@
 One hypervisor serves `<domain type='kvm'>` (hardware virtualisation,
 needs a usable `/dev/kvm`) and `<domain type='qemu'>` (TCG emulation,
 runs anywhere).  What a guest gets from its document: `memory`, `vcpu`,
-each interface as a NIC (its `<model>`, virtio by default, with its MAC),
-and a direct kernel boot from `<os><kernel>`, `<initrd>`, `<cmdline>`.
-Disks, consoles, graphics and the rest are kept in the document, not
-given to QEMU.
+each interface as a NIC (its `<model>`, virtio by default, its MAC and
+its option `<rom>`), a direct kernel boot from `<os><kernel>`,
+`<initrd>`, `<cmdline>`, and the serial ports and console
+(`nwfilter.domain.qemuboot`).  Disks, graphics and the rest are kept in
+the document, not given to QEMU.
 
 Start, fail closed (libvirt's order):
 
@@ -59,6 +60,7 @@ from nwfilter.conf.values import check_port_name
 from nwfilter.domain.eventloop import EventLoop
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
 from nwfilter.domain.links import Links
+from nwfilter.domain.qemuboot import read_boot
 from nwfilter.domain.qmp import COMMAND_TIMEOUT, Monitor, MonitorTimeoutError
 from nwfilter.errors import (
     BackendError,
@@ -119,21 +121,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def _boot(dom: DomainDef) -> list[str]:
-    """QEMU options for `<os><kernel>/<initrd>/<cmdline>` of the document."""
-    if not dom.document:
-        return []
-    from nwfilter.conf.safexml import parse_xml
-
-    root = parse_xml(dom.document)
-    argv: list[str] = []
-    for tag, option in (("kernel", "-kernel"), ("initrd", "-initrd"), ("cmdline", "-append")):
-        found = root.find(f"os/{tag}")
-        if found is not None and found.text:
-            argv += [option, found.text.strip()]
-    return argv
 
 
 class QemuHypervisor:
@@ -309,11 +296,15 @@ class QemuHypervisor:
 
     def kill(self, dom: DomainDef) -> None:
         """SIGKILL the guest now, without waiting (a destroy does this before
-        it waits for the domain's job, so a hung monitor call ends at once)."""
+        it waits for the domain's job, so a hung monitor call ends at once).
+        The caller stops the domain next: the end of this process is no
+        event (libvirt's monitor EOF handler skips a domain being destroyed
+        the same way)."""
         run = self._current(dom.name)
         if run is None or not self._alive(run):
             return
         run.exit_reason = "destroyed"
+        run.stopping = True
         assert run.pid is not None
         with contextlib.suppress(ProcessLookupError):
             os.kill(run.pid, signal.SIGKILL)
@@ -354,6 +345,7 @@ class QemuHypervisor:
                 f"domain '{dom.name}' has type 'kvm', but {KVM_DEVICE} cannot be used here; "
                 "type 'qemu' runs without it"
             )
+        read_boot(dom)  # the kernel, initrd and console paths, before any tap is made
 
     def _argv(self, dom: DomainDef, run: _Run, monitor_fd: int) -> list[str]:
         memory = (dom.memory_kib // 1024) if dom.memory_kib else _DEFAULT_MEMORY_MIB
@@ -365,15 +357,15 @@ class QemuHypervisor:
             "-chardev", f"socket,id=charmonitor,fd={monitor_fd},server=on,wait=off",
             "-mon", "chardev=charmonitor,id=monitor,mode=control",
         ]
-        boot = _boot(dom)
-        if boot:
-            argv += ["-serial", "file:/dev/null", *boot]
+        boot = read_boot(dom)
+        argv += boot.argv()
         for index, portdev in enumerate(run.ports):
             iface = dom.interfaces[index]
             model = _NIC_MODELS.get(iface.model or "virtio", "virtio-net-pci")
             argv += [
                 "-netdev", f"tap,id=hostnet{index},ifname={portdev},script=no,downscript=no",
-                "-device", f"{model},netdev=hostnet{index},id=net{index},mac={iface.mac}",
+                "-device", f"{model},netdev=hostnet{index},id=net{index},mac={iface.mac}"
+                + boot.nic_options(index),
             ]
         return argv
 

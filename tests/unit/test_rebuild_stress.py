@@ -53,11 +53,12 @@ def test_lifecycle_and_filter_changes_race_without_deadlock(tmp_path: Path) -> N
     race(world, DURATION, recorded_rules_match)
 
 
-def race(world: World, duration: float, check_port: PortCheck) -> None:
+def race(world: World, duration: float, check_port: PortCheck, *,
+         types: tuple[str, ...] = ("ns", "test")) -> None:
     """Run the race on `world` for `duration` seconds, then check that no
     thread is stuck, no lock was taken out of order, and (through
     `check_port`) that each running domain's port holds what its current
-    filters compile to."""
+    filters compile to.  The domains' types take turns from `types`."""
     CHECKER.reset_observed()
     engine, manager = world.engine, world.manager
     engine.define_filter(filter_xml("base", 22))
@@ -67,7 +68,7 @@ def race(world: World, duration: float, check_port: PortCheck) -> None:
         hv.set_delay("stop", 0.001)
     names = []
     for i in range(DOMAINS):
-        dtype = "test" if i % 2 else "ns"
+        dtype = types[i % len(types)]
         filters = (FILTERS[i % 3], FILTERS[(i + 1) % 3]) if i % 4 else ("app",)
         manager.define_xml(domain_xml(f"vm{i}", dtype, filters=filters))
         names.append(f"vm{i}")

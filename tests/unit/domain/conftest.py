@@ -4,7 +4,7 @@ manager with two test-hypervisor drivers, and small filters."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pytest
 from nwfilter.backends.base import Backend
 from nwfilter.backends.memory import MemoryBackend
 from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.hypervisor import Hypervisor
 from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.engine import Engine
 
@@ -72,9 +73,11 @@ class World:
         return World(self.root, engine, backend, manager, self.hv_a, self.hv_b)
 
 
-def make_world(root: Path, backend: Backend | None = None) -> World:
+def make_world(root: Path, backend: Backend | None = None, *,
+               more: Mapping[str, Hypervisor] | None = None, netns: str | None = None) -> World:
     """Engine, manager and two test-hypervisor drivers on `backend`
-    (a fresh MemoryBackend unless given)."""
+    (a fresh MemoryBackend unless given), plus the hypervisors in `more`
+    (real ones, in namespace `netns`, for the integration tests)."""
     backend = backend if backend is not None else MemoryBackend()
     (root / "no-stock").mkdir(exist_ok=True)
     engine = Engine(root, backend, stock_dir=root / "no-stock")
@@ -82,7 +85,8 @@ def make_world(root: Path, backend: Backend | None = None) -> World:
     hv_a, hv_b = TestHypervisor(), TestHypervisor()
     hv_b.name = "ns"
     manager = DomainManager.for_engine(
-        engine, hypervisors={"test": hv_a, "ns": hv_b}, job_timeout=5
+        engine, hypervisors={"test": hv_a, "ns": hv_b, **(more or {})}, job_timeout=5,
+        netns=netns,
     )
     manager.start()
     engine.define_filter(filter_xml("web", 80))
