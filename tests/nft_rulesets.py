@@ -2,12 +2,14 @@
 
 `clean_traffic(port)` mirrors what libvirt's clean-traffic filter compiles to
 for one port: MAC and IPv4 anti-spoofing, ARP sender checks, DHCP, IPv4 and
-ARP accepted, every other layer-2 protocol dropped.
+ARP accepted, every other layer-2 protocol dropped.  `uncounted(text)` is an
+nft listing without its counter values, which stray frames move.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from nwfilter.ir import (
     Chain,
@@ -25,6 +27,13 @@ from nwfilter.ir import (
 )
 
 E = Family.ETHER
+
+_COUNTER_VALUES = re.compile(r"counter packets \d+ bytes \d+")
+
+
+def uncounted(text: str) -> str:
+    """An nft listing without its counter values (a stray frame moves them)."""
+    return _COUNTER_VALUES.sub("counter", text)
 
 
 def net(text: str) -> ipaddress.IPv4Network:

@@ -29,12 +29,7 @@ from nwfilter.ir import (
 )
 from tests.integration.conftest import HOST_IP, BridgeLab, Guest
 from tests.integration.nettools import FrameCatcher, send_frames, tcp_connect, tcp_server
-from tests.nft_rulesets import clean_traffic, l3_rule, with_l3
-
-
-def _uncounted(text: str) -> str:
-    """A listing without its counter values (a stray frame moves them)."""
-    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
+from tests.nft_rulesets import clean_traffic, l3_rule, uncounted, with_l3
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -189,7 +184,7 @@ def test_rejected_transaction_names_port_and_rule_and_changes_nothing(lab: Bridg
     g0, g1 = lab.guests
     backend = _backend(lab)
     backend.apply(Changes(set=(_clean(g0),)))
-    before = _uncounted(lab.run(lab.host, ["nft", "list", "ruleset"]).stdout)
+    before = uncounted(lab.run(lab.host, ["nft", "list", "ruleset"]).stdout)
     # a → b → a: every rule is valid alone, the kernel refuses the loop.
     loop = Ruleset(port=Port(g1.portdev, g1.mac), l2={Hook.FROM_VM: (
         Chain("root", 0, (Rule(Family.ETHER, (), Verdict.JUMP, target="a",
@@ -202,7 +197,7 @@ def test_rejected_transaction_names_port_and_rule_and_changes_nothing(lab: Bridg
     with pytest.raises(BackendError) as info:
         backend.apply(Changes(set=(_clean(g0), loop), remove=("vnet0",)))
     assert "vnet1" in str(info.value) and "loop-b" in str(info.value)
-    assert _uncounted(lab.run(lab.host, ["nft", "list", "ruleset"]).stdout) == before
+    assert uncounted(lab.run(lab.host, ["nft", "list", "ruleset"]).stdout) == before
     assert backend.ports() == ("vnet0",)
     # The backend still works afterwards.
     backend.apply(Changes(set=(_clean(g1),)))
