@@ -14,7 +14,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nwfilter.audit.explain import Explainer
+from nwfilter.audit.explain import Explainer, semantics_of
 from nwfilter.audit.findings import Finding
 from nwfilter.audit.packet import Frame, PacketSpec, build_frame
 from nwfilter.ir import Hook, Ruleset
@@ -96,8 +96,10 @@ def _fixed_frame(spec: PacketSpec) -> bytes:
     return build_frame(spec)
 
 
-def port_exposure(rs: Ruleset, ip: str | None, vm: str) -> list[Finding]:
-    explainer = Explainer(rs)
+def port_exposure(rs: Ruleset, ip: str | None, vm: str, backend: str = "nft") -> list[Finding]:
+    """What the probes find the port's rules accept from the guest, walked
+    with the semantics of the backend that applied them."""
+    explainer = Explainer(rs, backend=semantics_of(backend))
     out: list[Finding] = []
     seen: set[str] = set()
     for probe in probes(rs.port.mac, ip):

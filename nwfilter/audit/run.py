@@ -74,12 +74,13 @@ class Auditor:
         with gc_paused():
             return self._findings(engine, domains, ports)
 
-    def _port_checks(self, port: str, rs: Ruleset, ip: str | None, vm: str) -> list[Finding]:
+    def _port_checks(self, port: str, rs: Ruleset, ip: str | None, vm: str,
+                     backend: str) -> list[Finding]:
         with self._lock:
             known = self._ports.get(port)
         if known is not None and known[0] is rs and known[1] == ip and known[2] == vm:
             return known[3]
-        found = exposure.port_exposure(rs, ip, vm) + hygiene.shadowed(rs, vm)
+        found = exposure.port_exposure(rs, ip, vm, backend) + hygiene.shadowed(rs, vm)
         with self._lock:
             self._ports[port] = (rs, ip, vm, found)
         return found
@@ -175,7 +176,7 @@ class Auditor:
             params = bindings[port].filterref.param_dict()
             given = params.get("IP") or list(engine.learnt(port).get("IP", ()))
             ip = given[0] if given else None
-            findings.extend(self._port_checks(port, rs, ip, vms[port]))
+            findings.extend(self._port_checks(port, rs, ip, vms[port], backend.name))
         domain_refs: list[tuple[str, str, FilterRef]] = []
         if domains is not None:
             running: list[tuple[str, str, str]] = []

@@ -142,3 +142,20 @@ def test_subset_of_ports_and_outputs(engine: Engine) -> None:
     assert {r["ruleId"] for r in log["runs"][0]["results"]} == {
         f["kind"] for f in result["findings"]}
     assert all(r["level"] in ("error", "warning", "note") for r in log["runs"][0]["results"])
+
+
+@pytest.mark.parametrize("backend", ["nft", "ebiptables"])
+def test_exposure_probes_walk_the_backends_own_semantics(engine: Engine, backend: str) -> None:
+    """The probes find the same exposure of an open port and none of a
+    clean one, walked as either backend applies the rules."""
+    from nwfilter.audit.exposure import port_exposure
+
+    engine.define_filter("<filter name='open' chain='root'>"
+                         "<rule action='accept' direction='inout'><all/></rule></filter>")
+    engine.create_bindings([bind("vnet2", "open")])
+    recorded = engine.backend.recorded()
+    open_kinds = {f.kind for f in port_exposure(recorded["vnet2"], "10.0.0.4", "vm2", backend)}
+    assert {"exposure.mac-spoofing", "exposure.ip-spoofing", "exposure.arp-spoofing",
+            "exposure.dhcp-server"} <= open_kinds
+    clean = port_exposure(recorded["vnet0"], "10.0.0.2", "vm0", backend)
+    assert [f.kind for f in clean] == []
