@@ -13,7 +13,7 @@ import pytest
 
 from nwfilter.backends.base import Backend
 from nwfilter.backends.memory import MemoryBackend
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.engine import Engine
 

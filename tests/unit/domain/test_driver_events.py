@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import BackendError
 from nwfilter.events import Event, EventBus, EventKind
@@ -20,13 +20,13 @@ def test_a_failed_start_publishes_nothing(world: World) -> None:
     world.manager.define_xml(domain_xml("vm1", filters=("web", "db")))
     world.backend.fail_on.add("vnet1")
     with pytest.raises(BackendError):
-        world.manager.start_domain("vm1")
+        world.manager.run("start", "vm1")
     assert _texts(sub.take()[0]) == ["event 'lifecycle' for domain 'vm1': Defined Added"]
 
 
 def test_a_guest_found_gone_at_restart_is_told_as_crashed(world: World) -> None:
     world.manager.define_xml(domain_xml("vm1"))
-    world.manager.start_domain("vm1")
+    world.manager.run("start", "vm1")
     world.hv_a.crash("vm1")  # dies while the daemon is down
     world.engine.close()
     bus = EventBus()

@@ -1,0 +1,99 @@
+"""Time to start (and stop) `ns` domains with `clean-traffic` on their NICs.
+
+Everything runs in a throwaway namespace (the host side: a bridge and the
+nft backend); each domain is a network namespace joined to the bridge by a
+veth pair with an address.  Each round starts `--domains` domains one after
+the other, then stops them, and reports the wall time and the share of the
+start spent building links (`prepare` + `launch`) against applying filters.
+
+    python tools/bench_ns.py --domains 20 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from nwfilter.backends.nft import NftBackend
+from nwfilter.conf.model import DomainDef
+from nwfilter.domain.hypervisor import PortPlan
+from nwfilter.domain.manager import DomainManager
+from nwfilter.domain.nsvm import NsHypervisor
+from nwfilter.engine import Engine
+from nwfilter.netlab import NetLab
+
+STOCK = Path(__file__).resolve().parents[1] / "filters"
+
+
+class TimedNs(NsHypervisor):
+    links = 0.0
+
+    def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
+        began = time.perf_counter()
+        super().prepare(dom, ports)
+        self.links += time.perf_counter() - began
+
+    def launch(self, dom: DomainDef) -> None:
+        began = time.perf_counter()
+        super().launch(dom)
+        self.links += time.perf_counter() - began
+
+
+def domain_xml(i: int) -> str:
+    return (
+        f"<domain type='ns'><name>vm{i}</name><memory unit='MiB'>64</memory>"
+        "<devices><interface type='bridge'><source bridge='br0'/>"
+        f"<mac address='52:54:00:00:10:{i:02x}'/><ip address='10.1.0.{i + 10}' prefix='24'/>"
+        f"<filterref filter='clean-traffic'><parameter name='IP' value='10.1.0.{i + 10}'/>"
+        "</filterref></interface></devices></domain>"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    names = [f"vm{i}" for i in range(args.domains)]
+    starts: list[float] = []
+    stops: list[float] = []
+    links: list[float] = []
+    with NetLab() as lab, tempfile.TemporaryDirectory(prefix="bench-ns.") as tmp:
+        host = lab.add_ns("host")
+        lab.add_bridge(host, "br0")
+        root = Path(tmp) / "root"
+        engine = Engine(root, NftBackend(netns=host), stock_dir=STOCK)
+        engine.start()
+        hypervisor = TimedNs(root / "run" / "hypervisor" / "ns", host)
+        manager = DomainManager.for_engine(engine, netns=host, hypervisors={"ns": hypervisor})
+        try:
+            for i in range(args.domains):
+                manager.define_xml(domain_xml(i))
+            for _ in range(args.rounds):
+                hypervisor.links = 0.0
+                began = time.perf_counter()
+                for name in names:
+                    manager.run("start", name)
+                starts.append(time.perf_counter() - began)
+                links.append(hypervisor.links)
+                began = time.perf_counter()
+                for name in names:
+                    manager.run("destroy", name)
+                stops.append(time.perf_counter() - began)
+        finally:
+            manager.stop_all()
+            engine.close()
+    print(f"{args.domains} ns domains, {args.rounds} rounds (median, one after the other)")
+    print(f"  start all   {statistics.median(starts) * 1000:8.0f} ms"
+          f"   (links {statistics.median(links) * 1000:.0f} ms)")
+    print(f"  destroy all {statistics.median(stops) * 1000:8.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
