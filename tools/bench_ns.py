@@ -3,8 +3,9 @@
 Everything runs in a throwaway namespace (the host side: a bridge and the
 nft backend); each domain is a network namespace joined to the bridge by a
 veth pair with an address.  Each round starts `--domains` domains one after
-the other, then stops them, and reports the wall time and the share of the
-start spent building links (`prepare` + `launch`) against applying filters.
+the other, then stops them, and reports the wall time and how much of the
+start went to building the links (`prepare`) and bringing them up until
+they carry (`launch`); the rest is filters and bookkeeping.
 
     python tools/bench_ns.py --domains 20 --rounds 3
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,22 +28,35 @@ from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.nsvm import NsHypervisor
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
+from nwfilter.netns import run_tool
 
 STOCK = Path(__file__).resolve().parents[1] / "filters"
 
 
+class Spawns:
+    """The `ip` processes the hypervisor runs (its runner)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.count += 1
+        return run_tool(argv)
+
+
 class TimedNs(NsHypervisor):
-    links = 0.0
+    prepared = 0.0
+    launched = 0.0
 
     def prepare(self, dom: DomainDef, ports: Sequence[PortPlan]) -> None:
         began = time.perf_counter()
         super().prepare(dom, ports)
-        self.links += time.perf_counter() - began
+        self.prepared += time.perf_counter() - began
 
     def launch(self, dom: DomainDef) -> None:
         began = time.perf_counter()
         super().launch(dom)
-        self.links += time.perf_counter() - began
+        self.launched += time.perf_counter() - began
 
 
 def domain_xml(i: int) -> str:
@@ -62,25 +77,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [f"vm{i}" for i in range(args.domains)]
     starts: list[float] = []
     stops: list[float] = []
-    links: list[float] = []
+    start_spawns: list[int] = []
+    prepared: list[float] = []
+    launched: list[float] = []
     with NetLab() as lab, tempfile.TemporaryDirectory(prefix="bench-ns.") as tmp:
         host = lab.add_ns("host")
         lab.add_bridge(host, "br0")
         root = Path(tmp) / "root"
         engine = Engine(root, NftBackend(netns=host), stock_dir=STOCK)
         engine.start()
-        hypervisor = TimedNs(root / "run" / "hypervisor" / "ns", host)
+        spawns = Spawns()
+        hypervisor = TimedNs(root / "run" / "hypervisor" / "ns", host, runner=spawns)
         manager = DomainManager.for_engine(engine, netns=host, hypervisors={"ns": hypervisor})
         try:
             for i in range(args.domains):
                 manager.define_xml(domain_xml(i))
             for _ in range(args.rounds):
-                hypervisor.links = 0.0
+                hypervisor.prepared = hypervisor.launched = 0.0
+                spawns.count = 0
                 began = time.perf_counter()
                 for name in names:
                     manager.run("start", name)
                 starts.append(time.perf_counter() - began)
-                links.append(hypervisor.links)
+                start_spawns.append(spawns.count)
+                prepared.append(hypervisor.prepared)
+                launched.append(hypervisor.launched)
                 began = time.perf_counter()
                 for name in names:
                     manager.run("destroy", name)
@@ -88,10 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             manager.stop_all()
             engine.close()
-    print(f"{args.domains} ns domains, {args.rounds} rounds (median, one after the other)")
-    print(f"  start all   {statistics.median(starts) * 1000:8.0f} ms"
-          f"   (links {statistics.median(links) * 1000:.0f} ms)")
-    print(f"  destroy all {statistics.median(stops) * 1000:8.0f} ms")
+    print(f"{args.domains} ns domains one after the other, {args.rounds} rounds")
+    print(f"  {'':12} {'min ms':>8} {'median ms':>10}")
+    for label, spans in (("start all", starts), ("  prepare", prepared),
+                         ("  launch", launched), ("destroy all", stops)):
+        print(f"  {label:12} {min(spans) * 1000:8.0f} {statistics.median(spans) * 1000:10.0f}")
+    print(f"  'ip' processes per start: {max(start_spawns) / args.domains:.1f}")
+    print("  (prepare: namespace, veth pairs, addresses, bridge ports;"
+          " launch: ports up until they carry)")
     return 0
 
 
