@@ -29,6 +29,14 @@ from nwfilter.netns import NETNS_DIR, check_ifname, check_netns_name, in_netns
 _IFA_F_NODAD = 0x02
 
 
+def host_mac(guest_mac: str) -> str:
+    """The MAC of a guest's host port (tap or veth host end): the guest's
+    with the first octet set to 0xfe, as libvirt does for taps.  A bridge
+    takes the lowest port MAC as its own, and 0xfe keeps the port out of
+    that race while never equalling the guest's address."""
+    return "fe" + guest_mac.lower()[2:]
+
+
 @dataclass(frozen=True)
 class LinkState:
     """What `Links.state` reads of one link."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from nwfilter.conf.model import DomainDef, InterfaceDef
 from nwfilter.conf.values import check_port_name
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
-from nwfilter.domain.links import Links
+from nwfilter.domain.links import Links, host_mac
 from nwfilter.errors import (
     ConflictError,
     NwfilterError,
@@ -97,16 +97,6 @@ class GuestPort:
             raise StorageError("malformed ns guest record: bad bridge")
         return cls(check_ifname(portdev), check_ifname(guest_if),
                    None if bridge is None else check_ifname(bridge))
-
-
-def host_mac(guest_mac: str) -> str:
-    """The host end's MAC: the guest's with the first octet set to 0xfe.
-
-    libvirt does the same for tap devices: a bridge takes the lowest port
-    MAC as its own, and 0xfe keeps the port out of that race while never
-    equalling the guest's address.
-    """
-    return "fe" + guest_mac[2:]
 
 
 class NsHypervisor:
