@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import pytest
 
+from nwfilter.conf.model import DomainDef
 from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import BackendError
@@ -43,3 +48,60 @@ def test_a_guest_found_gone_at_restart_is_told_as_crashed(world: World) -> None:
     finally:
         engine.close()
         world.engine = engine  # the fixture closes it again: harmless
+
+
+def test_guest_events_are_handled_on_the_event_loops_workers(world: World) -> None:
+    """A hypervisor reports from the loop thread; the driver hands the event
+    to the loop's workers, which take the domain's job off the loop thread."""
+    from nwfilter.domain.eventloop import EventLoop, Workers
+    from nwfilter.domain.objects import DomainState
+    from nwfilter.domain.testvm import TestHypervisor
+
+    class Reporting(TestHypervisor):
+        sink: Callable[[str, str, str], None]
+
+        def set_event_sink(self, sink: Callable[[str, str, str], None]) -> None:
+            self.sink = sink
+
+    class Recording(Workers):
+        queues: list[str] = []
+
+        def submit(self, queue: str, work: Callable[[], None]) -> None:
+            self.queues.append(queue)
+            super().submit(queue, work)
+
+    handled_on: list[str] = []
+    with EventLoop() as loop:
+        loop.workers = Recording()
+        hv = Reporting()
+        manager = DomainManager.for_engine(world.engine, hypervisors={"test": hv},
+                                           job_timeout=5, loop=loop)
+        manager.start()
+        manager.define_xml(domain_xml("ev1"))
+        manager.run("start", "ev1")
+        sub = world.engine.events.subscribe()
+        original = hv.is_alive
+
+        def is_alive(dom: DomainDef) -> bool:
+            handled_on.append(threading.current_thread().name)
+            return original(dom)
+
+        hv.is_alive = is_alive  # type: ignore[method-assign]
+
+        def report(timer: int, _opaque: object) -> None:
+            loop.remove_timeout(timer)
+            hv.sink("ev1", "paused", "")
+            hv.crash("ev1")
+            hv.sink("ev1", "exited", "crashed")
+
+        loop.add_timeout(0, report)
+        deadline = time.monotonic() + 5
+        while manager.state("ev1").state is not DomainState.SHUTOFF:
+            assert time.monotonic() < deadline, "the events were not handled"
+            time.sleep(0.01)
+        texts = _texts(sub.take()[0])
+    assert "event 'lifecycle' for domain 'ev1': Suspended Paused" in texts
+    assert texts[-1] == "event 'lifecycle' for domain 'ev1': Stopped Crashed"
+    assert manager.state("ev1").reason == "crashed"
+    assert Recording.queues == ["guest-events-test"] * 2
+    assert handled_on and set(handled_on) == {"guest-events-test"}  # a worker, not the loop
