@@ -450,7 +450,7 @@ def test_one_table_names_the_lifecycle_operations_of_api_and_command_line(
     from nwfilter.commands.domains import _LIFECYCLE
     from nwfilter.domain.lifecycle import LIFECYCLE
 
-    assert tuple(LIFECYCLE) == tuple(name for name, _help, _done in _LIFECYCLE)
+    assert tuple(LIFECYCLE) == tuple(name for name, *_texts in _LIFECYCLE)
     assert {f"domain.{verb}" for verb in LIFECYCLE} <= set(known_methods())
     m = world.manager
     m.define_xml(domain_xml("vm1"))
