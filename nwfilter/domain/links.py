@@ -15,6 +15,7 @@ namespace.  Namespaces themselves are made and removed by
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -72,38 +73,32 @@ class Links:
     def _where(self) -> str:
         return f"namespace '{self.netns}'" if self.netns else "the host namespace"
 
+    def _link(self, ifname: str) -> Any:
+        """The kernel's message for link `ifname`, None if it does not exist.
+        One request for that name (a lookup by name would dump every link)."""
+        try:
+            found = self._ipr.link("get", ifname=ifname)
+        except Exception as exc:
+            if getattr(exc, "code", None) == errno.ENODEV:
+                return None
+            raise BackendError(
+                f"cannot read device '{ifname}' in {self._where()}: {exc}"
+            ) from exc
+        return found[0] if found else None
+
     def index(self, ifname: str) -> int | None:
-        found = self._ipr.link_lookup(ifname=ifname)
-        return int(found[0]) if found else None
+        link = self._link(ifname)
+        return None if link is None else int(link["index"])
 
     def kind(self, ifname: str) -> str | None:
         """The link's kind ('tun', 'bridge', 'veth', ...), None if it does not exist."""
-        index = self.index(ifname)
-        if index is None:
-            return None
-        links = self._ipr.get_links(index)
-        info = links[0].get_attr("IFLA_LINKINFO") if links else None
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        return str(kind) if kind is not None else ""
+        state = self.state(ifname)
+        return None if state is None else state.kind
 
     def state(self, ifname: str) -> LinkState | None:
         """The link's state, None if it does not exist."""
-        index = self.index(ifname)
-        links = self._ipr.get_links(index) if index is not None else []
-        if not links:
-            return None
-        link = links[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        alias = link.get_attr("IFLA_IFALIAS")
-        master = link.get_attr("IFLA_MASTER")
-        return LinkState(
-            kind=str(kind) if kind is not None else "",
-            up=bool(link["flags"] & 1),  # IFF_UP
-            oper_up=link.get_attr("IFLA_OPERSTATE") == "UP",
-            alias=str(alias) if alias else None,
-            master=int(master) if master else None,
-        )
+        link = self._link(ifname)
+        return None if link is None else _state_of(link)
 
     def ports_of(self, bridge: str) -> list[str]:
         """Names of the links whose master is `bridge` (none if it is gone)."""
@@ -202,9 +197,10 @@ class Links:
             ) from exc
 
     def set_master(self, ifname: str, bridge: str) -> None:
-        master = self.index(bridge)
-        if master is None or self.kind(bridge) != "bridge":
+        link = self._link(bridge)
+        if link is None or _state_of(link).kind != "bridge":
             raise StateError(f"bridge '{bridge}' does not exist in {self._where()}")
+        master = int(link["index"])
         try:
             self._ipr.link("set", index=self._must(ifname), master=master)
         except Exception as exc:
@@ -241,3 +237,18 @@ class Links:
         if index is None:
             raise StateError(f"device '{ifname}' does not exist in {self._where()}")
         return index
+
+
+def _state_of(link: Any) -> LinkState:
+    """A link's state from the kernel's message."""
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    alias = link.get_attr("IFLA_IFALIAS")
+    master = link.get_attr("IFLA_MASTER")
+    return LinkState(
+        kind=str(kind) if kind is not None else "",
+        up=bool(link["flags"] & 1),  # IFF_UP
+        oper_up=link.get_attr("IFLA_OPERSTATE") == "UP",
+        alias=str(alias) if alias else None,
+        master=int(master) if master else None,
+    )
