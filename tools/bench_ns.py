@@ -5,7 +5,10 @@ nft backend); each domain is a network namespace joined to the bridge by a
 veth pair with an address.  Each round starts `--domains` domains one after
 the other, then stops them, and reports the wall time and how much of the
 start went to building the links (`prepare`) and bringing them up until
-they carry (`launch`); the rest is filters and bookkeeping.
+they carry (`launch`); the rest is filters and bookkeeping.  It also
+prints the CPU time of the starts (this process and the `ip` processes
+it ran), which a busy machine sways less than wall time, and how many
+`ip` processes a start ran.
 
     python tools/bench_ns.py --domains 20 --rounds 3
 """
@@ -13,6 +16,7 @@ they carry (`launch`); the rest is filters and bookkeeping.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +63,13 @@ class TimedNs(NsHypervisor):
         self.launched += time.perf_counter() - began
 
 
+def _cpu() -> float:
+    """CPU seconds used so far by this process and its waited-for children:
+    less swayed than wall time by whatever else the machine runs."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def domain_xml(i: int) -> str:
     return (
         f"<domain type='ns'><name>vm{i}</name><memory unit='MiB'>64</memory>"
@@ -78,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     starts: list[float] = []
     stops: list[float] = []
     start_spawns: list[int] = []
+    start_cpu: list[float] = []
     prepared: list[float] = []
     launched: list[float] = []
     with NetLab() as lab, tempfile.TemporaryDirectory(prefix="bench-ns.") as tmp:
@@ -95,10 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(args.rounds):
                 hypervisor.prepared = hypervisor.launched = 0.0
                 spawns.count = 0
+                cpu = _cpu()
                 began = time.perf_counter()
                 for name in names:
                     manager.run("start", name)
                 starts.append(time.perf_counter() - began)
+                start_cpu.append(_cpu() - cpu)
                 start_spawns.append(spawns.count)
                 prepared.append(hypervisor.prepared)
                 launched.append(hypervisor.launched)
@@ -114,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for label, spans in (("start all", starts), ("  prepare", prepared),
                          ("  launch", launched), ("destroy all", stops)):
         print(f"  {label:12} {min(spans) * 1000:8.0f} {statistics.median(spans) * 1000:10.0f}")
+    print(f"  {'start CPU':12} {min(start_cpu) * 1000:8.0f} "
+          f"{statistics.median(start_cpu) * 1000:10.0f}  (this process and its 'ip' children)")
     print(f"  'ip' processes per start: {max(start_spawns) / args.domains:.1f}")
     print("  (prepare: namespace, veth pairs, addresses, bridge ports;"
           " launch: ports up until they carry)")
