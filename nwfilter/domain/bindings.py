@@ -106,6 +106,7 @@ def plan_ports(
         ))
     return plans
 
+
 def _network(
     networks: NetworkLookup | None, dom: DomainDef, index: int, iface: InterfaceDef
 ) -> NetworkAttachment:

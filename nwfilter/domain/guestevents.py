@@ -62,7 +62,7 @@ def _handle(driver: DomainDriver, name: str, kind: str, reason: str) -> None:
                 reason = "crashed" if kind == "panicked" else reason
                 log.warning("domain '%s' stopped by itself (%s); removing its filters",
                             name, reason)
-                driver._stop_locked(obj, reason)
+                driver.stop_locked(obj, reason)
                 if reason == "shutdown":
                     emitted.append(("shutdown", "finished"))
                 emitted.append(("stopped", reason))
@@ -75,11 +75,11 @@ def _handle(driver: DomainDriver, name: str, kind: str, reason: str) -> None:
                         kind = now(dom)
             if kind == "paused" and obj.state is DomainState.RUNNING:
                 obj.set_state(DomainState.PAUSED, "unknown")
-                driver._save_status(obj)
+                driver.save_status(obj)
                 emitted.append(("suspended", "paused"))
             elif kind == "running" and obj.state is DomainState.PAUSED:
                 obj.set_state(DomainState.RUNNING, "unpaused")
-                driver._save_status(obj)
+                driver.save_status(obj)
                 emitted.append(("resumed", "unpaused"))
         finally:
             obj.job.end()
@@ -90,6 +90,7 @@ def _handle(driver: DomainDriver, name: str, kind: str, reason: str) -> None:
         obj.end_api()
     for event, detail in emitted:
         driver.events.emit(lifecycle(name, event, detail))
+
 
 def still_alive(hypervisor: Hypervisor, dom: DomainDef) -> bool:
     """Whether the guest is alive after an exit event: a process that

@@ -109,10 +109,10 @@ class DomainDriver:
 
     # -- files -----------------------------------------------------------------
 
-    def _save_config(self, definition: DomainDef) -> None:
+    def save_config(self, definition: DomainDef) -> None:
         self.files.save_config(definition.name, format_xml(definition))
 
-    def _save_status(self, obj: DomainObj) -> None:
+    def save_status(self, obj: DomainObj) -> None:
         self.files.save_status(obj.name, status_json(obj, self.type))
 
     # -- define / undefine ---------------------------------------------------------
@@ -135,11 +135,11 @@ class DomainDriver:
         try:
             obj, created = self.domains.add(definition, persistent=True)
         except NwfilterError:
-            self._release_name_if_unused(definition.name)
+            self.release_name_if_unused(definition.name)
             raise
         try:
             # The file first: the object changes only once the definition is kept.
-            self._save_config(definition)
+            self.save_config(definition)
         except NwfilterError:
             if created:
                 self.domains.remove(obj)
@@ -156,7 +156,7 @@ class DomainDriver:
         self.events.emit(lifecycle(definition.name, "defined", "added" if created else "updated"))
         return definition
 
-    def _release_name_if_unused(self, name: str) -> None:
+    def release_name_if_unused(self, name: str) -> None:
         """Give a claimed domain name back unless a domain of this driver has it."""
         with self.lock:
             unused = self.domains.find_locked(name) is None
@@ -177,7 +177,7 @@ class DomainDriver:
                     # stays until it stops, then goes (libvirt: becomes transient)
                     obj.persistent = False
                     obj.new_def = None
-                    self._save_status(obj)
+                    self.save_status(obj)
                 else:
                     self.domains.remove(obj)
                     self.names.release_domain(name)
@@ -257,7 +257,7 @@ class DomainDriver:
         obj.id = self.names.new_id()
         obj.set_state(DomainState.RUNNING, "booted")
         try:
-            self._save_status(obj)
+            self.save_status(obj)
         except BaseException:
             self._undo_start(obj, dom, ports, bound)
             raise
@@ -276,7 +276,7 @@ class DomainDriver:
                       obj.name, exc)
             return
         try:
-            self._mark_shutoff(obj, "failed")
+            self.mark_shutoff(obj, "failed")
         except NwfilterError as exc:
             log.error("domain '%s': %s", obj.name, exc)
 
@@ -363,7 +363,7 @@ class DomainDriver:
             try:
                 if not obj.is_active():
                     raise StateError(f"domain '{name}' is not running")
-                self._stop_locked(obj, reason)
+                self.stop_locked(obj, reason)
             finally:
                 obj.job.end()
             if not obj.persistent:
@@ -376,7 +376,7 @@ class DomainDriver:
             self.events.emit(lifecycle(name, "shutdown", "finished"))
         self.events.emit(lifecycle(name, "stopped", reason))
 
-    def _stop_locked(self, obj: DomainObj, reason: str) -> None:
+    def stop_locked(self, obj: DomainObj, reason: str) -> None:
         dom = obj.definition
         ports = obj.ports
         bound = [p.portdev for p in ports if p.filtered]
@@ -387,9 +387,9 @@ class DomainDriver:
             if reason == "shutdown" and callable(shutdown):
                 shutdown(dom)  # the guest powers down, or is killed after a while
             self._stop_and_unbind(obj, dom, ports, bound)
-        self._mark_shutoff(obj, reason)
+        self.mark_shutoff(obj, reason)
 
-    def _mark_shutoff(self, obj: DomainObj, reason: str) -> None:
+    def mark_shutoff(self, obj: DomainObj, reason: str) -> None:
         set_shutoff(obj, reason)
         self.files.remove_status(obj.name)
         if obj.persistent:
@@ -423,7 +423,7 @@ class DomainDriver:
                     obj.set_state(DomainState.PAUSED, "user")
                 else:
                     obj.set_state(DomainState.RUNNING, "unpaused")
-                self._save_status(obj)
+                self.save_status(obj)
             finally:
                 obj.job.end()
         finally:

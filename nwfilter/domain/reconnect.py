@@ -111,6 +111,7 @@ def load(
         except NwfilterError as exc:
             log.error("domain '%s': cannot take over its running state: %s", name, exc)
 
+
 def _load_config(
     driver: DomainDriver, definition: DomainDef, autostart: bool, *, save: bool
 ) -> None:
@@ -121,13 +122,13 @@ def _load_config(
     full = driver.with_macs(definition)
     if save and full is not definition:
         try:
-            driver._save_config(full)
+            driver.save_config(full)
         except NwfilterError as exc:
             log.error("domain '%s': cannot store its generated MACs: %s", name, exc)
     try:
         obj, _ = driver.domains.add(full, persistent=True)
     except NwfilterError:
-        driver._release_name_if_unused(name)
+        driver.release_name_if_unused(name)
         raise
     obj.autostart = autostart
     reason = driver.files.shutoff_reason(name)
@@ -139,6 +140,7 @@ def _load_config(
 def _persistent_name(driver: DomainDriver, name: str) -> bool:
     return name in {n for n, _ in driver.names.domain_names()}
 
+
 def _adopt(driver: DomainDriver, obj: DomainObj, status: DomainStatus) -> None:
     """Make `obj` (locked) active with the state its status file records."""
     if obj.persistent:
@@ -148,6 +150,7 @@ def _adopt(driver: DomainDriver, obj: DomainObj, status: DomainStatus) -> None:
     driver.names.seen_id(obj.id)
     obj.set_state(status.state, status.reason)
     obj.ports = status.ports
+
 
 def _load_status(driver: DomainDriver, name: str, status: DomainStatus) -> None:
     """Queries only: show an active domain as its status file says, or
@@ -193,7 +196,7 @@ def _reconnect(
                             driver.engine.delete_binding(portdev)
             finally:
                 obj.lock()
-            driver._mark_shutoff(obj, "crashed")
+            driver.mark_shutoff(obj, "crashed")
             if not obj.persistent:
                 driver.domains.remove(obj)
                 driver.names.release_domain(name)
@@ -223,14 +226,14 @@ def _reconnect(
             obj.lock()
             obj.job.begin(JobKind.DESTROY, "reconnect", timeout=driver.job_timeout)
             try:
-                driver._stop_locked(obj, "failed")
+                driver.stop_locked(obj, "failed")
             finally:
                 obj.job.end()
             driver.events.emit(lifecycle(name, "stopped", "failed"))
             raise
         obj.lock()
         if changed:
-            driver._save_status(obj)
+            driver.save_status(obj)
     finally:
         obj.end_api()
 

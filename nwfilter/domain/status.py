@@ -153,6 +153,7 @@ def read_status(name: str, status: Mapping[str, object]) -> DomainStatus:
         persistent=bool(status.get("persistent", True)),
     )
 
+
 def status_json(obj: DomainObj, dtype: str) -> str:
     """The runtime status file of `obj` (locked), as `read_status` reads it."""
     data = {

@@ -290,7 +290,7 @@ def test_failed_define_changes_nothing(world: World, monkeypatch: pytest.MonkeyP
     def no_space(definition: DomainDef) -> None:
         raise StorageError("no space left on device")
 
-    monkeypatch.setattr(m.driver("test"), "_save_config", no_space)
+    monkeypatch.setattr(m.driver("test"), "save_config", no_space)
     with pytest.raises(StorageError):
         m.define_xml(_with_uuid(domain_xml("vm1", filters=("db",)), "vm1", uid))
     assert "filter='db'" not in m.dumpxml("vm1")
@@ -363,7 +363,7 @@ def test_status_write_failure_after_launch_stops_the_guest(
     def no_space(obj: object) -> None:
         raise StorageError("no space left on device")
 
-    monkeypatch.setattr(m.driver("test"), "_save_status", no_space)
+    monkeypatch.setattr(m.driver("test"), "save_status", no_space)
     with pytest.raises(StorageError):
         m.run("start", "vm1")
     assert world.hv_a.guests() == {}
