@@ -346,6 +346,7 @@ class DomainDriver:
         """Shut the domain off (`reason`: 'destroyed' or 'shutdown')."""
         obj = self.domains.lookup_by_name(name)
         kill = getattr(self.hypervisor, "kill", None)
+        killed = False
         if reason == "destroyed" and callable(kill) and obj.is_active():
             # As libvirt does: end the guest before waiting for its job, so a
             # monitor call hung in another thread fails now, not at its timeout.
@@ -353,15 +354,25 @@ class DomainDriver:
             obj.unlock()
             try:
                 kill(dom)
+                killed = True
             except NwfilterError as exc:
                 log.warning("domain '%s': killing it failed: %s", name, exc)
             finally:
                 obj.lock()
         try:
             kind = JobKind.DESTROY if reason == "destroyed" else JobKind.MODIFY
-            obj.job.begin(kind, reason, timeout=self.job_timeout)
+            try:
+                obj.job.begin(kind, reason, timeout=self.job_timeout)
+            except NotFoundError:
+                if killed:
+                    return  # its exit, handled meanwhile, removed the transient domain
+                raise
             try:
                 if not obj.is_active():
+                    if killed:
+                        # The guest's exit (our kill) was handled first, as a
+                        # destroy: it is shut off and was told so.
+                        return
                     raise StateError(f"domain '{name}' is not running")
                 self.stop_locked(obj, reason)
             finally:

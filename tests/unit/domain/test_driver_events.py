@@ -105,3 +105,58 @@ def test_guest_events_are_handled_on_the_event_loops_workers(world: World) -> No
     assert manager.state("ev1").reason == "crashed"
     assert Recording.queues == ["guest-events-test"] * 2
     assert handled_on and set(handled_on) == {"guest-events-test"}  # a worker, not the loop
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_destroy_whose_kill_is_reported_first_still_succeeds(
+    world: World, persistent: bool
+) -> None:
+    """A destroy kills the guest before it waits for the domain's job; the
+    guest's exit, reported meanwhile, may take the job first and shut the
+    domain off as 'destroyed'.  The destroy then succeeds all the same and
+    the stop is told once (QEMU under load did exactly this)."""
+    from nwfilter.domain.eventloop import EventLoop
+    from nwfilter.domain.objects import DomainState
+    from nwfilter.domain.testvm import TestHypervisor
+    from nwfilter.errors import NotFoundError
+
+    class Killing(TestHypervisor):
+        sink: Callable[[str, str, str], None]
+
+        def set_event_sink(self, sink: Callable[[str, str, str], None]) -> None:
+            self.sink = sink
+
+        def kill(self, dom: DomainDef) -> None:
+            self.crash(dom.name)
+            self.sink(dom.name, "exited", "destroyed")  # as the loop reports it
+            deadline = time.monotonic() + 5
+            while True:  # the exit is handled before the destroy takes the job
+                try:
+                    if manager.state(dom.name).state is DomainState.SHUTOFF:
+                        return
+                except NotFoundError:
+                    return  # a transient domain is gone with it
+                assert time.monotonic() < deadline, "the exit was not handled"
+                time.sleep(0.01)
+
+    with EventLoop() as loop:
+        hv = Killing()
+        manager = DomainManager.for_engine(world.engine, hypervisors={"test": hv},
+                                           job_timeout=5, loop=loop)
+        manager.start()
+        manager.define_xml(domain_xml("k1"))
+        manager.run("start", "k1")
+        if not persistent:
+            manager.run("undefine", "k1")  # running, so it stays until it stops
+        sub = world.engine.events.subscribe()
+        manager.run("destroy", "k1")
+        texts = _texts(sub.take()[0])
+    stopped = [t for t in texts if "Stopped" in t]
+    assert stopped == ["event 'lifecycle' for domain 'k1': Stopped Destroyed"]
+    if persistent:
+        assert (manager.state("k1").state, manager.state("k1").reason) == (
+            DomainState.SHUTOFF, "destroyed")
+    else:
+        with pytest.raises(NotFoundError):
+            manager.state("k1")
+    assert world.engine.list_bindings() == []
