@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nwfilter import events, protocol
 from nwfilter.conf import format_binding, format_filter, parse_binding, parse_domain
+from nwfilter.domain.operations import VERBS
 from nwfilter.errors import (
     ConflictError,
     PermissionDeniedError,
@@ -31,7 +32,8 @@ from nwfilter.render_text import render_text
 if TYPE_CHECKING:
     from nwfilter.audit.run import Auditor
     from nwfilter.cluster.member import ClusterMember
-    from nwfilter.domain.driver import DomainManager, DomainSummary
+    from nwfilter.domain.manager import DomainManager
+    from nwfilter.domain.summary import DomainSummary
     from nwfilter.engine import DefineOutcome, Engine
     from nwfilter.network.manager import NetworkInfo, NetworkManager
 
@@ -341,16 +343,7 @@ def _lifecycle(verb: str) -> Handler:
     def handler(ctx: ApiContext, p: dict[str, Any]) -> Json:
         manager = ctx.domains()
         name = manager.resolve(p["domain"])
-        calls: dict[str, Callable[[str], object]] = {
-            "undefine": manager.undefine,
-            "start": manager.start_domain,
-            "shutdown": manager.shutdown,
-            "destroy": manager.destroy,
-            "suspend": manager.suspend,
-            "resume": manager.resume,
-            "reboot": manager.reboot,
-        }
-        calls[verb](name)
+        manager.run(verb, name)
         result: dict[str, Any] = {"name": name}
         if verb in ("start", "resume"):
             engine = ctx.engine()
@@ -508,8 +501,7 @@ METHODS: dict[str, Method] = {
         Method("domain.define", _domain_define, (_XML, _SOURCE), writes=True, domains=True),
         *(
             Method(f"domain.{verb}", _lifecycle(verb), (_DOMAIN,), writes=True, domains=True)
-            for verb in ("undefine", "start", "shutdown", "destroy", "suspend", "resume",
-                         "reboot")
+            for verb in VERBS
         ),
         Method("domain.list", _domain_list, domains=True),
         Method("domain.info", _domain_info, (_DOMAIN,), domains=True),
@@ -596,7 +588,7 @@ class EmbeddedContext:
         return self._engine
 
     def domains(self) -> DomainManager:
-        from nwfilter.domain.driver import DomainManager
+        from nwfilter.domain.manager import DomainManager
 
         engine = self.engine()
         if self._manager is None:

@@ -47,8 +47,8 @@ from nwfilter.connserver import (
     bind_unix,
     raise_nofile_limit,
 )
-from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.eventloop import EventLoop
+from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError, PermissionDeniedError, StorageError
 from nwfilter.events import EventBus, Subscription

@@ -7,7 +7,11 @@ inside a namespace without a subprocess.
 `Iproute2` builds namespaces, bridges, veth pairs and addresses with the `ip`
 tool, through an injectable runner so that callers can be tested without
 root.  iproute2 rather than pyroute2: it is what operators read in the logs,
-and its error messages are clear.  Names are checked before they reach `ip`:
+and its error messages are clear; and `ip netns add` mounts a namespace's
+name the way every other tool finds it.  The domain drivers use it only
+for their guests' namespaces: their links go through netlink in process
+(`nwfilter.domain.links`), one socket per batch instead of one process
+per step.  Names are checked before they reach `ip`:
 no shell is involved, but a name such as ``-x`` or ``x%d`` would still mean
 something else to it or to the kernel.
 """

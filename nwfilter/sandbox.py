@@ -749,7 +749,7 @@ class DriverPlatform:
     def start_guest(self, guest: Guest) -> str:
         self.manager.define_xml(guest.domain_xml())
         self._defined.append(guest.name)
-        self.manager.start_domain(guest.name)
+        self.manager.run("start", guest.name)
         self._running.append(guest.name)
         return self._netns_of(guest.name)
 
@@ -764,7 +764,7 @@ class DriverPlatform:
             "</interface></devices></domain>"
         )
         self._defined.append(name)
-        self.manager.start_domain(name)
+        self.manager.run("start", name)
         self._running.append(name)
         (row,) = self.manager.interfaces(name)
         return NetworkGuest(name, self._netns_of(name), row.interface)
@@ -778,13 +778,13 @@ class DriverPlatform:
         while self._running:
             name = self._running.pop()
             try:
-                self.manager.destroy(name)
+                self.manager.run("destroy", name)
             except NwfilterError as exc:
                 log.error("destroying sandbox guest '%s' failed: %s", name, exc)
         while self._defined:
             name = self._defined.pop()
             try:
-                self.manager.undefine(name)
+                self.manager.run("undefine", name)
             except NwfilterError as exc:
                 log.error("undefining sandbox guest '%s' failed: %s", name, exc)
         while self._networks:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nwfilter.backends.nft import NftBackend
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.qemuvm import QemuHypervisor
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             manager.define_xml(domain_xml(dtype, initrd, console.path))
             for _ in range(args.boots):
                 began = time.perf_counter()
-                manager.start_domain("guest")
+                manager.run("start", "guest")
                 spans["start"].append(time.perf_counter() - began)
                 console.accept()
                 console.wait_for(READY, args.timeout)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if time.perf_counter() - began > args.timeout:
                         raise SystemExit("bench_guest: the guest never reached the host")
                 spans["first ping"].append(time.perf_counter() - began)
-                manager.destroy("guest")
+                manager.run("destroy", "guest")
         finally:
             console.close()
             manager.stop_all()

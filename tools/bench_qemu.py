@@ -25,8 +25,8 @@ from pathlib import Path
 
 from nwfilter.backends.nft import NftBackend
 from nwfilter.conf.model import BindingDef, DomainDef
-from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.hypervisor import PortPlan
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.qemuvm import QemuHypervisor
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
@@ -88,7 +88,7 @@ def run_round(manager: DomainManager, names: list[str], timings: Timings,
 
     def start(name: str) -> None:
         t0 = time.perf_counter()
-        manager.start_domain(name)
+        manager.run("start", name)
         timings.add("start (whole)", time.perf_counter() - t0)
 
     if concurrent:

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nwfilter.backends.memory import MemoryBackend
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.engine import Engine
 from nwfilter.locks import LevelledLock
@@ -110,7 +110,7 @@ def main() -> int:
         began = time.perf_counter()
         for i in range(args.domains):
             manager.define_xml(domain_xml(f"vm{i}", i))
-            manager.start_domain(f"vm{i}")
+            manager.run("start", f"vm{i}")
         setup = time.perf_counter() - began
         manager.define_xml(domain_xml("probe-vm", args.domains + 1))
         print(f"domains running: {len(manager.list_domains())} "
@@ -146,9 +146,9 @@ def main() -> int:
         def start_loop() -> None:
             while not stop.is_set():
                 t0 = time.perf_counter()
-                manager.start_domain("probe-vm")
+                manager.run("start", "probe-vm")
                 starts.append(time.perf_counter() - t0)
-                manager.destroy("probe-vm")
+                manager.run("destroy", "probe-vm")
 
         starter = threading.Thread(target=start_loop, name="starter")
         timed_lock(driver.lock, waits, starter)

@@ -34,7 +34,7 @@ from nwfilter.audit.run import Auditor
 from nwfilter.events import EventBus, EventKind
 
 if TYPE_CHECKING:
-    from nwfilter.domain.driver import DomainManager
+    from nwfilter.domain.manager import DomainManager
     from nwfilter.engine import Engine
 
 log = logging.getLogger(__name__)

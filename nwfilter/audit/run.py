@@ -38,7 +38,7 @@ from nwfilter.gcpause import gc_paused
 from nwfilter.ir import Ruleset, drop_all
 
 if TYPE_CHECKING:
-    from nwfilter.domain.driver import DomainManager
+    from nwfilter.domain.manager import DomainManager
     from nwfilter.engine import Engine
 
 log = logging.getLogger(__name__)

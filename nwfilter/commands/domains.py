@@ -24,20 +24,21 @@ if TYPE_CHECKING:
 
 _DOMAIN_HELP = "domain name, id or UUID"
 
-# command, help, what virsh prints after the name
-_LIFECYCLE: tuple[tuple[str, str, str], ...] = (
-    ("undefine", "undefine a domain", "has been undefined"),
-    ("start", "start a defined domain (its filters are applied first)", "started"),
-    ("shutdown", "gracefully shut a domain down", "is being shutdown"),
-    ("destroy", "stop a domain at once", "destroyed"),
-    ("suspend", "pause a domain", "suspended"),
-    ("resume", "continue a paused domain", "resumed"),
-    ("reboot", "reboot a running domain (its ports and filters stay)", "is being rebooted"),
+# The lifecycle operations (the API's `domain.<verb>`, in the order of
+# `nwfilter.domain.operations.VERBS`): command, help, what virsh prints
+# after the name, and the progress line of several domains.
+_LIFECYCLE: tuple[tuple[str, str, str, str], ...] = (
+    ("undefine", "undefine a domain", "has been undefined", "undefining"),
+    ("start", "start a defined domain (its filters are applied first)", "started", "starting"),
+    ("shutdown", "gracefully shut a domain down", "is being shutdown", "shutting down"),
+    ("destroy", "stop a domain at once", "destroyed", "destroying"),
+    ("suspend", "pause a domain", "suspended", "suspending"),
+    ("resume", "continue a paused domain", "resumed", "resuming"),
+    ("reboot", "reboot a running domain (its ports and filters stay)", "is being rebooted",
+     "rebooting"),
 )
-_DONE = {name: done for name, _help, done in _LIFECYCLE}
-_DOING = {"undefine": "undefining", "start": "starting", "shutdown": "shutting down",
-          "destroy": "destroying", "suspend": "suspending", "resume": "resuming",
-          "reboot": "rebooting"}
+_DONE = {name: done for name, _help, done, _doing in _LIFECYCLE}
+_DOING = {name: doing for name, _help, _done, doing in _LIFECYCLE}
 
 
 _FIELDS = (
@@ -47,7 +48,7 @@ _FIELDS = (
 )
 
 COMMANDS = (
-    "define", *(name for name, _help, _done in _LIFECYCLE), "domiflist", "domifaddr", "list",
+    "define", *(name for name, *_texts in _LIFECYCLE), "domiflist", "domifaddr", "list",
     "dominfo", *(name for name, _help, _key in _FIELDS), "dumpxml", "domstate", "autostart",
 )
 
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("file", metavar="FILE", help="file holding the domain's XML ('-': stdin)")
     p.set_defaults(handler=cmd_define)
 
-    for name, helptext, _done in _LIFECYCLE:
+    for name, helptext, *_texts in _LIFECYCLE:
         p = subparsers.add_parser(name, help=helptext)
         p.add_argument("domains", nargs="+", metavar="DOMAIN",
                        help=f"{_DOMAIN_HELP}; several are done in order, up to the "
@@ -125,8 +126,8 @@ def cmd_define(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_lifecycle(args: argparse.Namespace, ctx: Context) -> int:
-    """undefine, start, shutdown, destroy, suspend, resume: one call per
-    domain, in order; the first error ends the command."""
+    """undefine, start, shutdown, destroy, suspend, resume, reboot: one call
+    per domain, in order; the first error ends the command."""
     total = len(args.domains)
     for done, domain in enumerate(args.domains):
         if total > 1:

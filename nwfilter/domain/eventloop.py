@@ -20,6 +20,11 @@ rules keep objects alive and callbacks harmless:
   polling it until its owner updates or removes the watch, so a closed fd
   cannot make the loop spin.
 * A stopped loop can be started again.
+
+Work that may block (a guest event waits for its domain's job) is never
+done on the loop thread: a callback hands it to `defer(queue, work)`, and
+the loop's `Workers` run it on a worker thread, in order within its queue
+(libvirt's driver worker pool does the same for its monitor events).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,6 +87,39 @@ class _Timer(_Watch):
     callback: TimerCallback | None = None
 
 
+class Workers:
+    """Blocking work handed off by loop callbacks: each queue's work runs in
+    the order it came, on a worker thread of that queue started on demand
+    (and ended once the queue is empty)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a leaf: guards `_queues`
+        self._queues: dict[str, deque[Callable[[], None]]] = {}
+
+    def submit(self, queue: str, work: Callable[[], None]) -> None:
+        """Queue `work` behind `queue`'s earlier work; never blocks."""
+        with self._lock:
+            pending = self._queues.get(queue)
+            if pending is not None:
+                pending.append(work)
+                return
+            self._queues[queue] = deque([work])
+        threading.Thread(target=self._drain, args=(queue,), name=queue, daemon=True).start()
+
+    def _drain(self, queue: str) -> None:
+        while True:
+            with self._lock:
+                pending = self._queues[queue]
+                if not pending:
+                    del self._queues[queue]
+                    return
+                work = pending.popleft()
+            try:
+                work()
+            except Exception:
+                log.exception("%s: deferred work failed", queue)
+
+
 class EventLoop:
     """fd watches and timers dispatched by one thread."""
 
@@ -94,6 +133,7 @@ class EventLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.loop_thread_id: int | None = None
+        self.workers = Workers()
 
     # -- life cycle --------------------------------------------------------
 
@@ -136,6 +176,11 @@ class EventLoop:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def defer(self, queue: str, work: Callable[[], None]) -> None:
+        """Run `work`, which may block, off the loop thread, after the
+        earlier work of `queue` (see `Workers`)."""
+        self.workers.submit(queue, work)
 
     # -- watches -----------------------------------------------------------
 

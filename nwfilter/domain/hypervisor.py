@@ -1,6 +1,6 @@
 """The small contract a hypervisor backend fulfils for the domain driver.
 
-The generic driver (`nwfilter.domain.driver`) owns everything that is the
+The generic driver (`nwfilter.domain.lifecycle`) owns everything that is the
 same for every kind of VM: definitions on disk, runtime status, locking,
 jobs and the filter bindings of the interfaces.  A hypervisor only makes a
 guest exist or stop existing.  The domain XML `type` attribute picks it:

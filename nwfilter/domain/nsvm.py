@@ -20,16 +20,23 @@ then enslave the ports" and "find the bridge empty, then delete it" each run
 under one lock.
 The host ports of each guest are recorded in the run directory because the
 driver may have generated their names and `stop` must find them again.
+
+Links, addresses, bridges and their ports are made, read and deleted
+through netlink in process (`nwfilter.domain.links`, one socket in the
+host namespace and one in the guest's for a batch of changes); only the
+guest namespace itself is made and removed with `ip netns`
+(`nwfilter.netns.Iproute2`), which also mounts its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,8 +44,8 @@ from typing import TYPE_CHECKING
 from nwfilter.conf.model import DomainDef, InterfaceDef
 from nwfilter.conf.values import check_port_name
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
+from nwfilter.domain.links import Links, host_mac
 from nwfilter.errors import (
-    BackendError,
     ConflictError,
     NwfilterError,
     StateError,
@@ -92,16 +99,6 @@ class GuestPort:
                    None if bridge is None else check_ifname(bridge))
 
 
-def host_mac(guest_mac: str) -> str:
-    """The host end's MAC: the guest's with the first octet set to 0xfe.
-
-    libvirt does the same for tap devices: a bridge takes the lowest port
-    MAC as its own, and 0xfe keeps the port out of that race while never
-    equalling the guest's address.
-    """
-    return "fe" + guest_mac[2:]
-
-
 class NsHypervisor:
     """Guests as network namespaces; see the module docstring for the layout."""
 
@@ -114,6 +111,7 @@ class NsHypervisor:
         *,
         runner: Runner | None = None,
         netns_dir: Path = NETNS_DIR,
+        links: Callable[[str | None], Links] = Links,
     ) -> None:
         if host_netns is not None:
             check_netns_name(host_netns)
@@ -121,9 +119,10 @@ class NsHypervisor:
         self._dir = DirHandle(run_dir, "ns hypervisor directory")
         self.host_netns = host_netns
         self.prefix = DEFAULT_PREFIX if host_netns is None else f"{host_netns}.vm."
-        self._iproute = Iproute2(runner)
+        self._iproute = Iproute2(runner)  # `ip netns` only
+        self._links = links
         self._netns_dir = netns_dir
-        # A leaf: only `ip` commands run under it.  Held from checking that
+        # A leaf: only netlink calls run under it.  Held from checking that
         # a bridge exists to enslaving the ports, and from finding a bridge
         # empty to deleting it, so a stop never deletes the bridge a start
         # has just found, and two starts never both try to create it.
@@ -175,12 +174,13 @@ class NsHypervisor:
             ]:
                 return
             raise ConflictError(f"network namespace '{netns}' already exists")
-        for guest, _ in plan:
-            if self._link_exists(self.host_netns, guest.portdev):
-                raise ConflictError(
-                    f"domain '{dom.name}': device '{guest.portdev}' already exists in "
-                    f"{self.host_netns or 'the host namespace'}"
-                )
+        with self._links(self.host_netns) as host:
+            for guest, _ in plan:
+                if host.index(guest.portdev) is not None:
+                    raise ConflictError(
+                        f"domain '{dom.name}': device '{guest.portdev}' already exists in "
+                        f"{self.host_netns or 'the host namespace'}"
+                    )
         # Recorded before anything is made, so that stop() after a crash
         # half-way still knows which host ports to remove.
         self._save_ports(dom.name, [p for p, _ in plan])
@@ -201,8 +201,9 @@ class NsHypervisor:
         """
         netns = self._alive_or_fail(dom)
         ports = self._ports_or_fail(dom)
-        for port in ports:
-            self._iproute.set_up(self.host_netns, port.portdev)
+        with self._links(self.host_netns) as host:
+            for port in ports:
+                host.set_up(port.portdev)
         self._wait_running(netns, ports)
 
     def stop(self, dom: DomainDef) -> None:
@@ -211,14 +212,17 @@ class NsHypervisor:
 
     def suspend(self, dom: DomainDef) -> None:
         netns = self._alive_or_fail(dom)
-        for port in self._ports_or_fail(dom):
-            self._iproute.set_up(netns, port.guest_if, up=False)
+        ports = self._ports_or_fail(dom)
+        with self._links(netns) as inner:
+            for port in ports:
+                inner.set_up(port.guest_if, up=False)
 
     def resume(self, dom: DomainDef) -> None:
         netns = self._alive_or_fail(dom)
         ports = self._ports_or_fail(dom)
-        for port in ports:
-            self._iproute.set_up(netns, port.guest_if)
+        with self._links(netns) as inner:
+            for port in ports:
+                inner.set_up(port.guest_if)
         self._wait_running(netns, ports)
 
     def is_alive(self, dom: DomainDef) -> bool:
@@ -230,7 +234,9 @@ class NsHypervisor:
         ports = self._ports_or_fail(dom)
         if not ports:
             return False
-        return all(not self._link_is_up(netns, p.guest_if) for p in ports)
+        with self._links(netns) as inner:
+            states = [inner.state(p.guest_if) for p in ports]
+        return all(state is None or not state.up for state in states)
 
     # -- internals -------------------------------------------------------
     def _plan(
@@ -260,55 +266,52 @@ class NsHypervisor:
     def _prepare(
         self, netns: str, plan: list[tuple[GuestPort, tuple[PortPlan, InterfaceDef]]]
     ) -> None:
-        ipr = self._iproute
-        ipr.add_netns(netns)
-        for guest, (port, iface) in plan:
-            mac = port.mac.lower()
-            # A new link starts down; it stays down until launch().
-            ipr.add_veth(self.host_netns, guest.portdev, netns, guest.guest_if,
-                         mac=host_mac(mac), peer_mac=mac)
-            for ip in iface.ips:
-                six = ip.family == "ipv6" or ":" in ip.address
-                prefix = ip.prefix if ip.prefix is not None else (64 if six else 24)
-                ipr.add_address(netns, guest.guest_if, f"{ip.address}/{prefix}")
-            ipr.set_up(netns, guest.guest_if)
-        bridges = sorted({g.bridge for g, _ in plan if g.bridge is not None})
-        if not bridges:
-            return
-        with self._bridge_lock:
-            for bridge in bridges:
-                self._ensure_bridge(bridge)
-            for guest, _ in plan:
-                if guest.bridge is not None:
-                    ipr.set_master(self.host_netns, guest.portdev, guest.bridge)
+        self._iproute.ip(None, "netns", "add", netns)
+        with self._links(self.host_netns) as host, self._links(netns) as inner:
+            inner.set_up("lo")
+            for guest, (port, iface) in plan:
+                mac = port.mac.lower()
+                # A new link starts down; the host end stays down until launch().
+                host.add_veth(guest.portdev, guest.guest_if, netns, mac=host_mac(mac),
+                              peer_mac=mac)
+                for ip in iface.ips:
+                    six = ip.family == "ipv6" or ":" in ip.address
+                    prefix = ip.prefix if ip.prefix is not None else (64 if six else 24)
+                    inner.add_address(guest.guest_if, f"{ip.address}/{prefix}")
+                inner.set_up(guest.guest_if)
+            bridges = sorted({g.bridge for g, _ in plan if g.bridge is not None})
+            if not bridges:
+                return
+            with self._bridge_lock:
+                for bridge in bridges:
+                    self._ensure_bridge(host, bridge)
+                for guest, _ in plan:
+                    if guest.bridge is not None:
+                        host.set_master(guest.portdev, guest.bridge)
 
     def _wait_running(self, netns: str, ports: Sequence[GuestPort]) -> None:
         # The kernel activates a device's queue only when its link watcher
         # has seen the carrier, which it may defer for up to a second; until
         # then every frame is dropped.  Waiting here is only about that
         # first second: a slow start is logged, never an error.
-        pending = [(self.host_netns, p.portdev) for p in ports]
-        pending += [(netns, p.guest_if) for p in ports]
-        deadline = time.monotonic() + _OPER_UP_WAIT
-        while pending:
-            pending = [(ns, dev) for ns, dev in pending if not self._oper_up(ns, dev)]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                log.warning("links not up after %.0f s: %s", _OPER_UP_WAIT,
-                            ", ".join(dev for _, dev in pending))
-                return
-            time.sleep(0.02)
+        with self._links(self.host_netns) as host, self._links(netns) as inner:
+            pending = [(host, p.portdev) for p in ports] + [(inner, p.guest_if) for p in ports]
+            deadline = time.monotonic() + _OPER_UP_WAIT
+            while pending:
+                pending = [(where, dev) for where, dev in pending if not _oper_up(where, dev)]
+                if not pending:
+                    return
+                if time.monotonic() > deadline:
+                    log.warning("links not up after %.0f s: %s", _OPER_UP_WAIT,
+                                ", ".join(dev for _, dev in pending))
+                    return
+                time.sleep(0.02)
 
-    def _oper_up(self, netns: str | None, ifname: str) -> bool:
-        info = self._link_info(netns, ifname)
-        return info is not None and info.get("operstate") == "UP"
-
-    def _ensure_bridge(self, bridge: str) -> None:
+    def _ensure_bridge(self, host: Links, bridge: str) -> None:
         """Create `bridge` unless it exists (`_bridge_lock` held)."""
-        if self._link_exists(self.host_netns, bridge):
+        if host.index(bridge) is not None:
             return
-        self._iproute.add_bridge(self.host_netns, bridge, alias=BRIDGE_ALIAS)
+        host.add_bridge(bridge, alias=BRIDGE_ALIAS)
         log.info("created bridge %s for ns guests", bridge)
 
     def _stop(self, name: str) -> None:
@@ -326,30 +329,32 @@ class NsHypervisor:
             # namespace once it is deleted below.
             errors.append(exc)
             ports = []
-        for port in ports:
+        with contextlib.ExitStack() as stack:
+            host: Links | None = None
+            try:
+                host = stack.enter_context(self._links(self.host_netns))
+            except NwfilterError as exc:  # the host namespace cannot be opened
+                errors.append(exc)
+                keep_record = True
             # A veth pair dies with its namespace, but only once nothing holds
             # the namespace any more; deleting the host end is immediate.
+            if host is not None and not self._delete_host_ends(host, ports, errors):
+                keep_record = True
             try:
-                if self._is_veth(self.host_netns, port.portdev):
-                    self._iproute.ip(self.host_netns, "link", "del", port.portdev)
+                if self._netns_exists(netns):
+                    self._iproute.delete_netns(netns)
             except NwfilterError as exc:
                 errors.append(exc)
                 keep_record = True
-        try:
-            if self._netns_exists(netns):
-                self._iproute.delete_netns(netns)
-        except NwfilterError as exc:
-            errors.append(exc)
-            keep_record = True
-        bridges = sorted({p.bridge for p in ports if p.bridge is not None})
-        if bridges:
-            with self._bridge_lock:
-                for bridge in bridges:
-                    try:
-                        self._remove_bridge_if_ours_and_empty(bridge)
-                    except NwfilterError as exc:
-                        errors.append(exc)
-                        keep_record = True
+            bridges = sorted({p.bridge for p in ports if p.bridge is not None})
+            if bridges and host is not None:
+                with self._bridge_lock:
+                    for bridge in bridges:
+                        try:
+                            self._remove_bridge_if_ours_and_empty(host, bridge)
+                        except NwfilterError as exc:
+                            errors.append(exc)
+                            keep_record = True
         if not keep_record:
             try:
                 self._dir.get().remove(self._record(name))
@@ -360,15 +365,29 @@ class NsHypervisor:
                 log.error("stopping ns guest '%s': %s", name, later)
             raise errors[0]
 
-    def _remove_bridge_if_ours_and_empty(self, bridge: str) -> None:
+    @staticmethod
+    def _delete_host_ends(host: Links, ports: Sequence[GuestPort],
+                          errors: list[NwfilterError]) -> bool:
+        """Delete the host end of each veth pair; False if one could not be."""
+        done = True
+        for port in ports:
+            try:
+                state = host.state(port.portdev)
+                if state is not None and state.kind == "veth":
+                    host.delete(port.portdev)
+            except NwfilterError as exc:
+                errors.append(exc)
+                done = False
+        return done
+
+    def _remove_bridge_if_ours_and_empty(self, host: Links, bridge: str) -> None:
         """Delete `bridge` if we made it and no port is left (`_bridge_lock` held)."""
-        info = self._link_info(self.host_netns, bridge)
-        if info is None or info.get("ifalias") != BRIDGE_ALIAS:
+        state = host.state(bridge)
+        if state is None or state.alias != BRIDGE_ALIAS:
             return
-        proc = self._ip_json(self.host_netns, "link", "show", "master", bridge)
-        if proc:
+        if host.ports_of(bridge):
             return
-        self._iproute.ip(self.host_netns, "link", "del", bridge)
+        host.delete(bridge)
         log.info("removed bridge %s, no ns guest uses it any more", bridge)
 
     def _alive_or_fail(self, dom: DomainDef) -> str:
@@ -410,41 +429,10 @@ class NsHypervisor:
     def _netns_exists(self, netns: str) -> bool:
         return (self._netns_dir / netns).exists()
 
-    def _link_exists(self, netns: str | None, ifname: str) -> bool:
-        return self._link_info(netns, ifname) is not None
 
-    def _is_veth(self, netns: str | None, ifname: str) -> bool:
-        info = self._link_info(netns, ifname, details=True)
-        linkinfo = info.get("linkinfo") if info is not None else None
-        return isinstance(linkinfo, dict) and linkinfo.get("info_kind") == "veth"
-
-    def _link_is_up(self, netns: str | None, ifname: str) -> bool:
-        info = self._link_info(netns, ifname)
-        flags = info.get("flags") if info is not None else None
-        return isinstance(flags, list) and "UP" in flags
-
-    def _link_info(
-        self, netns: str | None, ifname: str, *, details: bool = False
-    ) -> dict[str, object] | None:
-        opts = ("-j", "-d") if details else ("-j",)
-        proc = self._iproute.query(netns, *opts, "link", "show", "dev", ifname)
-        if proc.returncode != 0:
-            return None
-        try:
-            data = json.loads(proc.stdout or "[]")
-        except ValueError:
-            return None
-        if isinstance(data, list) and data and isinstance(data[0], dict):
-            return data[0]
-        return None
-
-    def _ip_json(self, netns: str | None, *args: str) -> list[object]:
-        proc = self._iproute.ip(netns, "-j", *args)
-        try:
-            data = json.loads(proc.stdout or "[]")
-        except ValueError as exc:
-            raise BackendError(f"ip {' '.join(args)}: unreadable output") from exc
-        return data if isinstance(data, list) else []
+def _oper_up(links: Links, ifname: str) -> bool:
+    state = links.state(ifname)
+    return state is not None and state.oper_up
 
 
 def make_hypervisor(env: HypervisorEnv) -> NsHypervisor:

@@ -59,7 +59,7 @@ from nwfilter.conf.model import DomainDef
 from nwfilter.conf.values import check_port_name
 from nwfilter.domain.eventloop import EventLoop
 from nwfilter.domain.hypervisor import Hypervisor, HypervisorEnv, PortPlan
-from nwfilter.domain.links import Links
+from nwfilter.domain.links import Links, host_mac
 from nwfilter.domain.qemuboot import read_boot
 from nwfilter.domain.qmp import COMMAND_TIMEOUT, Monitor, MonitorTimeoutError
 from nwfilter.errors import (
@@ -101,12 +101,6 @@ class _Run:
     stopping: bool = False  # being stopped here: its exit is no event
     exit_reason: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def host_mac(mac: str) -> str:
-    """The tap's own MAC: the guest's with the first byte 0xfe (as libvirt
-    does), so the bridge never takes the guest's address as its own."""
-    return "fe" + mac.lower()[2:]
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

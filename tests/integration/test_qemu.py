@@ -21,7 +21,7 @@ import pytest
 
 from nwfilter import api
 from nwfilter.backends.nft import NftBackend
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.objects import DomainState
 from nwfilter.domain.qemuvm import KVM_DEVICE, QEMU_BINARY, QemuHypervisor
 from nwfilter.domain.qmp import MonitorTimeoutError
@@ -151,8 +151,8 @@ def test_start_suspend_resume_reboot_shutdown_destroy(world: World) -> None:
     mgr = world.manager
     mgr.define_xml(domain_xml("a", dtype, ip="10.0.0.5"))
     mgr.define_xml(domain_xml("b", ip="10.0.0.6", target="tap-b"))
-    mgr.start_domain("a")
-    mgr.start_domain("b")
+    mgr.run("start", "a")
+    mgr.run("start", "b")
     assert [(r.name, r.state) for r in mgr.list_domains()] == [
         ("a", DomainState.RUNNING), ("b", DomainState.RUNNING)]
 
@@ -174,9 +174,9 @@ def test_start_suspend_resume_reboot_shutdown_destroy(world: World) -> None:
     assert "<target dev='vnet0'/>" in dumped
     assert "<target" not in mgr.dumpxml("a", inactive=True)
 
-    mgr.suspend("a")
+    mgr.run("suspend", "a")
     assert world.state("a") == (DomainState.PAUSED, "user")
-    mgr.resume("a")
+    mgr.run("resume", "a")
     assert world.state("a") == (DomainState.RUNNING, "unpaused")
     # Through the API, as `nwfilter reboot b` sends it.
     assert api.invoke(_Api(world), "domain.reboot", {"domain": "b"}) == {"name": "b"}
@@ -184,9 +184,9 @@ def test_start_suspend_resume_reboot_shutdown_destroy(world: World) -> None:
 
     # No guest OS answers the power button: after the timeout it is killed.
     pid_b = world.pid("b")
-    mgr.shutdown("b")
+    mgr.run("shutdown", "b")
     assert world.state("b") == (DomainState.SHUTOFF, "shutdown")
-    mgr.destroy("a")
+    mgr.run("destroy", "a")
     assert world.state("a") == (DomainState.SHUTOFF, "destroyed")
     assert not Path(f"/proc/{pid_b}/cmdline").exists() or (
         Path(f"/proc/{pid_b}/stat").read_text().split(") ")[1][0] == "Z")
@@ -195,18 +195,18 @@ def test_start_suspend_resume_reboot_shutdown_destroy(world: World) -> None:
     assert world.engine.list_bindings() == []
     assert "vnet0" not in world.ruleset()
     with pytest.raises(StateError, match="not running"):
-        mgr.suspend("a")
+        mgr.run("suspend", "a")
 
     # Started again: a new process, the same port names.
-    mgr.start_domain("b")
+    mgr.run("start", "b")
     assert world.pid("b") != pid_b and "tap-b" in world.links()
-    mgr.destroy("b")
+    mgr.run("destroy", "b")
 
 
 def test_a_filter_that_cannot_apply_means_qemu_never_runs(world: World) -> None:
     world.manager.define_xml(domain_xml("c", filt="no-such-filter"))
     with pytest.raises(NwfilterError, match="no-such-filter"):
-        world.manager.start_domain("c")
+        world.manager.run("start", "c")
     assert world.state("c")[0] is DomainState.SHUTOFF
     assert "vnet0" not in world.links()
     # QEMU was never launched (it would have left its log), nothing is left.
@@ -217,7 +217,7 @@ def test_a_hung_monitor_times_out_alone_and_a_crash_is_noticed(world: World) -> 
     mgr = world.manager
     for name, ip in (("a", "10.0.0.5"), ("b", "10.0.0.6"), ("c", "10.0.0.7")):
         mgr.define_xml(domain_xml(name, ip=ip))
-        mgr.start_domain(name)
+        mgr.run("start", name)
     hung = world.pid("a")
     os.kill(hung, signal.SIGSTOP)
     try:
@@ -225,7 +225,7 @@ def test_a_hung_monitor_times_out_alone_and_a_crash_is_noticed(world: World) -> 
 
         def suspend_a() -> None:
             try:
-                mgr.suspend("a")
+                mgr.run("suspend", "a")
             except BaseException as exc:
                 failure.append(exc)
 
@@ -233,8 +233,8 @@ def test_a_hung_monitor_times_out_alone_and_a_crash_is_noticed(world: World) -> 
         caller.start()
         # While a's call waits for its monitor, the others work and the
         # queries answer from the recorded state.
-        mgr.suspend("b")
-        mgr.resume("b")
+        mgr.run("suspend", "b")
+        mgr.run("resume", "b")
         assert world.state("b") == (DomainState.RUNNING, "unpaused")
         assert world.state("a")[0] is DomainState.RUNNING
         assert "<target dev=" in mgr.dumpxml("a")
@@ -245,7 +245,7 @@ def test_a_hung_monitor_times_out_alone_and_a_crash_is_noticed(world: World) -> 
         assert "monitor of domain 'a': command 'stop' timed out" in str(failure[0])
         assert world.state("a") == (DomainState.RUNNING, "booted")
         # A destroy ends a stopped QEMU too.
-        mgr.destroy("a")
+        mgr.run("destroy", "a")
         assert world.state("a") == (DomainState.SHUTOFF, "destroyed")
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -272,8 +272,8 @@ def test_a_restarted_engine_reconnects_and_reapplies_the_filters(world: World) -
     mgr = world.manager
     for name, ip in (("a", "10.0.0.5"), ("b", "10.0.0.6")):
         mgr.define_xml(domain_xml(name, ip=ip))
-        mgr.start_domain(name)
-    mgr.suspend("b")
+        mgr.run("start", name)
+    mgr.run("suspend", "b")
     pid_a, pid_b = world.pid("a"), world.pid("b")
     port_a = next(p.portdev for p in mgr.driver("qemu").get("a")[2])
     world.lab.run(world.host, ["nft", "flush", "ruleset"])
@@ -284,7 +284,7 @@ def test_a_restarted_engine_reconnects_and_reapplies_the_filters(world: World) -
     assert (world.pid("a"), world.pid("b")) == (pid_a, pid_b)
     assert port_a in world.ruleset()
     # The monitors answer again, and QEMU's own events reach the new engine.
-    mgr.resume("b")
+    mgr.run("resume", "b")
     assert world.state("b") == (DomainState.RUNNING, "unpaused")
     os.kill(pid_a, signal.SIGKILL)
     wait_for(lambda: world.state("a")[0] is DomainState.SHUTOFF, "a shut off")

@@ -22,7 +22,7 @@ import pytest
 
 from nwfilter.backends.memory import MemoryBackend
 from nwfilter.conf.model import BindingDef, FilterRef, Parameter
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import StorageError
 

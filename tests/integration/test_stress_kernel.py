@@ -152,7 +152,7 @@ def test_a_filter_redefined_while_qemu_domains_start_and_stop(tmp_path: Path) ->
         nics = {name: 1 + i % 2 for i, name in enumerate(names)}
         for name in names:
             manager.define_xml(domain_xml(name, "qemu", filters=("web",) * nics[name]))
-        manager.start_domain("q0")
+        manager.run("start", "q0")
         # The share each thread leaves as it finishes: (started, destroyed).
         finish = [(("q1",), ("q2",)), (("q3",), ("q4",)), ((), ("q5",))]
         deadline = time.monotonic() + 5.0
@@ -277,17 +277,17 @@ def test_the_end_of_a_qemu_killed_by_destroy_is_no_guest_event(tmp_path: Path) -
         hv.set_event_sink(sink)
         try:
             manager.define_xml(domain_xml("q", "qemu"))
-            manager.start_domain("q")
+            manager.run("start", "q")
             dom = manager.driver("qemu").get("q")[1]
             pid = hv.pid(dom)
             hv.kill(dom)  # what a destroy does before it waits for the job
             assert not seen.wait(1.0), reported
             assert not hv.is_alive(dom) and pid is not None
-            manager.destroy("q")  # and then, with the job, this
+            manager.run("destroy", "q")  # and then, with the job, this
             assert manager.state("q").state is DomainState.SHUTOFF
             assert manager.state("q").reason == "destroyed"
             # A QEMU that dies by itself is still reported.
-            manager.start_domain("q")
+            manager.run("start", "q")
             pid = hv.pid(manager.driver("qemu").get("q")[1])
             assert pid is not None
             os.kill(pid, signal.SIGKILL)

@@ -97,7 +97,7 @@ def test_bindings_and_errors(server: Server) -> None:
 
 def test_daemon_starts_autostart_domains(tmp_path: Path) -> None:
     from nwfilter.backends.memory import MemoryBackend
-    from nwfilter.domain.driver import DomainManager
+    from nwfilter.domain.manager import DomainManager
     from nwfilter.engine import Engine
 
     root = tmp_path / "root"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nwfilter.backends.memory import MemoryBackend
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import ConflictError, JobTimeoutError, StorageError
 from nwfilter.fileio import SafeDir
@@ -179,7 +179,7 @@ CRASH_CHILD = textwrap.dedent(
     from pathlib import Path
     from nwfilter.backends.memory import MemoryBackend
     from nwfilter.conf.model import BindingDef, FilterRef, Parameter
-    from nwfilter.domain.driver import DomainManager
+    from nwfilter.domain.manager import DomainManager
     from nwfilter.engine import Engine
 
     root, where = Path(sys.argv[1]), sys.argv[2]

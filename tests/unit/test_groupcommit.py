@@ -266,7 +266,7 @@ def test_domain_starts_that_arrive_together_share_one_transaction(tmp_path: Path
         calls = Calls()
         with held_commit(world.engine):
             for i, name in enumerate([*names, "broken"]):
-                calls.start(i, lambda name=name: world.manager.start_domain(name))  # type: ignore[misc]
+                calls.start(i, lambda name=name: world.manager.run("start", name))  # type: ignore[misc]
             wait_queued(world.engine.create_queue, len(names) + 1)
         errors = calls.join()
         assert world.backend.transactions - before == 1

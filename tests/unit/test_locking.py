@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nwfilter.conf.model import BindingDef
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.errors import JobTimeoutError, LockOrderError
 from nwfilter.locks import CHECKER, Level, LevelledLock, RWLock
@@ -159,7 +159,7 @@ def test_naive_order_deadlocks(tmp_path: Path) -> None:
     try:
         stuck, failed, hung_for = _race(
             world,
-            lambda: world.manager.start_domain("vm1"),
+            lambda: world.manager.run("start", "vm1"),
             lambda: _naive_filter_update(world, hold=0.2, lock_timeout=HANG + 1.5),
         )
     finally:
@@ -183,7 +183,7 @@ def test_our_order_completes_the_same_race(tmp_path: Path) -> None:
     began = time.monotonic()
     stuck, failed, _ = _race(
         world,
-        lambda: world.manager.start_domain("vm1"),
+        lambda: world.manager.run("start", "vm1"),
         lambda: world.engine.define_filter(filter_xml("web", 443)),
     )
     assert stuck == [] and failed == []

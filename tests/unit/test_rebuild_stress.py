@@ -75,7 +75,7 @@ def race(world: World, duration: float, check_port: PortCheck, *,
     # A domain the lifecycle threads never touch keeps 'app' (and through it
     # 'base') in use, so every attempt to undefine them must be refused.
     manager.define_xml(domain_xml("pinned", "test", filters=("app",)))
-    manager.start_domain("pinned")
+    manager.run("start", "pinned")
 
     deadline = time.monotonic() + duration
     errors: list[str] = []
@@ -92,13 +92,7 @@ def race(world: World, duration: float, check_port: PortCheck, *,
             name = rng.choice(names)
             op = rng.choice(("start", "start", "destroy", "shutdown", "suspend", "resume"))
             try:
-                {
-                    "start": manager.start_domain,
-                    "destroy": manager.destroy,
-                    "shutdown": manager.shutdown,
-                    "suspend": manager.suspend,
-                    "resume": manager.resume,
-                }[op](name)
+                manager.run(op, name)
                 bump("ops")
             except StateError:
                 bump("ops")  # wrong state for that operation: expected

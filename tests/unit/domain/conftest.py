@@ -13,8 +13,8 @@ import pytest
 
 from nwfilter.backends.base import Backend
 from nwfilter.backends.memory import MemoryBackend
-from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.hypervisor import Hypervisor
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.testvm import TestHypervisor
 from nwfilter.engine import Engine
 

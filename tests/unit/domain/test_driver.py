@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from nwfilter.conf.model import DomainDef, InterfaceDef
-from nwfilter.domain.driver import DomainManager
 from nwfilter.domain.jobs import JobKind
+from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.objects import DomainState
 from nwfilter.engine import Engine
 from nwfilter.errors import (
@@ -30,7 +30,7 @@ from tests.unit.domain.conftest import World, domain_xml, filter_xml
 def test_start_binds_every_filtered_interface_and_stop_removes(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1", filters=("web", None, "db")))
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     assert world.backend.ports() == ("vnet0", "vnet2")
     rows = m.interfaces("vm1")
     assert [r.interface for r in rows] == ["vnet0", "vnet1", "vnet2"]
@@ -38,7 +38,7 @@ def test_start_binds_every_filtered_interface_and_stop_removes(world: World) -> 
     assert world.hv_a.guests() == {"vm1": "running"}
     binding = world.engine.binding("vnet0")
     assert binding.owner_name == "vm1" and binding.mac == rows[0].mac
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     assert world.backend.ports() == ()
     assert world.engine.list_bindings() == []
     assert m.state("vm1").state is DomainState.SHUTOFF
@@ -57,13 +57,13 @@ def test_portdevs_unique_across_drivers(world: World) -> None:
     m.define_xml(domain_xml("a", "test"))
     m.define_xml(domain_xml("b", "ns"))
     m.define_xml(domain_xml("c", "test", target="vnet1"))
-    m.start_domain("a")
-    m.start_domain("b")
+    m.run("start", "a")
+    m.run("start", "b")
     with pytest.raises(ConflictError, match="vnet1"):
-        m.start_domain("c")
+        m.run("start", "c")
     assert world.backend.ports() == ("vnet0", "vnet1")
-    m.destroy("b")
-    m.start_domain("c")
+    m.run("destroy", "b")
+    m.run("start", "c")
     assert world.backend.ports() == ("vnet0", "vnet1")
     assert {b.owner_name for b in world.engine.list_bindings()} == {"a", "c"}
 
@@ -79,13 +79,13 @@ def test_fail_closed_when_a_filter_cannot_be_applied(world: World) -> None:
     m.define_xml(domain_xml("vm1", filters=("web", "db")))
     world.backend.fail_on.add("vnet1")
     with pytest.raises(BackendError):
-        m.start_domain("vm1")
+        m.run("start", "vm1")
     assert world.backend.ports() == ()
     assert world.engine.list_bindings() == []
     assert world.hv_a.guests() == {}
     assert m.state("vm1").state is DomainState.SHUTOFF
     world.backend.fail_on.clear()
-    m.start_domain("vm1")  # the port names were given back
+    m.run("start", "vm1")  # the port names were given back
     assert world.backend.ports() == ("vnet0", "vnet1")
 
 
@@ -93,12 +93,12 @@ def test_fail_closed_when_filter_missing_or_launch_fails(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1", filters=("web", "nosuch")))
     with pytest.raises(Exception, match="nosuch"):
-        m.start_domain("vm1")
+        m.run("start", "vm1")
     assert world.backend.ports() == () and world.hv_a.guests() == {}
     m.define_xml(domain_xml("vm2"))
     world.hv_a.fail_next("launch")
     with pytest.raises(BackendError):
-        m.start_domain("vm2")
+        m.run("start", "vm2")
     assert world.backend.ports() == () and world.engine.list_bindings() == []
 
 
@@ -106,8 +106,8 @@ def test_filter_redefine_rebuilds_running_domains(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1"))
     m.define_xml(domain_xml("vm2", "ns"))
-    m.start_domain("vm1")
-    m.start_domain("vm2")
+    m.run("start", "vm1")
+    m.run("start", "vm2")
     before = world.backend.transactions
     world.engine.define_filter(filter_xml("web", 8443))
     assert world.backend.transactions == before + 1  # one transaction for both
@@ -119,28 +119,28 @@ def test_suspend_resume_and_state_checks(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1"))
     with pytest.raises(StateError):
-        m.suspend("vm1")
-    m.start_domain("vm1")
+        m.run("suspend", "vm1")
+    m.run("start", "vm1")
     with pytest.raises(StateError):
-        m.start_domain("vm1")
-    m.suspend("vm1")
+        m.run("start", "vm1")
+    m.run("suspend", "vm1")
     assert m.state("vm1").state is DomainState.PAUSED
     with pytest.raises(StateError):
-        m.suspend("vm1")
-    m.resume("vm1")
+        m.run("suspend", "vm1")
+    m.run("resume", "vm1")
     assert m.state("vm1").state is DomainState.RUNNING
-    m.shutdown("vm1")
+    m.run("shutdown", "vm1")
     assert m.state("vm1").reason == "shutdown"
 
 
 def test_undefine_running_domain_goes_at_stop(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1"))
-    m.start_domain("vm1")
-    m.undefine("vm1")
+    m.run("start", "vm1")
+    m.run("undefine", "vm1")
     assert not (world.root / "domains" / "vm1.xml").exists()
     assert not m.state("vm1").persistent
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     with pytest.raises(NotFoundError):
         m.state("vm1")
     m.define_xml(domain_xml("vm1", "ns"))  # the name is free again, any type
@@ -150,8 +150,8 @@ def test_list_orders_active_by_id_then_inactive_by_name(world: World) -> None:
     m = world.manager
     for name in ("c", "a", "b"):
         m.define_xml(domain_xml(name, filters=()))
-    m.start_domain("c")
-    m.start_domain("b")
+    m.run("start", "c")
+    m.run("start", "b")
     assert [r.name for r in m.list_domains()] == ["c", "b"]
     assert [r.name for r in m.list_domains(all_domains=True)] == ["c", "b", "a"]
 
@@ -161,11 +161,11 @@ def test_autostart_marks_and_redefine_while_running(world: World) -> None:
     m.define_xml(domain_xml("vm1"))
     m.set_autostart("vm1", True)
     assert (world.root / "domains" / "autostart" / "vm1").exists()
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     m.define_xml(domain_xml("vm1", filters=("db",)).replace(
         "<name>vm1</name>", f"<name>vm1</name><uuid>{m.state('vm1').uuid}</uuid>"))
     assert "web" in m.dumpxml("vm1") and "db" in m.dumpxml("vm1", inactive=True)
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     assert "db" in m.dumpxml("vm1")
     m.set_autostart("vm1", False)
     assert not (world.root / "domains" / "autostart" / "vm1").exists()
@@ -176,9 +176,9 @@ def test_restart_finds_running_domains_and_reapplies_filters(world: World) -> No
     m.define_xml(domain_xml("vm1"))
     m.define_xml(domain_xml("vm2", "ns"))
     m.define_xml(domain_xml("vm3"))
-    m.start_domain("vm1")
-    m.start_domain("vm2")
-    m.start_domain("vm3")
+    m.run("start", "vm1")
+    m.run("start", "vm2")
+    m.run("start", "vm3")
     status = json.loads((world.root / "run" / "domains" / "vm1.json").read_text())
     assert status["state"] == "RUNNING" and status["ports"][0]["portdev"] == "vnet0"
     world.hv_a.crash("vm3")  # dies while the daemon is down
@@ -191,14 +191,14 @@ def test_restart_finds_running_domains_and_reapplies_filters(world: World) -> No
     assert again.backend.ports() == ("vnet0", "vnet1")
     assert "port vnet0" in again.backend.read_back("vnet0")
     # new ids continue above the old ones, port names stay taken
-    again.manager.start_domain("vm3")
+    again.manager.run("start", "vm3")
     assert again.manager.state("vm3").id == 3  # above every running id, as libvirt
     assert again.manager.interfaces("vm3")[0].interface == "vnet2"
 
 
 def test_bad_names_are_refused(world: World) -> None:
     with pytest.raises(Exception, match="name"):
-        world.manager.start_domain("../etc")
+        world.manager.run("start", "../etc")
 
 
 # -- failures part-way and concurrent changes ------------------------------------------
@@ -211,16 +211,16 @@ def _with_uuid(xml: str, name: str, uid: uuid.UUID) -> str:
 def test_failed_stop_keeps_the_domain_running_with_its_filters(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("vm1"))
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     world.hv_a.fail_next("stop")
     with pytest.raises(BackendError):
-        m.destroy("vm1")
+        m.run("destroy", "vm1")
     assert m.state("vm1").state is DomainState.RUNNING
     assert world.hv_a.guests() == {"vm1": "running"}
     assert world.backend.ports() == ("vnet0",)
     assert [b.portdev for b in world.engine.list_bindings()] == ["vnet0"]
     assert (world.root / "run" / "domains" / "vm1.json").exists()
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     assert world.backend.ports() == () and world.hv_a.guests() == {}
     assert m.state("vm1").state is DomainState.SHUTOFF
 
@@ -234,7 +234,7 @@ def test_define_while_starting_becomes_the_next_definition(world: World) -> None
 
     def start() -> None:
         try:
-            m.start_domain("vm1")
+            m.run("start", "vm1")
         except BaseException as exc:
             errors.append(exc)
 
@@ -251,7 +251,7 @@ def test_define_while_starting_becomes_the_next_definition(world: World) -> None
     assert web in m.dumpxml("vm1") and db not in m.dumpxml("vm1")
     assert db in m.dumpxml("vm1", inactive=True)
     assert db in (world.root / "domains" / "vm1.xml").read_text()
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     assert db in m.dumpxml("vm1")
 
 
@@ -263,7 +263,7 @@ def test_refused_start_reserves_no_port_name(world: World) -> None:
     obj, _ = driver.domains.add(bare, persistent=False)
     obj.end_api()
     with pytest.raises(ValidationError, match="no MAC"):
-        m.start_domain("bare")
+        m.run("start", "bare")
     assert m.names.reserve_ports("someone", [None]) == ["vnet0"]
 
 
@@ -275,7 +275,7 @@ def test_hand_written_definition_gets_lasting_macs_at_load(world: World) -> None
     stored = path.read_text()
     assert "52:54:00:" in stored
     assert again.manager.dumpxml("hand") == stored
-    again.manager.start_domain("hand")
+    again.manager.run("start", "hand")
     assert again.manager.interfaces("hand")[0].mac in stored
 
 
@@ -284,13 +284,13 @@ def test_failed_define_changes_nothing(world: World, monkeypatch: pytest.MonkeyP
     m.define_xml(domain_xml("vm1"))
     uid = m.state("vm1").uuid
     m.define_xml(domain_xml("vm2"))
-    m.start_domain("vm2")
+    m.run("start", "vm2")
     uid2 = m.state("vm2").uuid
 
     def no_space(definition: DomainDef) -> None:
         raise StorageError("no space left on device")
 
-    monkeypatch.setattr(m.driver("test"), "_save_config", no_space)
+    monkeypatch.setattr(m.driver("test"), "save_config", no_space)
     with pytest.raises(StorageError):
         m.define_xml(_with_uuid(domain_xml("vm1", filters=("db",)), "vm1", uid))
     assert "filter='db'" not in m.dumpxml("vm1")
@@ -343,7 +343,7 @@ def test_a_conflicting_definition_is_skipped_at_load(world: World) -> None:
     m = world.manager
     m.define_xml(domain_xml("a"))
     m.define_xml(domain_xml("b"))
-    m.start_domain("b")
+    m.run("start", "b")
     uid_a, uid_b = m.state("a").uuid, m.state("b").uuid
     (world.root / "domains" / "c.xml").write_text(
         _with_uuid(domain_xml("c"), "c", uid_a))  # a copy that kept a's UUID
@@ -363,22 +363,22 @@ def test_status_write_failure_after_launch_stops_the_guest(
     def no_space(obj: object) -> None:
         raise StorageError("no space left on device")
 
-    monkeypatch.setattr(m.driver("test"), "_save_status", no_space)
+    monkeypatch.setattr(m.driver("test"), "save_status", no_space)
     with pytest.raises(StorageError):
-        m.start_domain("vm1")
+        m.run("start", "vm1")
     assert world.hv_a.guests() == {}
     assert world.backend.ports() == () and world.engine.list_bindings() == []
     assert m.state("vm1").state is DomainState.SHUTOFF
     # a guest that cannot be stopped keeps its filters and stays listed as running
     world.hv_a.fail_next("stop")
     with pytest.raises(StorageError):
-        m.start_domain("vm1")
+        m.run("start", "vm1")
     assert world.hv_a.guests() == {"vm1": "running"}
     assert m.state("vm1").state is DomainState.RUNNING
     assert world.backend.ports() == ("vnet0",)
     monkeypatch.undo()
-    m.destroy("vm1")
-    m.start_domain("vm1")
+    m.run("destroy", "vm1")
+    m.run("start", "vm1")
     assert m.interfaces("vm1")[0].interface == "vnet0"
 
 
@@ -399,8 +399,8 @@ def test_query_mode_on_a_read_only_engine_changes_nothing(
     m.define_xml(domain_xml("vm1", filters=("web", None)))
     m.define_xml(domain_xml("vm2"))
     m.define_xml(domain_xml("vm3"))
-    m.start_domain("vm1")
-    m.start_domain("vm3")
+    m.run("start", "vm1")
+    m.run("start", "vm3")
     m.set_autostart("vm2", True)
     live_xml = m.dumpxml("vm1")
     world.hv_a.crash("vm3")  # its bindings and status stay until the daemon looks
@@ -428,9 +428,9 @@ def test_query_mode_on_a_read_only_engine_changes_nothing(
         assert [(r.interface, r.filter) for r in query.interfaces("vm1")] == [
             ("vnet0", "web"), ("vnet1", None)]
         with pytest.raises(StateError):
-            query.destroy("vm1")
+            query.run("destroy", "vm1")
         with pytest.raises(StateError):
-            query.start_domain("vm2")
+            query.run("start", "vm2")
         with pytest.raises(StateError):
             query.define_xml(domain_xml("vm4"))
         assert _files(world.root) == files
@@ -441,3 +441,19 @@ def test_query_mode_on_a_read_only_engine_changes_nothing(
             query.start(autostart=True, take_over=False)
     finally:
         engine.close()
+
+
+def test_one_table_names_the_lifecycle_operations_of_api_and_command_line(
+    world: World,
+) -> None:
+    from nwfilter.api import known_methods
+    from nwfilter.commands.domains import _LIFECYCLE
+    from nwfilter.domain.lifecycle import LIFECYCLE
+
+    assert tuple(LIFECYCLE) == tuple(name for name, *_texts in _LIFECYCLE)
+    assert {f"domain.{verb}" for verb in LIFECYCLE} <= set(known_methods())
+    m = world.manager
+    m.define_xml(domain_xml("vm1"))
+    with pytest.raises(ValidationError, match="unknown domain operation 'explode'"):
+        m.run("explode", "vm1")
+    assert m.state("vm1").state is DomainState.SHUTOFF

@@ -175,3 +175,32 @@ def test_a_stopped_loop_starts_again() -> None:
         assert wait_for(lambda: len(ticks) >= 2)
     finally:
         loop.stop()
+
+
+def test_deferred_work_runs_off_the_loop_in_order_per_queue(loop: EventLoop) -> None:
+    done: list[tuple[str, int, bool]] = []
+    release = threading.Event()
+    finished = threading.Event()
+
+    def work(queue: str, n: int) -> None:
+        if (queue, n) == ("slow", 0):
+            assert release.wait(5)  # blocks its own queue only
+        if (queue, n) == ("fast", 1):
+            raise RuntimeError("a failing item does not stop its queue")
+        done.append((queue, n, threading.get_ident() == loop.loop_thread_id))
+        if (queue, n) == ("slow", 2):
+            finished.set()
+
+    def fire(timer: int, _opaque: object) -> None:
+        loop.remove_timeout(timer)
+        for n in range(3):
+            for queue in ("slow", "fast"):
+                loop.defer(queue, lambda q=queue, i=n: work(q, i))  # type: ignore[misc]
+
+    loop.add_timeout(0, fire)
+    assert wait_for(lambda: [d for d in done if d[0] == "fast"] == [("fast", 0, False),
+                                                                     ("fast", 2, False)])
+    assert [d for d in done if d[0] == "slow"] == []
+    release.set()
+    assert finished.wait(5)
+    assert [d for d in done if d[0] == "slow"] == [("slow", n, False) for n in range(3)]

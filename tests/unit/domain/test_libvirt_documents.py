@@ -13,7 +13,7 @@ import pytest
 from nwfilter.backends.memory import MemoryBackend
 from nwfilter.cli import main
 from nwfilter.conf import format_domain, parse_domain
-from nwfilter.domain.driver import DomainManager
+from nwfilter.domain.manager import DomainManager
 from nwfilter.engine import Engine
 from nwfilter.errors import UnsupportedError, ValidationError
 
@@ -63,7 +63,7 @@ def test_kvm_guest_defines_and_dumps_and_start_names_what_is_missing(
     assert [r.name for r in manager.list_domains(all_domains=True)] == ["web01"]
     # Its first NIC is on network 'default', which nothing manages here.
     with pytest.raises(UnsupportedError, match="network 'default', and no networks are managed"):
-        manager.start_domain("web01")
+        manager.run("start", "web01")
     assert manager.state("web01").state.value == "shut off"
     assert manager.engine.list_bindings() == []  # type: ignore[attr-defined]
 
@@ -86,7 +86,7 @@ def test_interfaces_no_driver_can_attach_are_refused_at_start(
         "</filterref></interface></devices></domain>"
     )
     with pytest.raises(UnsupportedError, match=why):
-        manager.start_domain("vm1")
+        manager.run("start", "vm1")
     assert manager.state("vm1").state.value == "shut off"
     assert manager.engine.list_bindings() == []  # type: ignore[attr-defined]
 

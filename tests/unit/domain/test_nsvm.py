@@ -1,24 +1,27 @@
-"""The `ns` hypervisor against a simulated `ip`: concurrent guests on one
-bridge, and a stop that finishes what it can.  (tests/integration/test_nsvm.py
-runs it against the real kernel.)"""
+"""The `ns` hypervisor against a simulated kernel (its links and `ip netns`):
+concurrent guests on one bridge, and a stop that finishes what it can.
+(tests/integration/test_nsvm.py runs it against the real kernel.)"""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from nwfilter.conf.model import DomainDef, InterfaceDef
 from nwfilter.domain.hypervisor import PortPlan
+from nwfilter.domain.links import LinkState
 from nwfilter.domain.nsvm import NsHypervisor
-from nwfilter.errors import BackendError, StorageError
+from nwfilter.errors import BackendError, StateError, StorageError
+
+T = TypeVar("T")
 
 HOST = "lab"
 
@@ -33,13 +36,17 @@ class Link:
 
 
 @dataclass
-class FakeIp:
-    """Just enough of `ip` for NsHypervisor: namespaces (files in
-    `netns_dir`, as under /run/netns), links, bridges and their ports.
+class FakeKernel:
+    """Just enough of the kernel for NsHypervisor: namespaces (files in
+    `netns_dir`, as under /run/netns, made and removed by the `ip netns`
+    runner), and links, bridges and their ports (changed and read through
+    `links(netns)`, which stands for `nwfilter.domain.links.Links`).
 
-    `slow` makes a query take that long; the answer is read *before* the
-    pause, as a real `ip` process reads the kernel's state and then returns,
-    so a caller can act on an answer that is out of date."""
+    Each link call is recorded in `calls` as (method, args...).  `slow`
+    makes a call take that long; the answer is read *before* the pause, as
+    a netlink reply reflects the kernel's state when it was sent, so a
+    caller can act on an answer that is out of date.  `failures` makes a
+    call fail that many times."""
 
     netns_dir: Path
     links: dict[tuple[str, str], Link] = field(default_factory=dict)
@@ -54,90 +61,51 @@ class FakeIp:
         (self.netns_dir / HOST).touch()
         self.links[(HOST, "lo")] = Link("loopback", up=True)
 
+    # -- `ip netns`, the only commands left to the runner ----------------------
+
     def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         args = list(argv)
-        assert args[0] == "ip"
-        args = args[1:]
-        netns = HOST
-        if args[:1] == ["-n"]:
-            netns, args = args[1], args[2:]
-        while args[:1] in (["-j"], ["-d"]):
-            args = args[1:]
-        key = tuple(args)
+        with self.lock:
+            match args:
+                case ["ip", "netns", "add", name]:
+                    path = self.netns_dir / name
+                    if path.exists():
+                        return self._done(argv, 1, "File exists")
+                    path.touch()
+                    self.links[(name, "lo")] = Link("loopback")
+                case ["ip", "netns", "del", name]:
+                    (self.netns_dir / name).unlink()
+                    for where, dev in [k for k in self.links if k[0] == name]:
+                        self._delete(where, dev)
+                case ["ip", "netns", "pids", _]:
+                    pass
+                case _:
+                    raise AssertionError(f"unexpected command: {args}")
+        return self._done(argv, 0)
+
+    @staticmethod
+    def _done(argv: Sequence[str], rc: int, err: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(list(argv), rc, "", err)
+
+    # -- links ----------------------------------------------------------------------
+
+    def links_in(self, netns: str | None) -> FakeLinks:
+        return FakeLinks(self, netns or HOST)
+
+    def call(self, key: tuple[str, ...], do: Callable[[], T]) -> T:
         with self.lock:
             self.calls.append(key)
             if self.failures.get(key):
                 self.failures[key] -= 1
-                return self._done(argv, 2, err=f"simulated failure of {' '.join(key)}")
-            rc, out, err = self._do(netns, args)
+                raise BackendError(f"simulated failure of {' '.join(key)}")
+            answer = do()
         event = self.entered.get(key)
         if event is not None:
             event.set()
         delay = self.slow.get(key, 0.0)
         if delay:
             time.sleep(delay)
-        return self._done(argv, rc, out, err)
-
-    @staticmethod
-    def _done(
-        argv: Sequence[str], rc: int, out: str = "", err: str = ""
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(list(argv), rc, out, err)
-
-    def _do(self, ns: str, args: list[str]) -> tuple[int, str, str]:
-        match args:
-            case ["netns", "add", name]:
-                path = self.netns_dir / name
-                if path.exists():
-                    return 1, "", "File exists"
-                path.touch()
-                self.links[(name, "lo")] = Link("loopback")
-            case ["netns", "del", name]:
-                (self.netns_dir / name).unlink()
-                for where, dev in [k for k in self.links if k[0] == name]:
-                    self._delete(where, dev)
-            case ["netns", "pids", _]:
-                pass
-            case ["link", "add", name, "address", _, "type", "veth", "peer", "name", peer,
-                  "address", _, "netns", peer_ns]:
-                if (ns, name) in self.links or (peer_ns, peer) in self.links:
-                    return 2, "", "File exists"
-                self.links[(ns, name)] = Link("veth", peer=(peer_ns, peer))
-                self.links[(peer_ns, peer)] = Link("veth", peer=(ns, name))
-            case ["link", "add", name, "type", "bridge", *_]:
-                if (ns, name) in self.links:
-                    return 2, "", "RTNETLINK answers: File exists"
-                self.links[(ns, name)] = Link("bridge")
-            case ["link", "set", name, "master", bridge]:
-                link = self.links.get((ns, name))
-                target = self.links.get((ns, bridge))
-                if link is None or target is None or target.kind != "bridge":
-                    return 1, "", f"Cannot find device \"{bridge}\""
-                link.master = bridge
-            case ["link", "set", name, "alias", alias]:
-                self.links[(ns, name)].alias = alias
-            case ["link", "set", name, ("up" | "down") as state]:
-                if (ns, name) not in self.links:
-                    return 1, "", f"Cannot find device \"{name}\""
-                self.links[(ns, name)].up = state == "up"
-            case ["link", "del", name]:
-                if (ns, name) not in self.links:
-                    return 1, "", f"Cannot find device \"{name}\""
-                self._delete(ns, name)
-            case ["link", "show", "dev", name]:
-                link = self.links.get((ns, name))
-                if link is None:
-                    return 1, "", f"Device \"{name}\" does not exist."
-                return 0, json.dumps([self._show(name, link)]), ""
-            case ["link", "show", "master", bridge]:
-                ports = [self._show(n, link) for (where, n), link in sorted(self.links.items())
-                         if where == ns and link.master == bridge]
-                return 0, json.dumps(ports), ""
-            case ["addr", "add", *_]:
-                pass
-            case _:
-                raise AssertionError(f"unexpected ip command in {ns}: {args}")
-        return 0, "", ""
+        return answer
 
     def _delete(self, ns: str, name: str) -> None:
         link = self.links.pop((ns, name), None)
@@ -150,20 +118,6 @@ class FakeIp:
                 if where == ns and other.master == name:
                     other.master = None
 
-    @staticmethod
-    def _show(name: str, link: Link) -> dict[str, object]:
-        info: dict[str, object] = {
-            "ifname": name,
-            "flags": ["UP"] if link.up else [],
-            "operstate": "UP" if link.up else "DOWN",
-            "linkinfo": {"info_kind": link.kind},
-        }
-        if link.alias is not None:
-            info["ifalias"] = link.alias
-        if link.master is not None:
-            info["master"] = link.master
-        return info
-
     def master_of(self, name: str) -> str | None:
         with self.lock:
             link = self.links.get((HOST, name))
@@ -174,14 +128,93 @@ class FakeIp:
             return (ns, name) in self.links
 
 
+@dataclass
+class FakeLinks:
+    """`Links` of one namespace of a `FakeKernel`."""
+
+    kernel: FakeKernel
+    ns: str
+
+    def __enter__(self) -> FakeLinks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _get(self, name: str) -> Link:
+        link = self.kernel.links.get((self.ns, name))
+        if link is None:
+            raise StateError(f"device '{name}' does not exist in namespace '{self.ns}'")
+        return link
+
+    def index(self, name: str) -> int | None:
+        def do() -> int | None:
+            return 1 if (self.ns, name) in self.kernel.links else None
+        return self.kernel.call(("index", name), do)
+
+    def state(self, name: str) -> LinkState | None:
+        def do() -> LinkState | None:
+            link = self.kernel.links.get((self.ns, name))
+            if link is None:
+                return None
+            return LinkState(link.kind, link.up, link.up, link.alias,
+                             None if link.master is None else 1)
+        return self.kernel.call(("state", name), do)
+
+    def ports_of(self, bridge: str) -> list[str]:
+        def do() -> list[str]:
+            return sorted(n for (where, n), link in self.kernel.links.items()
+                          if where == self.ns and link.master == bridge)
+        return self.kernel.call(("ports_of", bridge), do)
+
+    def add_veth(self, name: str, peer: str, peer_netns: str, *, mac: str | None = None,
+                 peer_mac: str | None = None) -> None:
+        def do() -> None:
+            links = self.kernel.links
+            if (self.ns, name) in links or (peer_netns, peer) in links:
+                raise BackendError(f"cannot create veth pair '{name}': File exists")
+            links[(self.ns, name)] = Link("veth", peer=(peer_netns, peer))
+            links[(peer_netns, peer)] = Link("veth", peer=(self.ns, name))
+        self.kernel.call(("add_veth", name, peer, peer_netns), do)
+
+    def add_bridge(self, name: str, *, alias: str | None = None) -> None:
+        def do() -> None:
+            if (self.ns, name) in self.kernel.links:
+                raise BackendError(f"cannot create bridge '{name}': File exists")
+            self.kernel.links[(self.ns, name)] = Link("bridge", up=True, alias=alias)
+        self.kernel.call(("add_bridge", name), do)
+
+    def add_address(self, name: str, cidr: str) -> None:
+        self.kernel.call(("add_address", name, cidr), lambda: self._get(name) and None)
+
+    def set_up(self, name: str, up: bool = True) -> None:
+        def do() -> None:
+            self._get(name).up = up
+        self.kernel.call(("set_up", name, str(up)), do)
+
+    def set_master(self, name: str, bridge: str) -> None:
+        def do() -> None:
+            target = self.kernel.links.get((self.ns, bridge))
+            if target is None or target.kind != "bridge":
+                raise StateError(f"bridge '{bridge}' does not exist")
+            self._get(name).master = bridge
+        self.kernel.call(("set_master", name, bridge), do)
+
+    def delete(self, name: str) -> None:
+        def do() -> None:
+            self.kernel._delete(self.ns, name)
+        self.kernel.call(("delete", name), do)
+
+
 def guest(name: str, mac: str) -> tuple[DomainDef, list[PortPlan]]:
     dom = DomainDef("ns", name, uuid.uuid4(), (InterfaceDef(mac=mac, source_bridge="br0"),))
     return dom, [PortPlan(0, f"vnet-{name}", mac, "br0", True)]
 
 
-def make(tmp_path: Path) -> tuple[NsHypervisor, FakeIp]:
-    fake = FakeIp(tmp_path / "netns")
-    hv = NsHypervisor(tmp_path / "run", HOST, runner=fake, netns_dir=tmp_path / "netns")
+def make(tmp_path: Path) -> tuple[NsHypervisor, FakeKernel]:
+    fake = FakeKernel(tmp_path / "netns")
+    hv = NsHypervisor(tmp_path / "run", HOST, runner=fake, netns_dir=tmp_path / "netns",
+                      links=fake.links_in)  # type: ignore[arg-type]
     return hv, fake
 
 
@@ -210,13 +243,12 @@ def run_together(*jobs: object) -> list[BaseException]:
 def test_two_guests_starting_together_share_the_bridge_they_need(tmp_path: Path) -> None:
     hv, fake = make(tmp_path)
     # both look for the bridge at the same moment and find none
-    fake.slow[("link", "show", "dev", "br0")] = 0.2
+    fake.slow[("index", "br0")] = 0.2
     (a, a_ports), (b, b_ports) = guest("a", "52:54:00:00:00:0a"), guest("b", "52:54:00:00:00:0b")
     errors = run_together(lambda: hv.prepare(a, a_ports), lambda: hv.prepare(b, b_ports))
     assert errors == []
     assert fake.master_of("vnet-a") == "br0" and fake.master_of("vnet-b") == "br0"
-    assert fake.calls.count(("link", "add", "br0", "type", "bridge", "stp_state", "0",
-                             "forward_delay", "0")) == 1
+    assert fake.calls.count(("add_bridge", "br0")) == 1
 
 
 def test_stop_never_deletes_the_bridge_a_starting_guest_joins(tmp_path: Path) -> None:
@@ -225,7 +257,7 @@ def test_stop_never_deletes_the_bridge_a_starting_guest_joins(tmp_path: Path) ->
     hv.prepare(a, a_ports)
     assert fake.master_of("vnet-a") == "br0"
     # a's stop finds br0 empty, and acts on that answer a moment later
-    empty = ("link", "show", "master", "br0")
+    empty = ("ports_of", "br0")
     fake.slow[empty] = 0.3
     fake.entered[empty] = threading.Event()
     errors: list[BaseException] = []
@@ -266,8 +298,8 @@ def test_stop_goes_on_after_a_failed_step_and_can_be_repeated(tmp_path: Path) ->
     hv, fake = make(tmp_path)
     a, a_ports = guest("a", "52:54:00:00:00:0a")
     hv.prepare(a, a_ports)
-    fake.failures[("link", "del", "vnet-a")] = 1
-    with pytest.raises(BackendError, match="link del vnet-a"):
+    fake.failures[("delete", "vnet-a")] = 1
+    with pytest.raises(BackendError, match="delete vnet-a"):
         hv.stop(a)
     assert not hv.is_alive(a)  # the namespace went all the same
     assert (tmp_path / "run" / "a.ports.json").exists()  # kept for another try
@@ -279,8 +311,8 @@ def test_stop_goes_on_after_a_failed_step_and_can_be_repeated(tmp_path: Path) ->
 def test_failed_prepare_is_undone_and_reports_its_own_error(tmp_path: Path) -> None:
     hv, fake = make(tmp_path)
     a, a_ports = guest("a", "52:54:00:00:00:0a")
-    fake.failures[("link", "set", "vnet-a", "master", "br0")] = 1
-    fake.failures[("link", "del", "vnet-a")] = 1  # and the clean-up stumbles too
-    with pytest.raises(BackendError, match="master br0"):
+    fake.failures[("set_master", "vnet-a", "br0")] = 1
+    fake.failures[("delete", "vnet-a")] = 1  # and the clean-up stumbles too
+    with pytest.raises(BackendError, match="set_master vnet-a br0"):
         hv.prepare(a, a_ports)
     assert not hv.is_alive(a)

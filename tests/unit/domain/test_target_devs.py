@@ -60,12 +60,12 @@ def test_duplicate_in_a_stored_definition_is_refused_at_start(world: World) -> N
     (world.root / "domains" / "vm1.xml").write_text(xml)
     world = world.restart()
     with pytest.raises(ValidationError) as err:
-        world.manager.start_domain("vm1")
+        world.manager.run("start", "vm1")
     assert "'vnet5'" in err.value.message and "'vm1'" in err.value.message
     assert world.engine.list_bindings() == [] and world.hv_a.guests() == {}
     # nothing reserved: another domain may take the port
     world.manager.define_xml(domain("vm2", iface(MAC1, "vnet5")))
-    world.manager.start_domain("vm2")
+    world.manager.run("start", "vm2")
     assert [b.portdev for b in world.engine.list_bindings()] == ["vnet5"]
     world.engine.close()
 
@@ -74,9 +74,9 @@ def test_two_domains_cannot_run_on_one_target_dev(world: World) -> None:
     m = world.manager
     m.define_xml(domain("vm1", iface(MAC1, "vnet5", None)))
     m.define_xml(domain("vm2", iface(MAC2, "vnet5")))  # defining both is fine
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     with pytest.raises(ConflictError) as err:
-        m.start_domain("vm2")
+        m.run("start", "vm2")
     assert "'vnet5'" in err.value.message and "'vm1'" in err.value.message
     assert world.engine.list_bindings() == []
 
@@ -85,7 +85,7 @@ def test_generated_names_skip_ports_bound_by_hand(world: World) -> None:
     world.engine.create_bindings([hand_binding("vnet0")])
     m = world.manager
     m.define_xml(domain("vm1", iface(MAC1, None, None), iface(MAC2, None)))
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     assert [r.interface for r in m.interfaces("vm1")] == ["vnet1", "vnet2"]
     owners = {b.portdev: b.owner_name for b in world.engine.list_bindings()}
     assert owners == {"vnet0": "other", "vnet2": "vm1"}
@@ -97,7 +97,7 @@ def test_start_on_a_port_bound_by_hand_is_refused(world: World, filt: str | None
     m = world.manager
     m.define_xml(domain("vm1", iface(MAC1, "vnet7", filt)))
     with pytest.raises(ConflictError) as err:
-        m.start_domain("vm1")
+        m.run("start", "vm1")
     text = err.value.message
     assert "'vnet7'" in text and "'vm1'" in text and "'other'" in text
     assert [b.owner_name for b in world.engine.list_bindings()] == ["other"]
@@ -110,14 +110,14 @@ def test_hand_binding_on_a_running_domains_port_is_refused(
 ) -> None:
     m = world.manager
     m.define_xml(domain("vm1", iface(MAC1, "vnet3", filt)))
-    m.start_domain("vm1")
+    m.run("start", "vm1")
     before = world.engine.list_bindings()
     with pytest.raises(ConflictError) as err:
         world.engine.create_bindings([hand_binding("vnet3")])
     assert "'vnet3'" in err.value.message and "'vm1'" in err.value.message
     assert world.engine.list_bindings() == before
     # once the domain is off the port is free
-    m.destroy("vm1")
+    m.run("destroy", "vm1")
     world.engine.create_bindings([hand_binding("vnet3")])
 
 
