@@ -164,7 +164,7 @@ def test_a_filter_redefined_while_qemu_domains_start_and_stop(tmp_path: Path) ->
 
         def act(op: str, name: str) -> None:
             try:
-                (manager.start_domain if op == "start" else manager.destroy)(name)
+                manager.run(op, name)
                 with count_lock:
                     counts[op] += 1
             except StateError:
