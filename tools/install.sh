@@ -10,7 +10,7 @@ say() {
     if [ -t 2 ]; then printf 'install: %s
 ' "$*" >&2; fi
 }
-PKGS="nftables libnftables1 iptables ebtables iproute2 iputils-ping busybox python3-venv libvirt0 groff-base dnsmasq-base qemu-system-x86 etcd-server"
+PKGS="nftables libnftables1 iptables ebtables iproute2 iputils-ping busybox python3-venv libvirt0 libvirt-daemon-config-nwfilter groff-base dnsmasq-base qemu-system-x86 etcd-server"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
