@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from nwfilter.backends.nft import NftBackend
 from nwfilter.domain.manager import DomainManager
 from nwfilter.domain.qemuvm import QemuHypervisor
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             manager.stop_all()
             hypervisor.close()
             engine.close()
-    print(f"{dtype}, {args.boots} boots, seconds from start_domain:")
+    print(f"{dtype}, {args.boots} boots, seconds from the start call:")
     print(f"  {'until':12} {'median':>8} {'min':>8} {'max':>8}")
     for what, values in spans.items():
         print(f"  {what:12} {statistics.median(values):8.2f} {min(values):8.2f} "
