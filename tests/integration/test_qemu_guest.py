@@ -1,11 +1,12 @@
 """A real guest behind a filtered tap: Debian's kernel booted directly by the
 `qemu` driver with a busybox initramfs built here, on an `<interface
 type='network'>` of the root's default network with `clean-traffic` and no
-IP, so the engine learns the guest's address from its DHCP lease.  The
-test drives the guest over its serial console (a unix socket QEMU connects
-to) and checks what crosses the tap: the lease, a ping to the host, and
-that the guest's own spoofing attempts (another IP address, another MAC)
-are dropped while the lease's address and MAC keep working.
+IP, so the engine learns the guest's address from its DHCP lease
+(`CTRL_IP_LEARNING=dhcp`).  The test drives the guest over its serial
+console (a unix socket QEMU connects to) and checks what crosses the tap:
+the lease, a ping to the host, and that the guest's own spoofing attempts
+(another IP address, another MAC) are dropped while the lease's address and
+MAC keep working.
 
 The guest runs under TCG (`type='qemu'`) unless NWFILTER_TEST_KVM=1 asks
 for KVM: on a nested KVM that passes on few CPU features (as here),
@@ -52,7 +53,10 @@ def guest_xml(name: str, initrd: Path, console: Path) -> str:
         f"<cmdline>{CMDLINE}</cmdline></os><devices>"
         "<interface type='network'><source network='default'/>"
         f"<mac address='{MAC}'/><model type='virtio'/><rom enabled='no'/>"
-        "<filterref filter='clean-traffic'/></interface>"
+        # dhcp: only a lease teaches the address (under the default `any`,
+        # the guest's first ARP would, and a self-chosen address would pass).
+        "<filterref filter='clean-traffic'>"
+        "<parameter name='CTRL_IP_LEARNING' value='dhcp'/></filterref></interface>"
         f"<serial type='unix'><source mode='connect' path='{console}'/></serial>"
         "</devices></domain>"
     )
@@ -94,7 +98,7 @@ def test_a_real_guest_leases_pings_and_cannot_spoof(
     port = st.call("domain.iflist", domain="g1")[0]["interface"]
 
     # Before a lease only DHCP passes: a guest that picks an address itself
-    # reaches nobody.
+    # reaches nobody, and (learning from DHCP only) is not learnt from it.
     con.check("ip addr add 192.168.122.40/24 dev eth0")
     assert con.run(f"ping -c 1 -W 1 {HOST}")[0] != 0
     con.check("ip -4 addr flush dev eth0")
