@@ -590,6 +590,20 @@ class Platform(Protocol):
 
     def rules_text(self, portdev: str) -> str: ...
 
+    def explain(self, portdev: str, frame: bytes) -> tuple[str, str, str]:
+        """(verdict, the rule that decided, its origin in the XML) of a
+        frame the guest on `portdev` sends."""
+        ...
+
+    def stats(self, portdev: str) -> tuple[int, int]:
+        """(accepted, dropped) packets the guest on `portdev` sent, from the
+        kernel's rule counters."""
+        ...
+
+    def audit(self) -> tuple[int, dict[str, int], list[str]]:
+        """(ports audited, findings per severity, the findings' lines)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -651,21 +665,56 @@ def _demo_steps(lab: Lab, platform: Platform, out: TextIO) -> int:
     _say(out, format_table(restored))
 
     everything = [*results, *edited, *restored]
+    proof_ok = _proof_step(platform, out)
     learnt_ok = _network_step(lab, platform, out)
     bad = [o for o in everything if not o.ok]
-    _step(out, 8, "result")
-    if bad or not same or not learnt_ok:
+    _step(out, 9, "result")
+    if bad or not same or not learnt_ok or not proof_ok:
         _say(out, f"{len(bad)} of {len(everything)} probes did not behave as the filters say"
-             + ("" if learnt_ok else "; the network guest did not behave as its filter says"))
+             + ("" if learnt_ok else "; the network guest did not behave as its filter says")
+             + ("" if proof_ok else "; the explainer or the counters disagreed (see step 7)"))
         return 1
-    _say(out, f"all {len(everything)} probes behaved as the filters say, and the network "
-              "guest was filtered by the address it leased")
+    _say(out, f"all {len(everything)} probes behaved as the filters say, the explainer and "
+              "the counters agreed, and the network guest was filtered by the address it "
+              "leased")
     return 0
+
+
+def _proof_step(platform: Platform, out: TextIO) -> bool:
+    """The explainer's verdicts on two of mallory's frames, the kernel's
+    counters of what mallory sent, and an audit of every port."""
+    alice, bob, mallory = GUESTS
+    _step(out, 7, "proof: the packet explainer, the rule counters, the audit")
+    ok = True
+    for label, src_ip, want in (("own MAC and IP", mallory.ip, "ACCEPT"),
+                                ("forged source IP (alice's)", alice.ip, "DROP")):
+        frame = icmp_echo_frame(eth_src=mallory.mac, eth_dst=bob.mac, ip_src=src_ip,
+                                ip_dst=bob.ip, token=b"explain")
+        verdict, decided, origin = platform.explain(mallory.portdev, frame)
+        ok = ok and verdict == want
+        _say(out, f"  nwfilter explain --port {mallory.portdev} --direction out, ICMP echo, "
+                  f"{label}:")
+        _say(out, f"    verdict: {verdict}, decided by {decided}"
+                  + (f" [{origin}]" if origin else "")
+                  + ("" if verdict == want else f" (unexpected: {want} was due)"))
+    accepted, dropped = platform.stats(mallory.portdev)
+    # Three rounds of mallory's forged frames were dropped above.
+    ok = ok and dropped > 0 and accepted > 0
+    _say(out, f"  nwfilter stats {mallory.portdev}: from the guest {accepted} packets "
+              f"accepted, {dropped} dropped (the kernel's counters of its rules)")
+    ports, summary, lines = platform.audit()
+    shown = ", ".join(f"{n} {s}" for s, n in summary.items() if n) or "no findings"
+    _say(out, f"  nwfilter audit: {ports} ports, {shown}")
+    for line in lines[:4]:
+        _say(out, f"    {line if len(line) <= 110 else line[:107] + '...'}")
+    if len(lines) > 4:
+        _say(out, f"    ... {len(lines) - 4} more")
+    return ok
 
 
 def _network_step(lab: Lab, platform: Platform, out: TextIO) -> bool:
     name, mac = NET_GUEST
-    _step(out, 7, f"a guest on the '{NETWORK}' network, no IP: filtered by the address it leases")
+    _step(out, 8, f"a guest on the '{NETWORK}' network, no IP: filtered by the address it leases")
     _say(out, f"    <interface type='network'><source network='{NETWORK}'/>"
               "<filterref filter='clean-traffic'>")
     _say(out, "      <parameter name='CTRL_IP_LEARNING' value='dhcp'/></filterref></interface>")
@@ -798,6 +847,27 @@ class DriverPlatform:
         from nwfilter.render_text import render_text
 
         return render_text(self.engine.ruleset(portdev))
+
+    def explain(self, portdev: str, frame: bytes) -> tuple[str, str, str]:
+        from nwfilter.audit.explain import Explainer, semantics_of
+        from nwfilter.ir import Hook
+
+        walk = Explainer(self.engine.ruleset(portdev),
+                         backend=semantics_of(self.engine.backend.name))
+        result = walk.explain(Hook.FROM_VM, frame, trace=False)
+        return result.verdict, result.decided_by, result.origin
+
+    def stats(self, portdev: str) -> tuple[int, int]:
+        from nwfilter.audit.stats import port_stats
+
+        totals = port_stats(self.engine, [portdev])["ports"][portdev]["totals"]["out"]
+        return totals["accepted"]["packets"], totals["dropped"]["packets"]
+
+    def audit(self) -> tuple[int, dict[str, int], list[str]]:
+        result = self.server.context.auditor().run(self.engine, self.manager)
+        lines = [f"{f['severity']:6} {f['kind']} {f.get('port') or f.get('filter') or ''}: "
+                 f"{f['message']}" for f in result["findings"]]
+        return result["ports"], result["summary"], lines
 
     def close(self) -> None:
         from nwfilter.daemon import close

@@ -62,6 +62,10 @@ def test_sandbox_runs_and_cleans_up(no_leftovers: None, tmp_path: Path) -> None:
     # The guest on the default network: no IP given, learnt from its lease.
     assert "the engine learnt: 192.168.122." in out, out
     assert "filtered by the address it leased" in out, out
+    assert "verdict: DROP, decided by" in out and "the explainer and the counters agreed" in out
+    assert re.search(r"nwfilter stats vnet-mallory: from the guest \d+ packets accepted, "
+                     r"[1-9]\d* dropped", out), out
+    assert "nwfilter audit: 3 ports" in out, out
     assert "(unexpected)" not in out, out
 
 
