@@ -165,7 +165,7 @@ class Links:
                 f"cannot add address {cidr} to '{ifname}' in {self._where()}: {exc}"
             ) from exc
 
-    def delete(self, ifname: str) -> None:
+    def delete(self, ifname: str, what: str = "device") -> None:
         """Delete link `ifname` of any kind; one already gone is fine."""
         index = self.index(ifname)
         if index is None:
@@ -176,7 +176,7 @@ class Links:
             if self.index(ifname) is None:
                 return
             raise BackendError(
-                f"cannot delete device '{ifname}' in {self._where()}: {exc}"
+                f"cannot delete {what} '{ifname}' in {self._where()}: {exc}"
             ) from exc
 
     def add_tap(self, ifname: str, mac: str | None = None) -> None:
@@ -220,17 +220,8 @@ class Links:
 
     def delete_tap(self, ifname: str) -> None:
         """Delete `ifname` if it is a tap; anything else of that name is left."""
-        if self.kind(ifname) != "tun":
-            return
-        index = self.index(ifname)
-        try:
-            self._ipr.link("del", index=index)
-        except Exception as exc:
-            if self.index(ifname) is None:
-                return
-            raise BackendError(
-                f"cannot delete tap device '{ifname}' in {self._where()}: {exc}"
-            ) from exc
+        if self.kind(ifname) == "tun":
+            self.delete(ifname, "tap device")
 
     def _must(self, ifname: str) -> int:
         index = self.index(ifname)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 
 from nwfilter.errors import BackendError
 from nwfilter.netns import in_netns
@@ -35,16 +36,21 @@ def request(seq: int) -> bytes:
                        NLM_F_REQUEST, seq, 0) + body
 
 
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The netlink messages of one datagram: (type, sequence number, body)."""
+    pos = 0
+    while pos + _NLMSG.size <= len(data):
+        length, kind, _flags, seq, _pid = _NLMSG.unpack_from(data, pos)
+        if length < _NLMSG.size:
+            break
+        yield kind, seq, data[pos + _NLMSG.size: pos + length]
+        pos += (length + 3) & ~3
+
+
 def parse_reply(data: bytes, seq: int) -> int | None:
     """The generation id in the answer to request `seq`; None if `data`
     does not hold it; BackendError for an error answer."""
-    pos = 0
-    while pos + _NLMSG.size <= len(data):
-        length, kind, _flags, got, _pid = _NLMSG.unpack_from(data, pos)
-        if length < _NLMSG.size:
-            break
-        body = data[pos + _NLMSG.size: pos + length]
-        pos += (length + 3) & ~3
+    for kind, got, body in messages(data):
         if got != seq:
             continue
         if kind == NLMSG_ERROR:

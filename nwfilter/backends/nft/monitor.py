@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nwfilter.backends.nft.generation import messages as netlink_messages
 from nwfilter.backends.nft.render import IPSET_PREFIX, LEARN_PREFIX
 from nwfilter.events import EventBus, EventKind
 from nwfilter.netns import in_netns
@@ -76,7 +77,6 @@ MSG_NAMES = {
     6: "new rule", 8: "delete rule", 9: "new set", 11: "delete set",
     12: "new element", 14: "delete element",
 }
-_NLMSG = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 
 
@@ -112,13 +112,7 @@ def parse_events(
     as (transaction, committing tid, committing command name); with
     `report_others` also those that touched other tables only."""
     done: list[tuple[Transaction, int, str]] = []
-    pos = 0
-    while pos + _NLMSG.size <= len(buf):
-        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(buf, pos)
-        if length < _NLMSG.size:
-            break
-        body = buf[pos + _NLMSG.size: pos + length]
-        pos += (length + 3) & ~3
+    for mtype, _seq, body in netlink_messages(buf):
         if mtype >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
             continue
         kind = mtype & 0xFF
