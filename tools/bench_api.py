@@ -255,34 +255,53 @@ def phase_api_one(bench: Bench, n: int) -> tuple[list[float], Path]:
     return times, sock  # its daemon serves the nwfilter-list runs too
 
 
+def together(clients: int, work: Callable[[int, Callable[[], None]], None],
+             while_running: Callable[[], None] | None = None) -> float:
+    """Run `work(k, go)` in `clients` threads; each calls `go()` once it is
+    set up, and the clock starts when all have.  Seconds until every thread
+    ended (after `while_running()`, run meanwhile, returns); the first
+    failure of any thread is raised."""
+    barrier = threading.Barrier(clients + 1)
+    failures: list[BaseException] = []
+
+    def go() -> None:
+        barrier.wait(60)
+
+    def run(k: int) -> None:
+        try:
+            work(k, go)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait(60)
+    t0 = time.perf_counter()
+    if while_running is not None:
+        while_running()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {clients} threads failed: {failures[0]!r}")
+    return elapsed
+
+
 def phase_api_many(bench: Bench, n: int, clients: int) -> tuple[float, int, int]:
     """Seconds for n creates from `clients` clients, kernel transactions, requests."""
     ns, root = bench.host("d")
     _proc, sock = bench.daemon(root, ns)
     generations = Generations(bench, ns)
     before = generations.count()
-    barrier = threading.Barrier(clients + 1)
-    failures: list[BaseException] = []
 
-    def work(k: int) -> None:
-        try:
-            with Client(sock) as client:
-                barrier.wait(60)
-                for i in range(k, n, clients):
-                    client.call("binding.create", {"xml": [binding_xml(i)]})
-        except BaseException as exc:
-            failures.append(exc)
+    def work(k: int, go: Callable[[], None]) -> None:
+        with Client(sock) as client:
+            go()
+            for i in range(k, n, clients):
+                client.call("binding.create", {"xml": [binding_xml(i)]})
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait(60)
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    if failures:
-        raise RuntimeError(f"{len(failures)} client(s) failed: {failures[0]!r}")
+    elapsed = together(clients, work)
     generations.sync()
     return elapsed, generations.count() - before, n
 
@@ -301,27 +320,13 @@ def phase_engine_many(
     engine.start()
     try:
         defs = [parse_binding(binding_xml(i)) for i in range(n)]
-        barrier = threading.Barrier(clients + 1)
-        failures: list[BaseException] = []
 
-        def work(k: int) -> None:
-            try:
-                barrier.wait(60)
-                for i in range(k, n, clients):
-                    engine.create_bindings([defs[i]])
-            except BaseException as exc:
-                failures.append(exc)
+        def work(k: int, go: Callable[[], None]) -> None:
+            go()
+            for i in range(k, n, clients):
+                engine.create_bindings([defs[i]])
 
-        threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-        for t in threads:
-            t.start()
-        barrier.wait(60)
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-        if failures:
-            raise RuntimeError(f"{len(failures)} thread(s) failed: {failures[0]!r}")
+        elapsed = together(clients, work)
         return elapsed, engine.create_queue.batches, engine.create_queue.requests
     finally:
         engine.backend.clear_all()
@@ -331,32 +336,20 @@ def phase_engine_many(
 def throughput(sock: Path, clients: int, seconds: float) -> float:
     counts = [0] * clients
     stop = threading.Event()
-    barrier = threading.Barrier(clients + 1)
-    failures: list[BaseException] = []
 
-    def work(k: int) -> None:
-        try:
-            with Client(sock) as client:
-                barrier.wait(60)
-                while not stop.is_set():
-                    client.call("filter.list")
-                    counts[k] += 1
-        except BaseException as exc:
-            failures.append(exc)
+    def work(k: int, go: Callable[[], None]) -> None:
+        with Client(sock) as client:
+            go()
+            while not stop.is_set():
+                client.call("filter.list")
+                counts[k] += 1
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait(60)
-    t0 = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    if failures:
-        raise RuntimeError(f"{len(failures)} client(s) failed: {failures[0]!r}")
-    return sum(counts) / (time.perf_counter() - t0)
+    def measure() -> None:
+        time.sleep(seconds)
+        stop.set()
 
+    elapsed = together(clients, work, measure)
+    return sum(counts) / elapsed
 
 @contextlib.contextmanager
 def cleaned_up(bench: Bench) -> Iterator[None]:

@@ -230,9 +230,14 @@ class Monitor:
 
     def _gone(self) -> None:
         """QEMU closed the monitor: fail the waiting commands, tell the owner once."""
+        if self._shut():
+            self._on_eof()
+
+    def _shut(self) -> bool:
+        """Mark the monitor closed, wake every waiting command and stop
+        watching the socket; False when it was closed already."""
         with self._state:
-            if self._closed:
-                return
+            was_open = not self._closed
             self._closed = True
             watch, self._watch = self._watch, None
             waiters = list(self._pending.values())
@@ -240,7 +245,7 @@ class Monitor:
             waiter.done.set()
         if watch is not None:
             self._loop.remove_handle(watch)
-        self._on_eof()
+        return was_open
 
     # -- closing ---------------------------------------------------------
 
@@ -252,14 +257,7 @@ class Monitor:
     def close(self) -> None:
         """Stop watching the socket (it is closed once the loop let go) and
         fail any waiting command; `on_eof` is not called.  Idempotent."""
-        with self._state:
-            self._closed = True
-            watch, self._watch = self._watch, None
-            waiters = list(self._pending.values())
-        for waiter in waiters:
-            waiter.done.set()
-        if watch is not None:
-            self._loop.remove_handle(watch)
+        self._shut()
 
 
 def _read_line(sock: socket.socket, deadline: float, domain: str) -> Mapping[str, Any]:

@@ -9,13 +9,19 @@ named `nwt-<hex>-…` and is deleted when the test ends, even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from nwfilter.backends.base import Backend
+from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
+
+STOCK_DIR = Path(__file__).resolve().parents[2] / "filters"
 
 SUBNET = "10.77.0.0/24"
 HOST_IP = "10.77.0.1"
@@ -67,3 +73,16 @@ def build_bridge_lab(lab: NetLab, n_guests: int = 2) -> BridgeLab:
 def lab() -> Iterator[BridgeLab]:
     with NetLab() as netlab:
         yield build_bridge_lab(netlab)
+
+
+@contextlib.contextmanager
+def kernel_engine(backend: Backend, root: Path) -> Iterator[Engine]:
+    """An engine on `backend` with the stock filters, started; closed on
+    the way out, and everything the backend applied removed."""
+    eng = Engine(root, backend, stock_dir=STOCK_DIR)
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.close()
+        backend.clear_all()

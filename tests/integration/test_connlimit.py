@@ -14,12 +14,11 @@ from nwfilter.backends.nft import NftBackend
 from nwfilter.conf.model import BindingDef, FilterRef
 from nwfilter.engine import Engine
 from nwfilter.netns import in_netns
-from tests.integration.conftest import BridgeLab
+from tests.integration.conftest import BridgeLab, kernel_engine
 from tests.integration.nettools import tcp_server
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
-STOCK = Path(__file__).resolve().parents[2] / "filters"
 PORT = 8080
 LIMIT = """<filter name='conn-limit' chain='root'>
   <rule action='drop' direction='in' priority='100'>
@@ -47,13 +46,8 @@ def connect(ns: str, ip: str, port: int) -> socket.socket | None:
 
 @pytest.fixture
 def engine(lab: BridgeLab, tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(tmp_path, NftBackend(netns=lab.host), stock_dir=STOCK)
-    eng.start()
-    try:
+    with kernel_engine(NftBackend(netns=lab.host), tmp_path) as eng:
         yield eng
-    finally:
-        eng.backend.clear_all()
-        eng.close()
 
 
 def test_connlimit_above_refuses_the_third_connection(lab: BridgeLab, engine: Engine) -> None:

@@ -22,13 +22,12 @@ import pytest
 from nwfilter.backends.ebiptables import EbiptablesBackend
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
-from tests.integration.conftest import BridgeLab, build_bridge_lab
+from tests.integration.conftest import BridgeLab, build_bridge_lab, kernel_engine
 from tests.integration.replay import bind_case
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 RECORDED = Path(__file__).resolve().parents[1] / "golden" / "libvirt" / "ebiptables.json"
-STOCK_FILTERS = Path(__file__).resolve().parents[2] / "filters"
 CASES: list[dict[str, Any]] = json.loads(RECORDED.read_text())["cases"]
 _PORT = re.compile(r"(^|[\s:-])vnet0($|[\s-])")
 _SHARED = re.compile(r"^(:libvirt-(in|out|in-post|host-in) |-A (INPUT|FORWARD) -j libvirt-)")
@@ -57,14 +56,8 @@ def glab() -> Iterator[BridgeLab]:
 
 @pytest.fixture
 def engine(glab: BridgeLab, tmp_path: Path) -> Iterator[Engine]:
-    backend = EbiptablesBackend(netns=glab.host)
-    eng = Engine(tmp_path, backend, stock_dir=STOCK_FILTERS)
-    eng.start()
-    try:
+    with kernel_engine(EbiptablesBackend(netns=glab.host), tmp_path) as eng:
         yield eng
-    finally:
-        eng.close()
-        backend.clear_all()
 
 
 

@@ -41,12 +41,11 @@ from nwfilter.conf import parse_binding
 from nwfilter.engine import Engine
 from nwfilter.ir import CtState, Hook
 from nwfilter.netlab import NetLab
-from tests.integration.conftest import BridgeLab, build_bridge_lab
+from tests.integration.conftest import STOCK_DIR, BridgeLab, build_bridge_lab, kernel_engine
 from tests.integration.replay import Frame, quiet_guests, replay
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
-STOCK = Path(__file__).resolve().parents[2] / "filters"
 BACKENDS = ("nft", "ebiptables")
 
 FILTER_A = """<filter name='explain-a' chain='root'>
@@ -168,14 +167,8 @@ def klab() -> Iterator[BridgeLab]:
 
 @pytest.fixture(params=BACKENDS)
 def engine(klab: BridgeLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    backend = get_backend(request.param, klab.host)
-    eng = Engine(tmp_path, backend, stock_dir=STOCK)
-    eng.start()
-    try:
+    with kernel_engine(get_backend(request.param, klab.host), tmp_path) as eng:
         yield eng
-    finally:
-        eng.close()
-        backend.clear_all()
 
 
 def _binding(portdev: str, mac: str, flt: str, ip: str) -> str:
@@ -459,7 +452,7 @@ def test_explain_reads_pcap_and_prints_json(klab: BridgeLab, tmp_path: Path, cap
     finally:
         # The root the command used owns the tables: clear them as it.
         kernel = get_backend(backend, klab.host)
-        eng = Engine(root, kernel, stock_dir=STOCK)
+        eng = Engine(root, kernel, stock_dir=STOCK_DIR)
         eng.start()
         eng.close()
         kernel.clear_all()

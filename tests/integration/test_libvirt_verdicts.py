@@ -24,13 +24,12 @@ from nwfilter.backends import get_backend
 from nwfilter.engine import Engine
 from nwfilter.errors import NwfilterError
 from nwfilter.netlab import NetLab
-from tests.integration.conftest import BridgeLab, build_bridge_lab
+from tests.integration.conftest import BridgeLab, build_bridge_lab, kernel_engine
 from tests.integration.replay import Frame, bind_case, quiet_guests, replay
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 RECORDED = Path(__file__).resolve().parents[1] / "golden" / "libvirt" / "verdicts.json"
-STOCK_FILTERS = Path(__file__).resolve().parents[2] / "filters"
 CASES: list[dict[str, Any]] = json.loads(RECORDED.read_text())["cases"]
 
 #: Frames whose verdict differs from libvirt's on purpose (nft backend; the
@@ -57,14 +56,8 @@ def vlab() -> Iterator[BridgeLab]:
 
 @pytest.fixture(params=["nft", "ebiptables"])
 def engine(vlab: BridgeLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    backend = get_backend(request.param, vlab.host)
-    eng = Engine(tmp_path, backend, stock_dir=STOCK_FILTERS)
-    eng.start()
-    try:
+    with kernel_engine(get_backend(request.param, vlab.host), tmp_path) as eng:
         yield eng
-    finally:
-        eng.close()
-        backend.clear_all()
 
 
 

@@ -35,12 +35,11 @@ from nwfilter.conf import parse_binding, parse_filter
 from nwfilter.engine import Engine
 from nwfilter.netlab import NetLab
 from nwfilter.netns import in_netns
-from tests.integration.conftest import BridgeLab, build_bridge_lab
+from tests.integration.conftest import BridgeLab, build_bridge_lab, kernel_engine
 from tests.integration.nettools import FrameCatcher, send_frames, tcp_server
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
-STOCK_FILTERS = Path(__file__).resolve().parents[2] / "filters"
 
 # The addresses build_bridge_lab gives the two guests (checked by the fixture).
 G0_MAC, G1_MAC = "52:54:00:00:00:00", "52:54:00:00:00:01"
@@ -69,14 +68,8 @@ def plab() -> Iterator[BridgeLab]:
 
 @pytest.fixture(params=["nft", "ebiptables"])
 def engine(plab: BridgeLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
-    backend = get_backend(request.param, plab.host)
-    eng = Engine(tmp_path, backend, stock_dir=STOCK_FILTERS)
-    eng.start()
-    try:
+    with kernel_engine(get_backend(request.param, plab.host), tmp_path) as eng:
         yield eng
-    finally:
-        eng.close()
-        backend.clear_all()
 
 
 def bind(engine: Engine, filter_name: str, params: tuple[tuple[str, str], ...] = ()) -> None:

@@ -23,8 +23,8 @@ import logging
 import re
 import shutil
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
+from nwfilter.backends import brnf
 from nwfilter.backends.base import Owner, Wanted, compiled
 from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.ir import Changes, Ruleset
@@ -38,7 +38,6 @@ from .tools import PACKAGES, Runner
 
 log = logging.getLogger(__name__)
 
-BR_NF_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 ORDER = (IP4, IP6, EB)
 _TOOLS = {EB: ("ebtables-restore", "ebtables-save", "nat"),
           IP4: ("iptables-restore", "iptables-save", "filter"),
@@ -95,18 +94,9 @@ class EbiptablesBackend:
         return error
 
     def _ensure_sysctls(self) -> None:
-        if not self._manage_sysctls:
-            return
-        with in_netns(self.netns):
-            for key in BR_NF_SYSCTLS:
-                path = Path("/proc/sys/net/bridge") / key
-                try:
-                    if path.read_text().strip() != "1":
-                        path.write_text("1\n")
-                except OSError as exc:
-                    raise UnavailableError(
-                        f"net.bridge.{key} cannot be set (is br_netfilter loaded?): {exc}"
-                    ) from exc
+        if self._manage_sysctls:
+            with in_netns(self.netns):
+                brnf.ensure(self._where())
 
     def _transact(self, held: Tables, want: Tables, saved: dict[str, Saved] | None = None,
                   what: str = "") -> int:
@@ -184,7 +174,7 @@ class EbiptablesBackend:
                 raise UnavailableError(
                     f"'{tool}' is not installed: install the Debian package {PACKAGES[tool]}")
         with in_netns(self.netns):
-            if not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+            if not brnf.available():
                 raise UnavailableError(
                     "br_netfilter is not loaded (modprobe br_netfilter): iptables rules "
                     "need it to see bridged traffic")
@@ -331,28 +321,7 @@ class EbiptablesBackend:
 
     def preconditions(self, *, repair: bool = False, scan: bool = True,
                       cached: bool = False) -> tuple[str, ...]:
-        problems: list[str] = []
         with in_netns(self.netns):
-            for key in BR_NF_SYSCTLS:
-                path = Path("/proc/sys/net/bridge") / key
-                try:
-                    value = path.read_text().strip()
-                except OSError:
-                    value = ""
-                if value == "1":
-                    continue
-                problem = (f"net.bridge.{key} is {value or 'unreadable'} in {self._where()}: "
-                           f"bridged {'IPv6' if 'ip6' in key else 'IPv4'} frames skip every "
-                           "layer-3 rule")
-                if repair and self._manage_sysctls and value:
-                    try:
-                        path.write_text("1\n")
-                        log.warning("%s; set it back to 1", problem)
-                        continue
-                    except OSError as exc:
-                        problem += f" (cannot set it: {exc.strerror})"
-                problems.append(problem)
-        return tuple(problems)
-
+            return tuple(brnf.problems(self._where(), repair=repair and self._manage_sysctls))
 
 __all__ = ["EbiptablesBackend"]

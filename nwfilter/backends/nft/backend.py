@@ -34,9 +34,9 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
+from nwfilter.backends import brnf
 from nwfilter.backends.base import Deferred, Owner, Recorded, Wanted, compiled
 from nwfilter.errors import BackendError, ConflictError, UnavailableError
 from nwfilter.gcpause import gc_paused
@@ -46,7 +46,6 @@ from nwfilter.locks import Level, LevelledLock
 from nwfilter.netns import in_netns
 
 from . import ownership, preconditions, readback, render
-from .preconditions import BR_NF_SYSCTLS
 from .readback import ChainKey
 from .render import BRIDGE, INET, TABLE, Batch, Capabilities, PortRecord
 
@@ -248,18 +247,8 @@ class NftBackend:
             ctx.set_dry_run(False)
 
     def _ensure_sysctls(self) -> None:
-        if not self._manage_sysctls:
-            return
-        for key in BR_NF_SYSCTLS:
-            path = Path("/proc/sys/net/bridge") / key
-            try:
-                if path.read_text().strip() != "1":
-                    path.write_text("1\n")
-                    log.info("set net.bridge.%s=1 in namespace %s", key, self.netns or "host")
-            except OSError as exc:
-                raise UnavailableError(
-                    f"net.bridge.{key} cannot be set (is br_netfilter loaded?): {exc}"
-                ) from exc
+        if self._manage_sysctls:
+            brnf.ensure(self._where())
 
     def _where(self) -> str:
         return f"namespace '{self.netns}'" if self.netns else "the host's namespace"
@@ -319,24 +308,8 @@ class NftBackend:
     def preconditions(
         self, *, repair: bool = False, scan: bool = True, cached: bool = False
     ) -> tuple[str, ...]:
-        problems: list[str] = []
         with self._kernel() as ctx:
-            for key in BR_NF_SYSCTLS:
-                path = Path("/proc/sys/net/bridge") / key
-                try:
-                    value = path.read_text().strip()
-                except OSError:
-                    value = ""
-                problem = preconditions.sysctl_problem(key, value, self._where())
-                if problem is not None and repair and self._manage_sysctls and value:
-                    try:
-                        path.write_text("1\n")
-                        log.warning("%s; set it back to 1", problem)
-                        continue
-                    except OSError as exc:
-                        problem += f" (cannot set it: {exc.strerror})"
-                if problem is not None:
-                    problems.append(problem)
+            problems = brnf.problems(self._where(), repair=repair and self._manage_sysctls)
             if scan:
                 # `list tables` makes libnftables 1.0.6 fetch the whole
                 # ruleset: answers on hot paths reuse the last findings.
@@ -363,7 +336,7 @@ class NftBackend:
     def probe(self) -> None:
         with self._kernel() as ctx:
             self._caps = self._probe(ctx)
-            if not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+            if not brnf.available():
                 raise UnavailableError(
                     "br_netfilter is not loaded (modprobe br_netfilter): layer-3 rules "
                     "need it to see bridged traffic"

@@ -14,8 +14,9 @@ run at all:
   dispatch runs at 0; input and output do not reach our dispatch today but
   share the mark, so they are reported too).
 
-This module is pure: it reads sysctl values and `list table` JSON given to
-it.  The backend does the reading (in its namespace) and the repairing.
+This module is pure: it reads the `list table` JSON given to it.  The
+sysctls are `nwfilter.backends.brnf`'s; the backend reads (in its
+namespace) and repairs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .render import BRIDGE, TABLE
-
-BR_NF_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 
 # (family, hook) -> (lowest, highest) priority at which a mark writer
 # defeats our dispatch.
@@ -36,15 +35,6 @@ _WINDOWS: dict[tuple[str, str], tuple[int, int]] = {
        for hook in ("prerouting", "forward", "input", "output")},
 }
 _MARK_TARGETS = frozenset({"MARK", "CONNMARK"})
-
-
-def sysctl_problem(key: str, value: str, where: str) -> str | None:
-    if value == "1":
-        return None
-    return (
-        f"net.bridge.{key} is {value or 'unreadable'} in {where}: bridged "
-        f"{'IPv6' if 'ip6' in key else 'IPv4'} frames skip every layer-3 rule"
-    )
 
 
 def ours(family: str, name: str) -> bool:
